@@ -1,0 +1,44 @@
+//! # conmim — the data path for ConMIM pretraining
+//!
+//! The journey of one image, and the module that owns each stage:
+//!
+//! ```text
+//! source files ──(shard::source::Source)──> shard::run ──> {split}-NNNNNN.tar
+//!                                                           {split}.index.parquet
+//!                                                           {split}.manifest.json
+//!                                                           {split}.rejected.jsonl
+//! ```
+//!
+//! * [`format`] says what a dataset *is* on disk: key and member naming, the tar writer
+//!   that records every member's byte offset, the Parquet index schema, the manifest (in
+//!   the `wids` shard-index form) and the rejected list. `schemas/` holds the written
+//!   contract and tests check produced files against it.
+//! * [`image`] checks pixels without drawing random numbers: format sniffing by magic
+//!   bytes, header-only probing with size limits (no allocation for absurd headers),
+//!   full decode validation and optional re-encoding of large originals.
+//! * [`shard`] builds datasets. A [`shard::source::Source`] enumerates inputs
+//!   (ImageNet folders, list files, ADE20K, COCO) in a deterministic order; the planner
+//!   spills them into hash buckets (bounded memory, duplicate keys found per bucket)
+//!   and replays them in one seeded global order; rayon workers load and validate
+//!   samples, and a single writer rolls shards over by size/count, writing each shard
+//!   atomically with a work record so `--resume` continues after the last complete
+//!   shard. Every input ends in exactly one place: the index or the rejected list.
+//! * [`inspect`] reads datasets back: `verify` (every byte against index and manifest)
+//!   and `info` (counts and distributions).
+//! * [`seed`] is the one deterministic random source (SplitMix64, written here so the
+//!   same seed gives the same dataset whatever the dependency versions).
+//!
+//! The streaming loader, the model and the trainer (feature `train`, on libtorch
+//! through `tch`) build on this format; the data side never needs libtorch.
+
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod inspect;
+pub mod seed;
+pub mod shard;
+pub mod testkit;
+#[cfg(feature = "train")]
+pub mod train;
+
+pub use error::{Error, Result};

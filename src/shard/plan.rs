@@ -1,0 +1,239 @@
+//! The planner: one global, seeded sample order with bounded memory.
+//!
+//! Enumeration streams items into `B` bucket files chosen by a seeded hash of the key
+//! (so duplicates always meet in the same bucket). Replaying the buckets in order, each
+//! shuffled with its own seeded generator, gives a uniformly random permutation of the
+//! whole input (random assignment + per-bucket shuffle) while holding only one bucket
+//! in memory. Every item, duplicates included, gets one position in this order; the
+//! writer turns each position into exactly one sample or one reject.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::source::{Entry, Item, Source};
+use crate::error::{Error, Result};
+use crate::format::reject::Reject;
+use crate::seed::{SplitMix64, hash_str};
+
+/// Items per bucket the planner aims for.
+pub const ITEMS_PER_BUCKET: u64 = 100_000;
+/// Upper bound on buckets (open files while planning).
+pub const MAX_BUCKETS: u64 = 512;
+const PART_SALT: u64 = 0x5041_5254; // "PART"
+
+/// A slice of the input for multi-machine runs: part `index` of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// 0-based part number.
+    pub index: u32,
+    /// Number of parts.
+    pub count: u32,
+}
+
+impl Part {
+    /// Whether `key` belongs to this part (seeded hash, so parts are random subsets).
+    pub fn contains(&self, seed: u64, key: &str) -> bool {
+        hash_str(seed ^ PART_SALT, key) % self.count as u64 == self.index as u64
+    }
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}`: expected i/N, e.g. 0/4"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: bad part index"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: bad part count"))?;
+        if count == 0 || index >= count {
+            return Err(format!("`{s}`: need 0 <= i < N"));
+        }
+        Ok(Part { index, count })
+    }
+}
+
+/// What planning produced; stored as `plan.json` in the work directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanInfo {
+    /// Items planned (each gets one position).
+    pub items: u64,
+    /// Bucket files.
+    pub buckets: u64,
+    /// Inputs rejected during enumeration.
+    pub enum_rejects: u64,
+    /// Items outside this part (not counted anywhere else).
+    pub other_parts: u64,
+}
+
+fn bucket_path(work: &Path, b: u64) -> PathBuf {
+    work.join(format!("bucket-{b:05}.jsonl"))
+}
+
+/// Path of the enumeration rejects inside a work directory.
+pub fn enum_rejects_path(work: &Path) -> PathBuf {
+    work.join("enumerate.rejected.jsonl")
+}
+
+/// Enumerates `source` into bucket files under `work`. `on_item` is called per
+/// enumerated input (for progress).
+pub fn build(
+    source: &dyn Source,
+    seed: u64,
+    part: Option<Part>,
+    work: &Path,
+    mut on_item: impl FnMut(u64),
+) -> Result<PlanInfo> {
+    let hint = source.size_hint()?;
+    let buckets = hint.div_ceil(ITEMS_PER_BUCKET).clamp(1, MAX_BUCKETS);
+    let mut writers = Vec::with_capacity(buckets as usize);
+    for b in 0..buckets {
+        let p = bucket_path(work, b);
+        let f = File::create(&p).map_err(|e| Error::io(&p, e))?;
+        writers.push(BufWriter::with_capacity(64 << 10, f));
+    }
+    let rej_path = enum_rejects_path(work);
+    let mut rejects: Vec<Reject> = Vec::new();
+    let mut info = PlanInfo {
+        items: 0,
+        buckets,
+        enum_rejects: 0,
+        other_parts: 0,
+    };
+    let mut seen = 0u64;
+    source.enumerate(&mut |entry| {
+        seen += 1;
+        on_item(seen);
+        match entry {
+            Entry::Reject(r) => {
+                rejects.push(r);
+                info.enum_rejects += 1;
+            }
+            Entry::Item(item) => {
+                if let Some(p) = part {
+                    if !p.contains(seed, &item.key) {
+                        info.other_parts += 1;
+                        return Ok(());
+                    }
+                }
+                let b = hash_str(seed, &item.key) % buckets;
+                let w = &mut writers[b as usize];
+                let p = bucket_path(work, b);
+                serde_json::to_writer(&mut *w, &item).map_err(|e| Error::Json {
+                    path: p.clone(),
+                    source: e,
+                })?;
+                w.write_all(b"\n").map_err(|e| Error::io(&p, e))?;
+                info.items += 1;
+            }
+        }
+        Ok(())
+    })?;
+    for (b, mut w) in writers.into_iter().enumerate() {
+        let p = bucket_path(work, b as u64);
+        w.flush().map_err(|e| Error::io(&p, e))?;
+        w.into_inner()
+            .map_err(|e| Error::io(&p, e.into_error()))?
+            .sync_all()
+            .map_err(|e| Error::io(&p, e))?;
+    }
+    crate::format::reject::write_rejects(&rej_path, &rejects)?;
+    Ok(info)
+}
+
+/// Loads bucket `b` in its final order, duplicates marked.
+pub fn load_bucket(work: &Path, seed: u64, b: u64) -> Result<Vec<Item>> {
+    let p = bucket_path(work, b);
+    let f = File::open(&p).map_err(|e| Error::io(&p, e))?;
+    let mut items = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(|e| Error::io(&p, e))?;
+        let item: Item = serde_json::from_str(&line).map_err(|e| Error::Json {
+            path: p.clone(),
+            source: e,
+        })?;
+        items.push(item);
+    }
+    // Items were written in enumeration order; the first of equal keys wins.
+    let mut first: HashMap<String, String> = HashMap::with_capacity(items.len());
+    for item in items.iter_mut() {
+        match first.get(&item.key) {
+            Some(src) => item.duplicate_of = Some(src.clone()),
+            None => {
+                first.insert(item.key.clone(), item.source.clone());
+            }
+        }
+    }
+    SplitMix64::new(seed, b).shuffle(&mut items);
+    Ok(items)
+}
+
+/// Replays the plan from global position `start`: `(position, item)` in order.
+pub fn replay(
+    work: PathBuf,
+    seed: u64,
+    info: &PlanInfo,
+    start: u64,
+) -> impl Iterator<Item = Result<(u64, Item)>> {
+    let buckets = info.buckets;
+    let mut b = 0u64;
+    let mut pos = 0u64;
+    let mut current: std::vec::IntoIter<Item> = Vec::new().into_iter();
+    std::iter::from_fn(move || {
+        loop {
+            if let Some(item) = current.next() {
+                let p = pos;
+                pos += 1;
+                if p < start {
+                    continue;
+                }
+                return Some(Ok((p, item)));
+            }
+            if b >= buckets {
+                return None;
+            }
+            // Skip whole buckets before `start` without parsing them twice.
+            match load_bucket(&work, seed, b) {
+                Ok(items) => {
+                    b += 1;
+                    if pos + (items.len() as u64) <= start {
+                        pos += items.len() as u64;
+                        continue;
+                    }
+                    current = items.into_iter();
+                }
+                Err(e) => {
+                    b = buckets;
+                    return Some(Err(e));
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_parses_and_partitions() {
+        let p: Part = "1/3".parse().unwrap();
+        assert_eq!(p, Part { index: 1, count: 3 });
+        assert!("3/3".parse::<Part>().is_err());
+        assert!("x".parse::<Part>().is_err());
+        let parts: Vec<Part> = (0..3).map(|i| Part { index: i, count: 3 }).collect();
+        for k in 0..100 {
+            let key = format!("k{k}");
+            assert_eq!(parts.iter().filter(|p| p.contains(9, &key)).count(), 1);
+        }
+    }
+}

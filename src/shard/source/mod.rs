@@ -1,0 +1,338 @@
+//! Inputs: each dataset layout is a [`Source`] that enumerates items in a
+//! deterministic order and turns one planned item into a sample.
+
+pub mod ade20k;
+pub mod coco;
+pub mod files;
+pub mod imagenet;
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+use crate::format::index::IndexRow;
+use crate::format::manifest::{Category, Class};
+use crate::format::reject::Reject;
+use crate::image::{self, ImageInfo, ImageLimits};
+
+/// One planned input. Sources fill everything but `duplicate_of`, which the planner
+/// sets when an earlier item (in enumeration order) already has the same key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Position in the source's enumeration order.
+    pub ordinal: u64,
+    /// WebDataset key (already sanitised).
+    pub key: String,
+    /// Where it comes from: a path relative to the root, or `row:N`.
+    pub source: String,
+    /// Class index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<i64>,
+    /// Caption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// Source-specific data (list-row columns, annotation paths, COCO annotations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
+    /// The source of the earlier item with the same key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
+}
+
+impl Item {
+    /// An item with no label, caption or extra data.
+    pub fn new(ordinal: u64, key: String, source: String) -> Self {
+        Item {
+            ordinal,
+            key,
+            source,
+            label: None,
+            caption: None,
+            extra: None,
+            duplicate_of: None,
+        }
+    }
+
+    /// A reject for this item.
+    pub fn reject(&self, reason: &str, detail: impl Into<String>) -> Reject {
+        Reject::new(&self.source, Some(self.key.clone()), reason, detail)
+    }
+}
+
+/// What enumeration yields: an item to plan, or an input rejected on sight.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// An input to load.
+    Item(Item),
+    /// An input that cannot become a sample (unreadable directory, bad list row, ...).
+    Reject(Reject),
+}
+
+/// A loaded, validated sample ready to be written.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Members `(extension, bytes)` in the order they are stored.
+    pub members: Vec<(String, Vec<u8>)>,
+    /// Its index row; `shard`, `offset` and `length` are filled in by the writer.
+    pub row: IndexRow,
+}
+
+/// How thoroughly images are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Validation {
+    /// Magic bytes, header dimensions, limits and a truncation check (fast).
+    #[default]
+    Header,
+    /// Everything above plus a full decode of every image.
+    Decode,
+}
+
+/// Re-encoding of large originals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reencode {
+    /// Longest side after re-encoding; smaller images are stored untouched.
+    pub max_side: u32,
+    /// JPEG quality, 1..=100.
+    pub quality: u8,
+}
+
+/// Everything a source needs to load an item.
+#[derive(Debug, Clone)]
+pub struct LoadContext {
+    /// How images are checked.
+    pub validation: Validation,
+    /// Size limits.
+    pub limits: ImageLimits,
+    /// Optional re-encoding.
+    pub reencode: Option<Reencode>,
+    /// Whether symlinks may point outside the input root.
+    pub follow_symlinks: bool,
+}
+
+/// Dataset-level metadata a source contributes to the manifest.
+#[derive(Debug, Clone, Default)]
+pub struct Metadata {
+    /// Class table.
+    pub classes: Option<Vec<Class>>,
+    /// ImageNet WNIDs.
+    pub wnids: Option<Vec<String>>,
+    /// COCO categories.
+    pub categories: Option<Vec<Category>>,
+    /// Things worth telling the user (e.g. classes without samples).
+    pub warnings: Vec<String>,
+}
+
+/// A dataset layout.
+pub trait Source: Sync {
+    /// Builder name recorded in the manifest (`imagenet`, `files`, ...).
+    fn kind(&self) -> &'static str;
+    /// Parameters identifying the input (recorded in the manifest, part of the resume
+    /// fingerprint).
+    fn params(&self) -> serde_json::Value;
+    /// Rough, deterministic number of items, used to size the planner's buckets.
+    fn size_hint(&self) -> Result<u64>;
+    /// Calls `emit` for every input in a deterministic order. Errors abort the run
+    /// (e.g. a missing root); bad individual inputs are emitted as rejects.
+    fn enumerate(&self, emit: &mut dyn FnMut(Entry) -> Result<()>) -> Result<()>;
+    /// Reads and validates one item.
+    fn load(&self, item: &Item, ctx: &LoadContext) -> std::result::Result<Sample, Reject>;
+    /// Manifest metadata (classes, categories, warnings); called after enumeration.
+    fn metadata(&self) -> Metadata;
+}
+
+/// Resolves `rel` under `root`, refusing absolute paths, `..` components and (unless
+/// `follow_symlinks`) anything whose real path leaves the real root.
+pub fn resolve_under(
+    root: &Path,
+    rel: &str,
+    follow_symlinks: bool,
+) -> std::result::Result<PathBuf, (String, String)> {
+    let p = Path::new(rel);
+    if rel.is_empty()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err((
+            "unsafe_path".into(),
+            format!("path `{rel}` is absolute or leaves the root"),
+        ));
+    }
+    let joined = root.join(p);
+    if follow_symlinks {
+        return Ok(joined);
+    }
+    let real_root = root
+        .canonicalize()
+        .map_err(|e| ("unreadable".to_string(), format!("root: {e}")))?;
+    match joined.canonicalize() {
+        Ok(real) if real.starts_with(&real_root) => Ok(joined),
+        Ok(real) => Err((
+            "unsafe_path".into(),
+            format!(
+                "`{rel}` resolves to {} outside the root (pass --follow-symlinks to allow)",
+                real.display()
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((
+            "missing_file".into(),
+            format!("{}: not found", joined.display()),
+        )),
+        Err(e) => Err(("unreadable".into(), format!("{}: {e}", joined.display()))),
+    }
+}
+
+/// An image read and checked according to the context.
+#[derive(Debug, Clone)]
+pub struct LoadedImage {
+    /// Bytes to store (original, or re-encoded).
+    pub bytes: Vec<u8>,
+    /// Format and size of the stored bytes.
+    pub info: ImageInfo,
+    /// Whether the bytes were re-encoded.
+    pub reencoded: bool,
+}
+
+/// Checks image bytes: probe or full decode, then optional re-encoding.
+pub fn check_image(
+    bytes: Vec<u8>,
+    ctx: &LoadContext,
+) -> std::result::Result<LoadedImage, image::ImageProblem> {
+    let info = match ctx.validation {
+        Validation::Header => image::probe(&bytes, &ctx.limits)?,
+        Validation::Decode => image::decode_check(&bytes, &ctx.limits)?,
+    };
+    if let Some(re) = ctx.reencode {
+        if let Some((new, info)) = image::reencode(&bytes, &ctx.limits, re.max_side, re.quality)? {
+            return Ok(LoadedImage {
+                bytes: new,
+                info,
+                reencoded: true,
+            });
+        }
+    }
+    Ok(LoadedImage {
+        bytes,
+        info,
+        reencoded: false,
+    })
+}
+
+/// Reads `item.source` under `root` and checks it as an image; problems become
+/// rejects naming the file.
+pub fn load_image_file(
+    root: &Path,
+    item: &Item,
+    ctx: &LoadContext,
+) -> std::result::Result<LoadedImage, Reject> {
+    load_image_at(root, &item.source, item, ctx)
+}
+
+/// Like [`load_image_file`] for an arbitrary relative path `rel`.
+pub fn load_image_at(
+    root: &Path,
+    rel: &str,
+    item: &Item,
+    ctx: &LoadContext,
+) -> std::result::Result<LoadedImage, Reject> {
+    let path = resolve_under(root, rel, ctx.follow_symlinks)
+        .map_err(|(reason, detail)| Reject::new(rel, Some(item.key.clone()), reason, detail))?;
+    let bytes = std::fs::read(&path).map_err(|e| {
+        let reason = if e.kind() == std::io::ErrorKind::NotFound {
+            "missing_file"
+        } else {
+            "unreadable"
+        };
+        Reject::new(
+            rel,
+            Some(item.key.clone()),
+            reason,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    check_image(bytes, ctx).map_err(|p| {
+        Reject::new(
+            rel,
+            Some(item.key.clone()),
+            p.code(),
+            format!("{}: {p}", path.display()),
+        )
+    })
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The index row of an image sample (position fields left at zero).
+pub fn image_row(item: &Item, img: &LoadedImage, members: &[(String, Vec<u8>)]) -> IndexRow {
+    IndexRow {
+        key: item.key.clone(),
+        label: item.label,
+        width: img.info.width,
+        height: img.info.height,
+        format: img.info.format.name().to_owned(),
+        image_bytes: img.bytes.len() as u64,
+        sha256: sha256_hex(&img.bytes),
+        source: item.source.clone(),
+        members: members
+            .iter()
+            .map(|(e, _)| e.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        caption: item.caption.clone(),
+        reencoded: img.reencoded,
+        ..Default::default()
+    }
+}
+
+/// Sorted names of the entries of `dir` (for deterministic walks).
+pub fn sorted_dir(dir: &Path) -> std::io::Result<Vec<(String, std::fs::FileType)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        out.push((e.file_name().to_string_lossy().into_owned(), e.file_type()?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_refuses_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.jpg"), b"x").unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
+        assert!(resolve_under(&root, "a.jpg", false).is_ok());
+        assert_eq!(
+            resolve_under(&root, "../secret", false).unwrap_err().0,
+            "unsafe_path"
+        );
+        assert_eq!(
+            resolve_under(&root, "/etc/passwd", false).unwrap_err().0,
+            "unsafe_path"
+        );
+        assert_eq!(
+            resolve_under(&root, "nope.jpg", false).unwrap_err().0,
+            "missing_file"
+        );
+        #[cfg(unix)]
+        {
+            assert_eq!(
+                resolve_under(&root, "link", false).unwrap_err().0,
+                "unsafe_path"
+            );
+            assert!(resolve_under(&root, "link", true).is_ok());
+        }
+    }
+}

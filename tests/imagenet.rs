@@ -1,0 +1,386 @@
+//! Issue 2: `conmim-shard imagenet` end to end.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use conmim::format::index::read_index;
+use conmim::format::manifest::Manifest;
+use conmim::format::reject::read_rejects;
+use conmim::format::{self, tar::scan_shard};
+use conmim::testkit::add_nasty_imagenet_files;
+
+fn manifest(dir: &Path, split: &str) -> Manifest {
+    format::read_json(&dir.join(format::manifest_name(split))).unwrap()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_conmim-shard"))
+}
+
+/// Every file under train/ is either a sample or a reject, with the expected reason.
+#[test]
+fn issue2_every_input_accounted_for_with_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 3, 6);
+    let nasty = add_nasty_imagenet_files(&root).unwrap();
+    let out = tmp.path().join("out");
+    let s = shard_imagenet(&root, &small_config(&out, "train"));
+
+    let rows = read_index(&out.join("train.index.parquet")).unwrap();
+    let rejects = read_rejects(&out.join("train.rejected.jsonl")).unwrap();
+    let mut on_disk = BTreeSet::new();
+    for class in std::fs::read_dir(root.join("train")).unwrap() {
+        let class = class.unwrap();
+        for f in std::fs::read_dir(class.path()).unwrap() {
+            let f = f.unwrap();
+            on_disk.insert(format!(
+                "train/{}/{}",
+                class.file_name().to_string_lossy(),
+                f.file_name().to_string_lossy()
+            ));
+        }
+    }
+    let indexed: BTreeSet<String> = rows.iter().map(|r| r.source.clone()).collect();
+    let rejected: BTreeSet<String> = rejects.iter().map(|r| r.source.clone()).collect();
+    assert!(indexed.is_disjoint(&rejected));
+    let all: BTreeSet<String> = indexed.union(&rejected).cloned().collect();
+    assert_eq!(all, on_disk, "some input neither indexed nor rejected");
+    assert_eq!(s.inputs as usize, on_disk.len());
+    assert_eq!(s.samples as usize, rows.len());
+
+    let reason: BTreeMap<&str, &str> = rejects
+        .iter()
+        .map(|r| (r.source.as_str(), r.reason.as_str()))
+        .collect();
+    for (rel, expected) in &nasty {
+        if *expected == "ok" {
+            assert!(indexed.contains(rel), "{rel} should have been kept");
+        } else {
+            assert_eq!(reason.get(rel.as_str()), Some(expected), "{rel}");
+        }
+    }
+    // A PNG named .JPEG is stored under its real extension.
+    let png_rows: Vec<_> = rows.iter().filter(|r| r.format == "png").collect();
+    assert!(!png_rows.is_empty());
+    assert!(png_rows.iter().all(|r| r.members == "png,cls"));
+
+    // Class index = sorted WNIDs; labels agree with folders.
+    let m = manifest(&out, "train");
+    let wnids = m.conmim.wnids.clone().unwrap();
+    let mut sorted = wnids.clone();
+    sorted.sort();
+    assert_eq!(wnids, sorted);
+    for r in &rows {
+        let wnid = r.source.split('/').nth(1).unwrap();
+        assert_eq!(wnids[r.label.unwrap() as usize], wnid, "{}", r.source);
+    }
+    assert_eq!(m.conmim.num_rejected as usize, rejects.len());
+    assert_eq!(
+        m.shardlist.iter().map(|e| e.nsamples).sum::<u64>() as usize,
+        rows.len()
+    );
+}
+
+/// Shards hold what the index says, and the order is shuffled (not class-sorted).
+#[test]
+fn issue2_shards_match_index_and_order_is_shuffled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 4, 10);
+    let out = tmp.path().join("out");
+    shard_imagenet(&root, &small_config(&out, "train"));
+    let rows = read_index(&out.join("train.index.parquet")).unwrap();
+    let m = manifest(&out, "train");
+    assert!(m.shardlist.len() >= 5, "max_shard_count 7 must roll over");
+    let mut i = 0;
+    for (n, e) in m.shardlist.iter().enumerate() {
+        assert_eq!(e.url, format!("train-{n:06}.tar"));
+        scan_shard(
+            &out.join(&e.url),
+            |s| {
+                let r = &rows[i];
+                assert_eq!(
+                    (r.shard as usize, &r.key, r.offset, r.length),
+                    (n, &s.key, s.offset, s.length)
+                );
+                assert_eq!(
+                    s.member("cls").unwrap().data,
+                    r.label.unwrap().to_string().as_bytes()
+                );
+                i += 1;
+                Ok(())
+            },
+            |issue| panic!("{issue:?}"),
+        )
+        .unwrap();
+    }
+    assert_eq!(i, rows.len());
+    let changes = rows.windows(2).filter(|w| w[0].label != w[1].label).count();
+    assert!(
+        changes > rows.len() / 2,
+        "labels still grouped by class: {changes} changes"
+    );
+}
+
+/// Same inputs + seed give byte-identical outputs whatever the thread count; another
+/// seed gives another order.
+#[test]
+fn issue2_deterministic_across_thread_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 3, 12);
+    add_nasty_imagenet_files(&root).unwrap();
+    let mut outs = Vec::new();
+    for threads in [1, 2, 5] {
+        let out = tmp.path().join(format!("out{threads}"));
+        let mut cfg = small_config(&out, "train");
+        cfg.threads = threads;
+        shard_imagenet(&root, &cfg);
+        outs.push(out);
+    }
+    assert_same_files(&outs[0], &outs[1]);
+    assert_same_files(&outs[0], &outs[2]);
+    let other = tmp.path().join("seed9");
+    let mut cfg = small_config(&other, "train");
+    cfg.seed = 9;
+    shard_imagenet(&root, &cfg);
+    let a: Vec<_> = read_index(&outs[0].join("train.index.parquet"))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    let b: Vec<_> = read_index(&other.join("train.index.parquet"))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_ne!(a, b);
+}
+
+/// Killed mid-shard, a rerun with --resume keeps complete shards and ends identical to
+/// an uninterrupted run.
+#[test]
+fn issue2_resume_after_crash_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 3, 15);
+    add_nasty_imagenet_files(&root).unwrap();
+    let args = |out: &Path| {
+        let mut c = bin();
+        c.args([
+            "imagenet",
+            "--split",
+            "train",
+            "--max-shard-count",
+            "6",
+            "--max-reject-frac",
+            "1",
+            "--quiet",
+            "--threads",
+            "2",
+        ])
+        .arg("--root")
+        .arg(&root)
+        .arg("--out")
+        .arg(out);
+        c
+    };
+    let reference = tmp.path().join("ref");
+    assert!(args(&reference).status().unwrap().success());
+
+    let out = tmp.path().join("crashed");
+    let st = args(&out)
+        .env("CONMIM_SHARD_ABORT_AT", "20")
+        .status()
+        .unwrap();
+    assert!(!st.success(), "the fault hook must abort the run");
+    assert!(!out.join("train.manifest.json").exists());
+    let done: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tar"))
+        .collect();
+    assert!(
+        !done.is_empty(),
+        "some shards should be complete before the crash"
+    );
+    let before: BTreeMap<String, std::time::SystemTime> = done
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                std::fs::metadata(out.join(n)).unwrap().modified().unwrap(),
+            )
+        })
+        .collect();
+
+    // Without --resume the leftover work is not silently overwritten.
+    assert!(!args(&out).status().unwrap().success());
+    // With different parameters it is refused too.
+    assert!(
+        !args(&out)
+            .args(["--resume", "--seed", "5"])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let st = args(&out).arg("--resume").output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    for (n, t) in &before {
+        assert_eq!(
+            &std::fs::metadata(out.join(n)).unwrap().modified().unwrap(),
+            t,
+            "{n} was rewritten"
+        );
+    }
+    assert_same_files(&reference, &out);
+    assert!(!out.join(".train.work").exists());
+}
+
+/// The three val layouts give the same labels.
+#[test]
+fn issue2_val_layouts_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 3, 2);
+    let labels_of = |out: &Path| -> BTreeMap<String, i64> {
+        read_index(&out.join("val.index.parquet"))
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.key, r.label.unwrap()))
+            .collect()
+    };
+    // Flat + LOC_val_solution.csv (auto-detected).
+    let out_csv = tmp.path().join("csv");
+    shard_imagenet(&root, &small_config(&out_csv, "val"));
+    let csv = labels_of(&out_csv);
+    assert_eq!(csv.len(), 6);
+    // Flat + plain `filename label` list.
+    let out_list = tmp.path().join("list");
+    let src = conmim::shard::source::imagenet::Imagenet::new(
+        &root,
+        conmim::shard::source::imagenet::Split::Val,
+        Some(root.join("val_labels.txt")),
+        None,
+        false,
+    )
+    .unwrap();
+    conmim::shard::run(&src, &small_config(&out_list, "val")).unwrap();
+    assert_eq!(labels_of(&out_list), csv);
+    // Class folders.
+    let wnids: Vec<String> = manifest(&out_csv, "val").conmim.wnids.unwrap();
+    let folders = tmp.path().join("folders");
+    std::fs::create_dir_all(folders.join("val")).unwrap();
+    std::os::unix::fs::symlink(root.join("train"), folders.join("train")).unwrap();
+    for r in read_index(&out_csv.join("val.index.parquet")).unwrap() {
+        let d = folders.join("val").join(&wnids[r.label.unwrap() as usize]);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(
+            root.join(&r.source),
+            d.join(r.source.trim_start_matches("val/")),
+        )
+        .unwrap();
+    }
+    let out_f = tmp.path().join("f");
+    let mut cfg = small_config(&out_f, "val");
+    cfg.follow_symlinks = true;
+    shard_imagenet(&folders, &cfg);
+    assert_eq!(labels_of(&out_f), csv);
+}
+
+/// Symlinks out of the root are refused unless asked for; a reject rate over the limit
+/// exits non-zero.
+#[test]
+fn issue2_symlink_escape_and_reject_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 2, 3);
+    let secret = tmp.path().join("secret.JPEG");
+    std::fs::copy(
+        root.join("train")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        &secret,
+    )
+    .unwrap();
+    let class = root
+        .join("train")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::os::unix::fs::symlink(&secret, class.join("link.JPEG")).unwrap();
+    let out = tmp.path().join("out");
+    shard_imagenet(&root, &small_config(&out, "train"));
+    let rejects = read_rejects(&out.join("train.rejected.jsonl")).unwrap();
+    assert!(
+        rejects
+            .iter()
+            .any(|r| r.source.ends_with("link.JPEG") && r.reason == "unsafe_path")
+    );
+
+    let out2 = tmp.path().join("out2");
+    let mut cfg = small_config(&out2, "train");
+    cfg.follow_symlinks = true;
+    let s = shard_imagenet(&root, &cfg);
+    assert_eq!(s.rejected, 0);
+
+    // 1 reject of 7 inputs > 0.1 => exit status non-zero, outputs still written.
+    let out3 = tmp.path().join("out3");
+    let st = bin()
+        .args([
+            "imagenet",
+            "--split",
+            "train",
+            "--quiet",
+            "--max-reject-frac",
+            "0.1",
+        ])
+        .arg("--root")
+        .arg(&root)
+        .arg("--out")
+        .arg(&out3)
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("rejected"));
+    assert!(out3.join("train.rejected.jsonl").exists());
+}
+
+/// Python's webdataset reads every shard; pyarrow and pandas read the index; files
+/// validate against schemas/.
+#[test]
+fn issue2_python_webdataset_and_pyarrow_read_the_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 3, 6);
+    add_nasty_imagenet_files(&root).unwrap();
+    let out = tmp.path().join("out");
+    shard_imagenet(&root, &small_config(&out, "train"));
+    shard_imagenet(&root, &small_config(&out, "val"));
+    python_check(&out, "train");
+    python_check(&out, "val");
+}

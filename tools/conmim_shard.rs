@@ -1,0 +1,411 @@
+//! `conmim-shard`: build, check and describe WebDataset datasets.
+//! Thin layer: parse -> validated config -> library call -> summary / exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use conmim::image::{DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits};
+use conmim::shard::source::imagenet::{Imagenet, Split};
+use conmim::shard::source::{Reencode, Source, Validation};
+use conmim::shard::{self, DEFAULT_MAX_REJECT_FRAC, DEFAULT_SEED, Part, ShardConfig, Summary};
+
+const EXAMPLES: &str = "\
+Examples:
+  conmim-shard imagenet --root /data/imagenet --split train --out /data/in1k-wds
+  conmim-shard imagenet --root /data/imagenet --split val --out /data/in1k-wds
+  conmim-shard files --list yfcc15m.tsv --root /data/yfcc --path-template '{id[0:3]}/{id[3:6]}/{id}.jpg' \\
+      --out /data/yfcc-wds --max-side 512 --quality 90 --part 0/8
+  conmim-shard merge --out /data/yfcc-wds --split train /data/yfcc-wds
+  conmim-shard index /data/yfcc-img2dataset
+  conmim-shard ade20k --root /data/ADEChallengeData2016 --split train --out /data/ade-wds
+  conmim-shard coco --root /data/coco --split train --out /data/coco-wds
+  conmim-shard verify /data/in1k-wds --split train --decode
+  conmim-shard info /data/in1k-wds --split train
+  conmim-shard demo --out /tmp/conmim-demo";
+
+/// Turn image datasets into WebDataset tar shards with a Parquet index and a manifest.
+///
+/// Every input ends up either in the index or in `{split}.rejected.jsonl` with a reason;
+/// outputs are deterministic for a given seed whatever the thread count, and appear
+/// atomically, so an interrupted run can be finished with `--resume`.
+#[derive(Parser)]
+#[command(name = "conmim-shard", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// ImageNet-1K: train/<wnid>/*.JPEG; val as class folders or flat with labels.
+    Imagenet(ImagenetArgs),
+    /// Re-read every shard against index and manifest; exit 1 on any mismatch.
+    Verify(VerifyArgs),
+    /// Counts, class histogram, image size and byte distributions.
+    Info(InfoArgs),
+    /// Build a small synthetic ImageNet folder, shard it, verify it, print the summary.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the global sample shuffle.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Worker threads (0 = all cores); never changes the output.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Finish an interrupted run (complete shards are kept, not rewritten).
+    #[arg(long)]
+    resume: bool,
+    /// Roll shards over before this size (e.g. 1G, 500M, 0 = no limit).
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    max_shard_bytes: u64,
+    /// Roll shards over at this many samples (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    max_shard_count: u64,
+    /// Fully decode every image (default: header-only validation).
+    #[arg(long)]
+    decode: bool,
+    /// Re-encode images whose longer side exceeds N to JPEG (else bytes stay untouched).
+    #[arg(long, value_name = "N")]
+    max_side: Option<u32>,
+    /// JPEG quality for --max-side re-encoding.
+    #[arg(long, default_value_t = 90, requires = "max_side")]
+    quality: u8,
+    /// Reject images with a side shorter than this.
+    #[arg(long, default_value_t = DEFAULT_MIN_SIDE)]
+    min_side: u32,
+    /// Reject images with more pixels than this (checked from the header, before decoding).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Exit non-zero if more than this fraction of inputs is rejected.
+    #[arg(long, default_value_t = DEFAULT_MAX_REJECT_FRAC)]
+    max_reject_frac: f64,
+    /// Follow symlinks that point outside the input root.
+    #[arg(long)]
+    follow_symlinks: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Common {
+    fn config(&self, split: &str, part: Option<Part>) -> ShardConfig {
+        let mut c = ShardConfig::new(&self.out, split);
+        c.seed = self.seed;
+        c.threads = self.threads;
+        c.resume = self.resume;
+        c.max_shard_bytes = self.max_shard_bytes;
+        c.max_shard_count = self.max_shard_count;
+        c.validation = if self.decode {
+            Validation::Decode
+        } else {
+            Validation::Header
+        };
+        c.limits = ImageLimits {
+            max_pixels: self.max_pixels,
+            min_side: self.min_side,
+            ..ImageLimits::default()
+        };
+        c.reencode = self.max_side.map(|max_side| Reencode {
+            max_side,
+            quality: self.quality,
+        });
+        c.max_reject_frac = self.max_reject_frac;
+        c.part = part;
+        c.follow_symlinks = self.follow_symlinks;
+        c.progress = !self.quiet;
+        c
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Train,
+    Val,
+}
+
+#[derive(Args)]
+struct ImagenetArgs {
+    /// Folder holding train/ and val/ (e.g. ILSVRC/Data/CLS-LOC).
+    #[arg(long)]
+    root: PathBuf,
+    /// Which split to shard.
+    #[arg(long, value_enum)]
+    split: SplitArg,
+    /// Labels for a flat val folder (LOC_val_solution.csv or `filename label` lines);
+    /// found next to val/ when not given.
+    #[arg(long)]
+    val_labels: Option<PathBuf>,
+    /// Fail unless exactly this many class folders exist (1000 for ImageNet-1K).
+    #[arg(long)]
+    expect_classes: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Dataset directory.
+    dataset: PathBuf,
+    /// Split (needed when the directory holds several).
+    #[arg(long)]
+    split: Option<String>,
+    /// Also decode every image.
+    #[arg(long)]
+    decode: bool,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Dataset directory.
+    dataset: PathBuf,
+    /// Split (needed when the directory holds several).
+    #[arg(long)]
+    split: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to put the demo image folder and dataset.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Classes in the synthetic ImageNet.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Training images per class.
+    #[arg(long, default_value_t = 40)]
+    per_class: usize,
+}
+
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches('B').trim_end_matches('I') {
+                "" => 1u64,
+                "K" => 1_000,
+                "M" => 1_000_000,
+                "G" => 1_000_000_000,
+                "T" => 1_000_000_000_000,
+                _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+fn report(summary: &Summary, json: bool, limit: f64) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        println!("{summary}");
+    }
+    summary.check_rejects(limit)?;
+    Ok(())
+}
+
+fn shard_with(
+    source: &dyn Source,
+    common: &Common,
+    split: &str,
+    part: Option<Part>,
+) -> Result<Summary> {
+    let cfg = common.config(split, part);
+    let summary = shard::run(source, &cfg)?;
+    report(&summary, common.json, cfg.max_reject_frac)?;
+    Ok(summary)
+}
+
+fn split_name(s: SplitArg) -> (&'static str, Split) {
+    match s {
+        SplitArg::Train => ("train", Split::Train),
+        SplitArg::Val => ("val", Split::Val),
+    }
+}
+
+/// The split to use in `dir`: the given one, or the only manifest there.
+fn detect_split(dir: &Path, split: Option<String>) -> Result<String> {
+    if let Some(s) = split {
+        return Ok(s);
+    }
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Some(s) = name.strip_suffix(".manifest.json") {
+            found.push(s.to_owned());
+        }
+    }
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!(
+            "{}: no *.manifest.json here; is this a dataset directory?",
+            dir.display()
+        ),
+        _ => bail!(
+            "{}: several splits ({}); pass --split",
+            dir.display(),
+            found.join(", ")
+        ),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Imagenet(a) => {
+            let (name, split) = split_name(a.split);
+            let src = Imagenet::new(
+                &a.root,
+                split,
+                a.val_labels,
+                a.expect_classes,
+                a.common.follow_symlinks,
+            )?;
+            shard_with(&src, &a.common, name, None)?;
+        }
+        Cmd::Verify(a) => {
+            let split = detect_split(&a.dataset, a.split)?;
+            let opts = conmim::inspect::verify::VerifyOptions {
+                decode: a.decode,
+                threads: a.threads,
+                progress: !a.quiet,
+            };
+            let report = conmim::inspect::verify::verify(&a.dataset, &split, &opts)?;
+            println!("{report}");
+            if !report.ok() {
+                bail!("verification failed: {} problem(s)", report.problems.len());
+            }
+        }
+        Cmd::Info(a) => {
+            let split = detect_split(&a.dataset, a.split)?;
+            let info = conmim::inspect::info::info(&a.dataset, &split)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{info}");
+            }
+        }
+        Cmd::Demo(a) => demo(&a)?,
+    }
+    Ok(())
+}
+
+fn demo(a: &DemoArgs) -> Result<()> {
+    let images = a.out.join("imagenet");
+    let data = a.out.join("dataset");
+    if images.exists() || data.exists() {
+        bail!(
+            "{} already holds a demo; remove it or pass another --out",
+            a.out.display()
+        );
+    }
+    eprintln!(
+        "demo: writing a synthetic ImageNet ({} classes) to {}",
+        a.classes,
+        images.display()
+    );
+    let spec = conmim::testkit::ImagenetDemo {
+        classes: a.classes,
+        train_per_class: a.per_class,
+        val_per_class: (a.per_class / 4).max(1),
+        seed: 0,
+        min_side: 64,
+        max_side: 320,
+    };
+    conmim::testkit::write_imagenet_demo(&images, &spec)
+        .with_context(|| format!("writing {}", images.display()))?;
+    let nasty = conmim::testkit::add_nasty_imagenet_files(&images)?;
+    eprintln!(
+        "demo: added {} awkward files (CMYK, progressive, PNG named .JPEG, truncated, empty, ...)",
+        nasty.len()
+    );
+    let common = Common::parse_from_defaults(&data);
+    for (name, split) in [("train", Split::Train), ("val", Split::Val)] {
+        eprintln!("demo: sharding {name}");
+        let src = Imagenet::new(&images, split, None, None, false)?;
+        let mut c = common.clone();
+        c.max_shard_bytes = 2_000_000;
+        c.max_reject_frac = 0.5;
+        shard_with(&src, &c, name, None)?;
+        let opts = conmim::inspect::verify::VerifyOptions {
+            decode: true,
+            threads: 0,
+            progress: false,
+        };
+        let report = conmim::inspect::verify::verify(&data, name, &opts)?;
+        println!("{report}");
+        if !report.ok() {
+            bail!("demo dataset failed verification");
+        }
+    }
+    println!("\n{}", conmim::inspect::info::info(&data, "train")?);
+    println!("\ndemo: done; the dataset is in {}", data.display());
+    Ok(())
+}
+
+impl Common {
+    fn parse_from_defaults(out: &Path) -> Common {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            c: Common,
+        }
+        Wrap::parse_from(["demo", "--out", &out.display().to_string()]).c
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_bytes("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert!(parse_bytes("1X").is_err());
+    }
+}

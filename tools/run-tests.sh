@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# tools/run-tests.sh — set up (tools/setup.sh), then run the whole test suite:
+#   cargo test --all-targets [ARGS...]
+# The Rust integration tests run $CONMIM_PYTHON tests/python/check_dataset.py, so the
+# venv comes first. Extra arguments go to cargo test (e.g. `-- --nocapture`).
+# Exits non-zero when a phase fails; prints how long each phase took.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+timings=()
+phase() {
+    local name="$1"; shift
+    local t0=$SECONDS rc=0
+    echo "==> $name"
+    "$@" || rc=$?
+    local dt=$((SECONDS - t0))
+    timings+=("$(printf '%-8s %5ds  %s' "$name" "$dt" "$([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)")")")
+    echo "==> $name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in ${dt}s"
+    if [ $rc -ne 0 ]; then
+        summary
+        exit "$rc"
+    fi
+}
+summary() {
+    echo "==> phase times:"
+    printf '    %s\n' "${timings[@]}"
+}
+
+phase setup bash tools/setup.sh
+# shellcheck source=tools/env.sh
+source tools/env.sh
+echo "==> CONMIM_PYTHON=$CONMIM_PYTHON"
+phase test cargo test --all-targets "$@"
+summary
