@@ -9,9 +9,9 @@ use conmim::format::manifest::Manifest;
 use conmim::format::reject::{Reject, read_rejects};
 use conmim::format::tar::{ScannedSample, scan_shard};
 use conmim::format::{index_name, manifest_name, read_json, rejected_name};
-use conmim::shard::source::Source;
 use conmim::shard::source::ade20k::{Ade20k, AdeSplit};
 use conmim::shard::source::coco::Coco;
+use conmim::shard::source::{Reencode, Source, Validation};
 use conmim::shard::{ShardConfig, Summary, run};
 use serde_json::json;
 
@@ -39,10 +39,20 @@ struct Out {
 }
 
 fn shard(source: &dyn Source, out: &Path, split: &str) -> Out {
+    shard_with(source, out, split, |_| {})
+}
+
+fn shard_with(
+    source: &dyn Source,
+    out: &Path,
+    split: &str,
+    tweak: impl FnOnce(&mut ShardConfig),
+) -> Out {
     let mut cfg = ShardConfig::new(out, split);
     cfg.max_reject_frac = 1.0;
     cfg.threads = 2;
     cfg.max_shard_count = 4;
+    tweak(&mut cfg);
     let summary = run(source, &cfg).unwrap();
     summary.check_rejects(1.0).unwrap();
     let rows = read_index(&out.join(index_name(split))).unwrap();
@@ -211,7 +221,15 @@ fn ade20k_label_maps_must_be_8bit_class_pngs() {
 
     assert!(Ade20k::new(&root, AdeSplit::Train, false).is_err());
     let src = Ade20k::new(&root, AdeSplit::Val, false).unwrap();
-    let out = shard(&src, &dir.path().join("out"), "val");
+    // Full decode of images and label maps; --max-side must not touch ADE20K images
+    // (the label maps would no longer line up).
+    let out = shard_with(&src, &dir.path().join("out"), "val", |c| {
+        c.validation = Validation::Decode;
+        c.reencode = Some(Reencode {
+            max_side: 16,
+            quality: 80,
+        });
+    });
     let got = reasons(&out.rejects);
     assert_eq!(got.len(), 2, "{:?}", out.rejects);
     assert_eq!(
@@ -235,6 +253,13 @@ fn ade20k_label_maps_must_be_8bit_class_pngs() {
             ("ADE_val_00000004", "png,seg.png")
         ]
     );
+    for row in &out.rows {
+        assert!(!row.reencoded);
+        assert_eq!((row.width, row.height), (40, 36));
+        let smp = &out.samples[&row.key];
+        let img = std::fs::read(root.join(&row.source)).unwrap();
+        assert_eq!(smp.members[0].data, img);
+    }
 }
 
 #[test]

@@ -113,6 +113,37 @@ fn flipped_byte_names_shard_and_key() {
 }
 
 #[test]
+fn broken_tar_header_still_checks_the_rest_of_the_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, _) = build(tmp.path());
+    let m = manifest(&out, "train");
+    let mut in_shard: Vec<IndexRow> = rows(&out, "train")
+        .into_iter()
+        .filter(|r| r.shard == 0)
+        .collect();
+    in_shard.sort_by_key(|r| r.offset);
+    assert_eq!(in_shard.len(), 5);
+    let broken = &in_shard[2];
+    let path = out.join(&m.shardlist[0].url);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The mode field of the sample's first header: the header checksum no longer holds.
+    bytes[(broken.offset + 100) as usize] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let r = check(&out, "train", false);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.key.is_none() && p.message.contains("unreadable tar")),
+        "{r}"
+    );
+    let keyed: Vec<&str> = r.problems.iter().filter_map(|p| p.key.as_deref()).collect();
+    assert_eq!(keyed, [broken.key.as_str()], "{r}");
+    // Samples before and after the broken header were checked.
+    assert_eq!(r.samples, 24 - 1, "{r}");
+}
+
+#[test]
 fn truncated_and_missing_shards_are_problems() {
     let tmp = tempfile::tempdir().unwrap();
     let (out, _) = build(tmp.path());
@@ -137,6 +168,18 @@ fn truncated_and_missing_shards_are_problems() {
     assert!(!about(truncated).is_empty(), "{r}");
     assert!(
         about(truncated).iter().any(|p| p.message.contains("size")),
+        "{r}"
+    );
+    // Rows past the new end are named.
+    let last = rows(&out, "train")
+        .into_iter()
+        .filter(|r| &m.shardlist[r.shard as usize].url == truncated)
+        .max_by_key(|r| r.offset)
+        .unwrap();
+    assert!(
+        about(truncated)
+            .iter()
+            .any(|p| p.key.as_deref() == Some(last.key.as_str())),
         "{r}"
     );
     assert!(
@@ -300,7 +343,15 @@ fn write_img2dataset(dir: &Path) {
 
 fn all_scanned(path: &Path) -> Vec<conmim::format::tar::ScannedSample> {
     let mut v = Vec::new();
-    scan_shard(path, |s| Ok(v.push(s)), |i| panic!("{i:?}")).unwrap();
+    scan_shard(
+        path,
+        |s| {
+            v.push(s);
+            Ok(())
+        },
+        |i| panic!("{i:?}"),
+    )
+    .unwrap();
     v
 }
 
@@ -413,7 +464,8 @@ fn index_existing_pattern_and_other_out_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shards");
     write_img2dataset(&dir);
-    let out = tmp.path().join("index");
+    // The manifest may live above the shard directory (urls lead downwards only).
+    let out = tmp.path().to_owned();
     let opts = IndexOptions {
         split: "web".into(),
         pattern: Some("{00000..00001}.tar".into()),
@@ -424,18 +476,18 @@ fn index_existing_pattern_and_other_out_dir() {
     let s = index_existing(&dir, &out, &opts).unwrap();
     assert_eq!((s.shards, s.samples, s.rejected), (2, 6, 3));
     assert!(s.warnings.iter().all(|w| !w.contains("00002.tar")));
+    assert!(s.warnings.iter().any(|w| w.contains("sub.dir/000000007")));
     let m = manifest(&out, "web");
     let urls: Vec<&str> = m.shardlist.iter().map(|e| e.url.as_str()).collect();
-    assert_eq!(urls, ["../shards/00000.tar", "../shards/00001.tar"]);
+    assert_eq!(urls, ["shards/00000.tar", "shards/00001.tar"]);
     assert!(!dir.join(manifest_name("web")).exists());
     let r = check(&out, "web", false);
     assert!(r.ok(), "{r}");
 
     // Same rows (up to the url in `source`) as indexing all *.tar in place.
-    let here = tmp.path().join("here");
     index_existing(
         &dir,
-        &here,
+        &dir,
         &IndexOptions {
             threads: 2,
             ..Default::default()
@@ -443,14 +495,23 @@ fn index_existing_pattern_and_other_out_dir() {
     )
     .unwrap();
     let a = rows(&out, "web");
-    let b = rows(&here, "train");
+    let b = rows(&dir, "train");
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(
             (&x.key, x.shard, x.offset, x.length, &x.sha256),
             (&y.key, y.shard, y.offset, y.length, &y.sha256)
         );
+        assert_eq!(x.source, format!("shards/{}", y.source));
     }
+
+    // A manifest beside the shard directory would need `..` in its urls: refused.
+    let sibling = tmp.path().join("index");
+    let err = index_existing(&dir, &sibling, &IndexOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--out"), "{err}");
+    assert!(!sibling.join(manifest_name("train")).exists());
 
     // A pattern naming shards that do not exist is an error.
     let bad = IndexOptions {

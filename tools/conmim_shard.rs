@@ -8,6 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use conmim::image::{DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits};
+use conmim::shard::source::ade20k::{Ade20k, AdeSplit};
+use conmim::shard::source::coco::Coco;
+use conmim::shard::source::files::{Files, FilesSpec, ListFormat};
 use conmim::shard::source::imagenet::{Imagenet, Split};
 use conmim::shard::source::{Reencode, Source, Validation};
 use conmim::shard::{self, DEFAULT_MAX_REJECT_FRAC, DEFAULT_SEED, Part, ShardConfig, Summary};
@@ -42,6 +45,16 @@ struct Cli {
 enum Cmd {
     /// ImageNet-1K: train/<wnid>/*.JPEG; val as class folders or flat with labels.
     Imagenet(ImagenetArgs),
+    /// A list of images (tsv/csv with a header row, jsonl, parquet) relative to --root.
+    Files(FilesArgs),
+    /// Combine the outputs of `--part i/N` runs into one dataset.
+    Merge(MergeArgs),
+    /// Index existing WebDataset shards (e.g. img2dataset output) without rewriting them.
+    Index(IndexArgs),
+    /// ADE20K scene parsing (ADEChallengeData2016): image + 150-class label map (seg.png).
+    Ade20k(Ade20kArgs),
+    /// COCO instances: image + per-image annotation JSON; categories in the manifest.
+    Coco(CocoArgs),
     /// Re-read every shard against index and manifest; exit 1 on any mismatch.
     Verify(VerifyArgs),
     /// Counts, class histogram, image size and byte distributions.
@@ -150,6 +163,124 @@ struct ImagenetArgs {
     /// Fail unless exactly this many class folders exist (1000 for ImageNet-1K).
     #[arg(long)]
     expect_classes: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct FilesArgs {
+    /// List file: .tsv/.txt or .csv with a header row, .jsonl/.ndjson, or .parquet.
+    #[arg(long)]
+    list: PathBuf,
+    /// Folder the listed paths are relative to (nothing outside it is read).
+    #[arg(long)]
+    root: PathBuf,
+    /// List format (default: from the extension): tsv, csv, jsonl, parquet.
+    #[arg(long)]
+    format: Option<ListFormat>,
+    /// Output split name.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Path column (default: path, filepath, file, image, filename).
+    #[arg(long, conflicts_with = "path_template")]
+    path_col: Option<String>,
+    /// Build paths from columns, e.g. '{id[0:3]}/{id[3:6]}/{id}.jpg' (YFCC15M).
+    #[arg(long)]
+    path_template: Option<String>,
+    /// Id column, the sample key (default: id, key, photoid; else the file stem).
+    #[arg(long)]
+    id_col: Option<String>,
+    /// Integer label column (default: label, class).
+    #[arg(long)]
+    label_col: Option<String>,
+    /// Caption column (default: caption, title, description, text).
+    #[arg(long)]
+    caption_col: Option<String>,
+    /// Only shard part i of N (a seeded random subset); run all parts, then `merge`.
+    #[arg(long, value_name = "i/N")]
+    part: Option<Part>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Directory for the merged dataset.
+    #[arg(long)]
+    out: PathBuf,
+    /// Split whose parts to merge.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Directories holding part outputs (default: --out).
+    inputs: Vec<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Directory holding the shards.
+    dir: PathBuf,
+    /// Split name of the index, rejected list and manifest.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Where to write them (default: DIR); must be DIR or a folder above it.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Which shards, relative to DIR, as a brace pattern like '{00000..00127}.tar'
+    /// (default: every *.tar, by name).
+    #[arg(long, value_name = "PATTERN")]
+    shards: Option<String>,
+    /// Fully decode every image (default: header-only validation).
+    #[arg(long)]
+    decode: bool,
+    /// Reject images with a side shorter than this.
+    #[arg(long, default_value_t = DEFAULT_MIN_SIDE)]
+    min_side: u32,
+    /// Reject images with more pixels than this (checked from the header).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Exit non-zero if more than this fraction of samples is rejected.
+    #[arg(long, default_value_t = DEFAULT_MAX_REJECT_FRAC)]
+    max_reject_frac: f64,
+    /// Worker threads (0 = all cores); never changes the output.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct Ade20kArgs {
+    /// The ADEChallengeData2016 folder (holding images/ and annotations/).
+    #[arg(long)]
+    root: PathBuf,
+    /// Which split to shard (training/ or validation/).
+    #[arg(long, value_enum)]
+    split: SplitArg,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct CocoArgs {
+    /// Folder holding the image folders (train2017/, val2017/) and annotations/.
+    #[arg(long)]
+    root: PathBuf,
+    /// Image folder name (train2017, val2017, ...); train/val/test mean the 2017 folders.
+    #[arg(long)]
+    split: String,
+    /// Instances JSON (default: ROOT/annotations/instances_<folder>.json).
+    #[arg(long)]
+    annotations: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -289,6 +420,77 @@ fn run(cli: Cli) -> Result<()> {
                 a.common.follow_symlinks,
             )?;
             shard_with(&src, &a.common, name, None)?;
+        }
+        Cmd::Files(a) => {
+            let spec = FilesSpec {
+                list: a.list,
+                root: a.root,
+                format: a.format,
+                path_col: a.path_col,
+                path_template: a.path_template,
+                id_col: a.id_col,
+                label_col: a.label_col,
+                caption_col: a.caption_col,
+                follow_symlinks: a.common.follow_symlinks,
+            };
+            let src = Files::new(spec)?;
+            shard_with(&src, &a.common, &a.split, a.part)?;
+        }
+        Cmd::Merge(a) => {
+            let inputs = if a.inputs.is_empty() {
+                vec![a.out.clone()]
+            } else {
+                a.inputs
+            };
+            let s = conmim::shard::merge::merge(&a.out, &a.split, &inputs, !a.quiet)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{s}");
+            }
+        }
+        Cmd::Index(a) => {
+            let opts = conmim::shard::existing::IndexOptions {
+                split: a.split.clone(),
+                pattern: a.shards.clone(),
+                validation: if a.decode {
+                    Validation::Decode
+                } else {
+                    Validation::Header
+                },
+                limits: ImageLimits {
+                    max_pixels: a.max_pixels,
+                    min_side: a.min_side,
+                    ..ImageLimits::default()
+                },
+                threads: a.threads,
+                progress: !a.quiet,
+            };
+            let out = a.out.clone().unwrap_or_else(|| a.dir.clone());
+            let summary = conmim::shard::existing::index_existing(&a.dir, &out, &opts)?;
+            report(&summary, a.json, a.max_reject_frac)?;
+        }
+        Cmd::Ade20k(a) => {
+            if a.common.max_side.is_some() {
+                bail!(
+                    "--max-side is not supported for ade20k: label maps must stay pixel-aligned with the images"
+                );
+            }
+            let (name, split) = match a.split {
+                SplitArg::Train => ("train", AdeSplit::Train),
+                SplitArg::Val => ("val", AdeSplit::Val),
+            };
+            let src = Ade20k::new(&a.root, split, a.common.follow_symlinks)?;
+            shard_with(&src, &a.common, name, None)?;
+        }
+        Cmd::Coco(a) => {
+            if a.common.max_side.is_some() {
+                bail!(
+                    "--max-side is not supported for coco: boxes and masks are in original pixel coordinates"
+                );
+            }
+            let src = Coco::new(&a.root, &a.split, a.annotations, a.common.follow_symlinks)?;
+            shard_with(&src, &a.common, &a.split, None)?;
         }
         Cmd::Verify(a) => {
             let split = detect_split(&a.dataset, a.split)?;

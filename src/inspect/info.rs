@@ -311,6 +311,8 @@ fn num(v: f64) -> String {
         format!("{v:.0}")
     } else if v.abs() >= 100.0 {
         format!("{v:.1}")
+    } else if v.abs() < 0.01 {
+        format!("{v:.2e}")
     } else {
         format!("{v:.3}")
     }
@@ -344,12 +346,8 @@ impl fmt::Display for DatasetSummary {
             human_bytes(self.total_bytes),
             human_bytes(self.image_bytes)
         )?;
-        if self.samples > 0 {
-            write!(
-                f,
-                ", {} per image",
-                human_bytes(self.image_bytes / self.samples)
-            )?;
+        if let Some(per) = self.image_bytes.checked_div(self.samples) {
+            write!(f, ", {} per image", human_bytes(per))?;
         }
         writeln!(f, ")")?;
         if self.shard_samples != self.samples {
@@ -461,5 +459,6 @@ mod tests {
         assert_eq!(num(64.0), "64");
         assert_eq!(num(1.3333333), "1.333");
         assert_eq!(num(1234.56), "1234.6");
+        assert_eq!(num(0.000333), "3.33e-4");
     }
 }

@@ -22,6 +22,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,8 +36,8 @@ use crate::error::{Error, Result};
 use crate::format::index::{IndexRow, read_index};
 use crate::format::manifest::{Manifest, ShardEntry, WIDS_KIND};
 use crate::format::reject::read_rejects;
-use crate::format::tar::{ScannedSample, md5_file, scan_shard};
-use crate::format::{self, read_json};
+use crate::format::tar::{Member, ScannedSample, md5_file, scan_shard};
+use crate::format::{self, read_json, split_member_name};
 use crate::image::{self, ImageInfo, ImageLimits};
 use crate::shard::source::sha256_hex;
 
@@ -530,13 +532,20 @@ fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOu
                 Error::CorruptShard { message, .. } => format!("unreadable tar: {message}"),
                 other => format!("unreadable tar: {other}"),
             };
-            sink.push(None, msg);
-            let left = rows.len().saturating_sub(next);
-            if left > 0 {
+            // Resynchronise: check the rows not reached at their recorded offsets.
+            let left = &rows[next.min(rows.len())..];
+            if left.is_empty() {
+                sink.push(None, msg);
+            } else {
                 sink.push(
                     None,
-                    format!("{left} index rows after that point were not checked"),
+                    format!(
+                        "{msg}; the {} index rows after that point are checked at their \
+                         recorded offsets",
+                        left.len()
+                    ),
                 );
+                outcome.samples += check_rows_at_offsets(ctx, &path, left, &mut sink);
             }
         }
     }
@@ -544,12 +553,101 @@ fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOu
     outcome
 }
 
+/// Checks `rows` by reading each one's byte range directly (after the tar stream broke
+/// down). Returns how many samples could be read.
+fn check_rows_at_offsets(ctx: &Ctx<'_>, path: &Path, rows: &[&IndexRow], sink: &mut Sink) -> u64 {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            sink.push(None, format!("cannot reopen: {e}"));
+            return 0;
+        }
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut read = 0;
+    for r in rows {
+        let key = Some(r.key.as_str());
+        let end = r.offset.saturating_add(r.length);
+        if end > size {
+            sink.push(
+                key,
+                format!(
+                    "indexed at bytes {}..{end}, but the shard ends at {size}",
+                    r.offset
+                ),
+            );
+            continue;
+        }
+        let mut buf = vec![0u8; r.length as usize];
+        if let Err(e) = file
+            .seek(SeekFrom::Start(r.offset))
+            .and_then(|_| file.read_exact(&mut buf))
+        {
+            sink.push(
+                key,
+                format!("cannot read bytes at offset {}: {e}", r.offset),
+            );
+            continue;
+        }
+        match sample_at(&buf, r.offset) {
+            Ok(s) => {
+                read += 1;
+                check_sample(ctx, r, &s, sink);
+            }
+            Err(m) => sink.push(key, format!("at offset {}: {m}", r.offset)),
+        }
+    }
+    read
+}
+
+/// Parses the bytes of one sample (its members' headers and data) read from `offset`.
+fn sample_at(buf: &[u8], offset: u64) -> std::result::Result<ScannedSample, String> {
+    let mut archive = tar::Archive::new(buf);
+    let mut sample: Option<ScannedSample> = None;
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("bad tar structure: {e}"))?
+    {
+        let mut entry = entry.map_err(|e| format!("bad tar structure: {e}"))?;
+        let name = entry
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (key, ext) =
+            split_member_name(&name).ok_or_else(|| format!("member `{name}` has no extension"))?;
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| format!("member `{name}`: {e}"))?;
+        let member = Member {
+            ext,
+            header_offset: offset + entry.raw_header_position(),
+            data,
+        };
+        match sample.as_mut() {
+            None => {
+                sample = Some(ScannedSample {
+                    key: key.to_owned(),
+                    offset,
+                    length: buf.len() as u64,
+                    members: vec![member],
+                })
+            }
+            Some(s) if s.key == key => s.members.push(member),
+            Some(s) => {
+                return Err(format!(
+                    "member `{name}` lies inside the range of sample `{}`",
+                    s.key
+                ));
+            }
+        }
+    }
+    sample.ok_or_else(|| "no tar member there".to_owned())
+}
+
 /// The member holding a sample's image: the first image-extension member whose
 /// extension names `format`, else the first image-extension member.
-pub fn image_member<'a>(
-    s: &'a ScannedSample,
-    format: &str,
-) -> Option<&'a crate::format::tar::Member> {
+pub fn image_member<'a>(s: &'a ScannedSample, format: &str) -> Option<&'a Member> {
     let images = || s.members.iter().filter(|m| is_image_ext(&m.ext));
     images()
         .find(|m| image::ImageFormat::from_ext(&m.ext).is_some_and(|f| f.name() == format))
@@ -632,12 +730,11 @@ fn check_sample(ctx: &Ctx<'_>, row: &IndexRow, s: &ScannedSample, sink: &mut Sin
             }
         }
     }
-    if ctx.decode {
-        if let Some(seg) = s.member("seg.png") {
-            if let Err(p) = image::decode_check(&seg.data, &ctx.limits) {
-                sink.push(key, format!("`seg.png` fails to decode: {p}"));
-            }
-        }
+    if ctx.decode
+        && let Some(seg) = s.member("seg.png")
+        && let Err(p) = image::decode_check(&seg.data, &ctx.limits)
+    {
+        sink.push(key, format!("`seg.png` fails to decode: {p}"));
     }
     let cls = s.member("cls");
     let stored = cls.and_then(|m| parse_cls(&m.data));

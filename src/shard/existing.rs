@@ -27,9 +27,13 @@
 //! rows. `verify` accounts for the difference through the rejected list: a tar sample
 //! that is not indexed is fine when the list names it as `{url}:{key}`.
 //!
-//! Shard urls are relative to the output directory (the manifest's directory): the
-//! name as found when the output is the shard directory, else a relative path
-//! (`../shards/00000.tar`), else the absolute path.
+//! Shard urls are relative to the output directory (the manifest's directory) and,
+//! as `schemas/manifest.schema.json` requires, lead only downwards (no `..`, never
+//! absolute): the output must be the shard directory or a folder above it.
+//!
+//! Keys are kept exactly as WebDataset groups them (`__key__`), even where they hold
+//! characters outside `[A-Za-z0-9_-]` (`dir.v2/000001`); the summary warns about them,
+//! since renaming would mean rewriting the shards.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
@@ -297,6 +301,7 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
     let mut seen: HashMap<u128, u32> = HashMap::new(); // key hash -> shard position
     let (mut samples, mut image_bytes) = (0u64, 0u64);
     let mut unindexed_in_tars = 0u64;
+    let mut odd_keys: (u64, Vec<String>) = (0, Vec::new());
     let mut done = 0usize;
 
     // Windows of shards are scanned in parallel and merged in order, which bounds
@@ -341,6 +346,12 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
                     continue;
                 }
                 seen.insert(h, pos);
+                if !plain_key(&row.key) {
+                    odd_keys.0 += 1;
+                    if odd_keys.1.len() < 3 {
+                        odd_keys.1.push(row.key.clone());
+                    }
+                }
                 row.shard = pos;
                 kept.push(row);
             }
@@ -362,6 +373,14 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
             "{unindexed_in_tars} samples stay in their shards without an index row (see {}); \
              the manifest's nsamples count them, as wids expects",
             format::rejected_name(split)
+        ));
+    }
+    if odd_keys.0 > 0 {
+        warnings.push(format!(
+            "{} keys hold characters outside [A-Za-z0-9_-] (e.g. {}); they are indexed as \
+             WebDataset groups them, but schemas/README.md asks for plain keys",
+            odd_keys.0,
+            odd_keys.1.join(", ")
         ));
     }
     let mut by_reason = BTreeMap::new();
@@ -415,6 +434,14 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
     })
 }
 
+/// Whether `key` is a plain WebDataset key (`[A-Za-z0-9_-]+`, as this crate writes them).
+fn plain_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// The shards to index, in order, with their urls relative to `out`.
 fn candidates(dir: &Path, out: &Path, pattern: Option<&str>) -> Result<Vec<Candidate>> {
     let names: Vec<String> = match pattern {
@@ -466,17 +493,43 @@ fn candidates(dir: &Path, out: &Path, pattern: Option<&str>) -> Result<Vec<Candi
             let size = std::fs::metadata(&path)
                 .map_err(|e| Error::io(&path, e))?
                 .len();
-            let url = if real_dir == real_out {
-                name
-            } else {
-                let real = path.canonicalize().map_err(|e| Error::io(&path, e))?;
-                relative_path(&real_out, &real)
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| real.to_string_lossy().into_owned())
-            };
+            let url = shard_url(&real_dir, &real_out, &name).ok_or_else(|| {
+                Error::Config(format!(
+                    "shard {} is not inside the output directory {}: manifest urls are \
+                     relative paths below the manifest's directory (no `..`, not absolute; \
+                     schemas/manifest.schema.json), so --out must be the shard directory \
+                     or a folder above it",
+                    path.display(),
+                    out.display()
+                ))
+            })?;
             Ok(Candidate { path, url, size })
         })
         .collect()
+}
+
+/// The url of shard `name` (relative to `real_dir`) in a manifest in `real_out`: a
+/// relative path going only downwards, or `None` when there is none.
+fn shard_url(real_dir: &Path, real_out: &Path, name: &str) -> Option<String> {
+    let clean = |p: &Path| {
+        p.components().all(|c| matches!(c, Component::Normal(_))) && p.components().next().is_some()
+    };
+    if real_dir == real_out && clean(Path::new(name)) {
+        return Some(name.to_owned());
+    }
+    let abs = real_dir.join(name);
+    let abs = if clean(Path::new(name)) {
+        abs
+    } else {
+        abs.canonicalize().ok()?
+    };
+    let rel = relative_path(real_out, &abs)?;
+    clean(&rel).then(|| {
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/")
+    })
 }
 
 /// `to` relative to directory `from` (both absolute), when one exists.
@@ -656,6 +709,22 @@ mod tests {
         assert!(expand_braces("{0..5..0}").is_err());
         assert!(expand_braces("{0..99999999999}").is_err());
         assert!(expand_braces("{0..9999}{0..9999}").is_err());
+    }
+
+    #[test]
+    fn urls_only_lead_downwards() {
+        let d = Path::new("/data/shards");
+        assert_eq!(shard_url(d, d, "00000.tar").as_deref(), Some("00000.tar"));
+        assert_eq!(
+            shard_url(d, d, "sub/00000.tar").as_deref(),
+            Some("sub/00000.tar")
+        );
+        assert_eq!(
+            shard_url(d, Path::new("/data"), "00000.tar").as_deref(),
+            Some("shards/00000.tar")
+        );
+        assert_eq!(shard_url(d, Path::new("/data/index"), "00000.tar"), None);
+        assert_eq!(shard_url(d, d, "/abs/00000.tar"), None);
     }
 
     #[test]

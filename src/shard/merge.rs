@@ -9,7 +9,8 @@
 //!    `out/{split}-{global:06}.tar`, numbered contiguously (rename; copy + remove
 //!    across file systems);
 //! 2. writes `out/{split}.index.parquet` with every row's `shard` rewritten to the
-//!    global number, and `out/{split}.rejected.jsonl` (the parts' lists concatenated);
+//!    global number, and `out/{split}.rejected.jsonl` (the parts' lists concatenated,
+//!    records that every part found while enumerating kept once);
 //! 3. writes `out/{split}.manifest.json` (dataset `merge`, the parts' common parameters
 //!    plus `parts: N`) last;
 //! 4. deletes the part indices, rejected lists and manifests.
@@ -19,7 +20,7 @@
 //! target exists with the recorded size has already been moved. A finished merge is
 //! never redone (its manifest exists).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use arrow_array::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use xxhash_rust::xxh3::xxh3_128;
 
 use super::Summary;
 use crate::error::{Error, Result};
@@ -448,12 +450,18 @@ pub fn merge(out: &Path, split: &str, inputs: &[PathBuf], progress: bool) -> Res
     index.finish()?;
 
     let rejected_path = out.join(format::rejected_name(split));
-    let by_reason = concat_rejects(&parts, &rejected_path)?;
+    let (by_reason, repeats) = concat_rejects(&parts, &rejected_path)?;
     let rejected: u64 = by_reason.values().sum();
 
     // 3. Manifest.
     let first = &parts[0].manifest.conmim;
     let mut warnings = Vec::new();
+    if repeats > 0 {
+        warnings.push(format!(
+            "{repeats} rejected-list records repeated across parts (inputs every part rejects \
+             while enumerating) were kept once"
+        ));
+    }
     for p in &parts[1..] {
         let c = &p.manifest.conmim;
         if c.classes != first.classes || c.wnids != first.wnids || c.categories != first.categories
@@ -516,16 +524,24 @@ pub fn merge(out: &Path, split: &str, inputs: &[PathBuf], progress: bool) -> Res
 }
 
 /// Concatenates the parts' rejected lists into `dst` (atomically), line by line;
-/// returns the counts by reason.
-fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<BTreeMap<String, u64>> {
+/// returns the counts by reason and how many cross-part repeats were dropped.
+///
+/// Every part enumerates the whole input, so rejects found while enumerating (bad
+/// list rows, unsafe paths, ...) appear in every part's list; a record identical to
+/// one of an earlier part is kept once. (Rejects found while loading carry keys,
+/// which the parts partition, so they never repeat across parts.)
+fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<(BTreeMap<String, u64>, u64)> {
     let tmp = format::tmp_path(dst);
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    let mut earlier: HashSet<u128> = HashSet::new();
+    let mut repeats = 0u64;
     for p in parts {
         let path = p.rejected_path();
         let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let mut count = 0u64;
+        let mut here: Vec<u128> = Vec::new();
         for line in BufReader::new(f).lines() {
             let line = line.map_err(|e| Error::io(&path, e))?;
             if line.trim().is_empty() {
@@ -535,8 +551,14 @@ fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<BTreeMap<String, u64>
                 path: path.clone(),
                 source: e,
             })?;
-            *by_reason.entry(r.reason).or_default() += 1;
             count += 1;
+            let h = xxh3_128(line.as_bytes());
+            if earlier.contains(&h) {
+                repeats += 1;
+                continue;
+            }
+            here.push(h);
+            *by_reason.entry(r.reason).or_default() += 1;
             w.write_all(line.as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
                 .map_err(|e| Error::io(&tmp, e))?;
@@ -550,6 +572,7 @@ fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<BTreeMap<String, u64>
                 ),
             ));
         }
+        earlier.extend(here);
     }
     let file = w
         .into_inner()
@@ -557,7 +580,7 @@ fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<BTreeMap<String, u64>
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
-    Ok(by_reason)
+    Ok((by_reason, repeats))
 }
 
 fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {

@@ -115,6 +115,14 @@ pub fn build(
         on_item(seen);
         match entry {
             Entry::Reject(r) => {
+                // Each part reports the enumeration rejects that hash to it, so merged
+                // parts list every reject exactly once.
+                if let Some(p) = part {
+                    if !p.contains(seed, &r.source) {
+                        info.other_parts += 1;
+                        return Ok(());
+                    }
+                }
                 rejects.push(r);
                 info.enum_rejects += 1;
             }

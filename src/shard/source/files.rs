@@ -43,7 +43,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -508,6 +508,19 @@ impl Files {
     /// Turns one parsed row into an item or a `bad_row` reject.
     fn row_entry(&self, n: u64, line: u64, columns: Map<String, Value>) -> Entry {
         match self.row_item(&columns) {
+            Ok((key, path, ..)) if !lexically_safe(&path) => {
+                // Refused before planning, so it cannot claim a key that a valid row
+                // needs (symlink escapes are caught at load time).
+                Entry::Reject(Reject::new(
+                    path.clone(),
+                    Some(key),
+                    "unsafe_path",
+                    format!(
+                        "{}: row {n} (line {line}): path `{path}` is absolute or leaves the root",
+                        self.list.display()
+                    ),
+                ))
+            }
             Ok((key, path, label, caption, id)) => {
                 let mut item = Item::new(n, key, path);
                 item.label = label;
@@ -742,6 +755,13 @@ impl Files {
         }
         Ok(())
     }
+}
+
+/// Whether `rel` is relative and stays below the root by its components alone.
+fn lexically_safe(rel: &str) -> bool {
+    Path::new(rel)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 fn header_hint(format: ListFormat) -> &'static str {
