@@ -71,6 +71,9 @@ fn main() {
     let smoke = !std::env::args().any(|a| a == "--bench");
     let n_files: usize = env_or("BENCH_FILES", if smoke { 40 } else { 2000 });
     let copy_threads: usize = env_or("BENCH_THREADS", 2);
+    // Both writers roll shards at this size, so a few thousand files stand for the
+    // steady state of a large dataset (many shards), as ImageNet's 140 GB would be.
+    let shard_bytes: u64 = env_or("BENCH_SHARD_BYTES", 16_000_000);
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let smoke_dir = tempfile::tempdir().unwrap();
     let data = match std::env::var("BENCH_DIR") {
@@ -123,6 +126,8 @@ fn main() {
         .arg(data.join("train"))
         .arg("--out")
         .arg(&py_out)
+        .arg("--maxsize")
+        .arg(shard_bytes.to_string())
         .output();
     match out {
         Ok(o) if o.status.success() => {
@@ -148,6 +153,7 @@ fn main() {
         let mut cfg = ShardConfig::new(&out, "train");
         cfg.threads = threads;
         cfg.validation = validation;
+        cfg.max_shard_bytes = shard_bytes;
         let t = Instant::now();
         let s = run(&src, &cfg).unwrap();
         let secs = t.elapsed().as_secs_f64();
@@ -209,9 +215,10 @@ fn main() {
         );
     }
     println!(
-        "{} files, {:.1} MB, {} cores",
+        "{} files, {:.1} MB, {} cores, shards of {:.0} MB",
         files.len(),
         total as f64 / 1e6,
-        all
+        all,
+        shard_bytes as f64 / 1e6
     );
 }

@@ -21,17 +21,15 @@ pub fn member_span(data_len: u64) -> u64 {
     BLOCK + data_len.div_ceil(BLOCK) * BLOCK
 }
 
-/// A writer that counts bytes and hashes them on the way to the file.
+/// A writer that counts bytes on the way to the file.
 struct Sink {
     inner: BufWriter<File>,
     pos: u64,
-    md5: Md5,
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.md5.update(&buf[..n]);
         self.pos += n as u64;
         Ok(n)
     }
@@ -62,13 +60,25 @@ pub struct ShardFile {
     pub md5sum: String,
 }
 
-/// Writes one shard to `<path>.partial`, then fsyncs and renames it into place on
-/// [`ShardWriter::finish`]; an interrupted shard never appears under its final name.
+/// Writes one shard to `<path>.partial`; [`ShardWriter::finish`] hashes, fsyncs and
+/// renames it into place, so an interrupted shard never appears under its final name.
+/// The writer itself only frames and writes bytes: hashing and syncing can be deferred
+/// to another thread with [`ShardWriter::close`] + [`ClosedShard::complete`].
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
     builder: tar::Builder<Sink>,
     nsamples: u64,
+}
+
+/// A shard whose bytes are all written to its temporary file, not yet hashed, synced
+/// or renamed.
+#[derive(Debug)]
+pub struct ClosedShard {
+    path: PathBuf,
+    tmp: PathBuf,
+    nsamples: u64,
+    filesize: u64,
 }
 
 impl ShardWriter {
@@ -79,7 +89,6 @@ impl ShardWriter {
         let sink = Sink {
             inner: BufWriter::with_capacity(1 << 20, file),
             pos: 0,
-            md5: Md5::new(),
         };
         Ok(ShardWriter {
             path: path.to_owned(),
@@ -122,24 +131,64 @@ impl ShardWriter {
         })
     }
 
-    /// Ends the archive, fsyncs and renames the shard into place.
-    pub fn finish(self) -> Result<ShardFile> {
-        let sink = self
+    /// Ends the archive and closes the temporary file.
+    pub fn close(self) -> Result<ClosedShard> {
+        let Sink { inner, pos } = self
             .builder
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e))?;
-        let Sink { inner, pos, md5 } = sink;
-        let file = inner
+        inner
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        drop(file);
+        Ok(ClosedShard {
+            path: self.path,
+            tmp: self.tmp,
+            nsamples: self.nsamples,
+            filesize: pos,
+        })
+    }
+
+    /// Ends the archive, hashes, fsyncs and renames the shard into place.
+    pub fn finish(self) -> Result<ShardFile> {
+        self.close()?.complete()
+    }
+}
+
+impl ClosedShard {
+    /// Size of the file in bytes.
+    pub fn filesize(&self) -> u64 {
+        self.filesize
+    }
+
+    /// Hashes the file (md5, from the page cache), fsyncs it and renames it into place.
+    pub fn complete(self) -> Result<ShardFile> {
+        let md5sum = self.seal()?;
+        self.publish(md5sum)
+    }
+
+    /// Hashes (md5, read back from the page cache) and fsyncs the temporary file.
+    pub fn seal(&self) -> Result<String> {
+        let (md5sum, size) = md5_file(&self.tmp)?;
+        if size != self.filesize {
+            return Err(Error::CorruptShard {
+                shard: self.tmp.display().to_string(),
+                message: format!("wrote {} bytes but the file holds {size}", self.filesize),
+            });
+        }
+        File::open(&self.tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        Ok(md5sum)
+    }
+
+    /// Renames the sealed file into place.
+    pub fn publish(self, md5sum: String) -> Result<ShardFile> {
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         Ok(ShardFile {
             path: self.path,
             nsamples: self.nsamples,
-            filesize: pos,
-            md5sum: hex::encode(md5.finalize()),
+            filesize: self.filesize,
+            md5sum,
         })
     }
 }

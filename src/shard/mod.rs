@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::format::index::IndexRow;
 use crate::format::manifest::{DatasetInfo, Manifest, ShardEntry, tool_name};
 use crate::format::reject::{Reject, read_rejects, write_rejects};
-use crate::format::{self, SCHEMA_VERSION, tar::ShardWriter};
+use crate::format::tar::{ClosedShard, ShardWriter};
+use crate::format::{self, SCHEMA_VERSION};
 use crate::image::ImageLimits;
 pub use plan::Part;
 use source::{Item, LoadContext, Reencode, Sample, Source, Validation};
@@ -373,9 +374,14 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
             Err(_) => break,
         };
         let shard_path = cfg.out.join(&rec.entry.url);
-        let ok = std::fs::metadata(&shard_path)
-            .map(|m| m.len() == rec.entry.filesize)
-            .unwrap_or(false);
+        let size_ok = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.len() == rec.entry.filesize)
+                .unwrap_or(false)
+        };
+        let sealed = format::tmp_path(&shard_path);
+        let ok = size_ok(&shard_path)
+            || (size_ok(&sealed) && std::fs::rename(&sealed, &shard_path).is_ok());
         if !ok || rec.start != start {
             break;
         }
@@ -413,10 +419,15 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     let pb = bar(cfg.progress, Some(plan_info.items), "sharding");
     pb.set_position(start);
     let chunk = CHUNK_PER_THREAD * threads;
+    // Finished shards are hashed, fsynced, renamed and recorded by `threads` finisher
+    // threads, off the writer's path (bounded: the writer waits when all are busy).
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(ClosedShard, ShardRecord)>(threads);
+    let finish_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let finished = std::sync::atomic::AtomicU64::new(records_done);
     let mut writer = Writer {
+        jobs: Some(jobs_tx),
         cfg,
         name: &name,
-        work: &work,
         next_shard: records_done,
         open: None,
         pending: Vec::new(),
@@ -435,6 +446,29 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         source.load(item, &ctx)
     };
     std::thread::scope(|s| -> Result<()> {
+        for _ in 0..threads {
+            let jobs_rx = jobs_rx.clone();
+            let finish_error = &finish_error;
+            let finished = &finished;
+            let work = &work;
+            s.spawn(move || {
+                for (closed, mut rec) in jobs_rx {
+                    // Record first, then rename: a shard under its final name always
+                    // has a record, so --resume never rewrites it. A crash between
+                    // the two leaves a sealed `.partial` that resume renames.
+                    let done = closed.seal().and_then(|md5| {
+                        rec.entry.md5sum = md5.clone();
+                        format::atomic_write_json(&record_path(work, rec.shard), &rec)?;
+                        closed.publish(md5).map(|_| ())
+                    });
+                    if let Err(e) = done {
+                        finish_error.lock().expect("error slot").get_or_insert(e);
+                    }
+                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        drop(jobs_rx);
         let work_buf = work.clone();
         let plan_ref = &plan_info;
         let pool = &pool;
@@ -463,21 +497,34 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                 let _ = tx.send(Ok(flush(&mut batch)));
             }
         });
-        for msg in rx {
-            for (pos, outcome) in msg? {
-                if abort_at == Some(pos) {
-                    std::process::abort();
-                }
-                writer.push(pos, outcome)?;
-                pb.inc(1);
-                if writer.rejected > 0 && pos % 256 == 0 {
-                    pb.set_message(format!("{} rejected", writer.rejected));
+        let write_all = || -> Result<()> {
+            for msg in rx {
+                for (pos, outcome) in msg? {
+                    if abort_at == Some(pos) {
+                        // Crash after the shards closed so far are complete (so the
+                        // test knows which ones must survive), mid-way through the next.
+                        while finished.load(std::sync::atomic::Ordering::SeqCst) < writer.next_shard
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        std::process::abort();
+                    }
+                    writer.push(pos, outcome)?;
+                    pb.inc(1);
+                    if writer.rejected > 0 && pos % 256 == 0 {
+                        pb.set_message(format!("{} rejected", writer.rejected));
+                    }
                 }
             }
-        }
-        Ok(())
+            writer.close_shard(plan_info.items)
+        };
+        let written = write_all();
+        writer.jobs = None; // lets the finishers drain and stop, also after an error
+        written
     })?;
-    writer.close_shard(plan_info.items)?;
+    if let Some(e) = finish_error.into_inner().expect("error slot") {
+        return Err(e);
+    }
     pb.finish_and_clear();
     let tail_rejects = std::mem::take(&mut writer.pending);
     let written = writer.next_shard;
@@ -497,9 +544,10 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
 
 /// The single writer: appends samples in plan order, rolls shards over.
 struct Writer<'a> {
+    /// Where closed shards go to be completed and recorded.
+    jobs: Option<crossbeam_channel::Sender<(ClosedShard, ShardRecord)>>,
     cfg: &'a ShardConfig,
     name: &'a str,
-    work: &'a Path,
     next_shard: u64,
     open: Option<ShardWriter>,
     /// Rejects since the open shard's start.
@@ -555,21 +603,26 @@ impl Writer<'_> {
         let Some(w) = self.open.take() else {
             return Ok(());
         };
-        let done = w.finish()?;
+        let nsamples = w.nsamples();
+        let closed = w.close()?;
         let rec = ShardRecord {
             shard: self.next_shard,
             start: self.shard_start,
             end,
             entry: ShardEntry {
                 url: format::shard_name(self.name, self.next_shard as usize),
-                nsamples: done.nsamples,
-                filesize: done.filesize,
-                md5sum: done.md5sum,
+                nsamples,
+                filesize: closed.filesize(),
+                md5sum: String::new(), // filled in by the finisher
             },
             rows: std::mem::take(&mut self.rows),
             rejects: std::mem::take(&mut self.pending),
         };
-        format::atomic_write_json(&record_path(self.work, self.next_shard), &rec)?;
+        self.jobs
+            .as_ref()
+            .expect("finishers running")
+            .send((closed, rec))
+            .map_err(|_| Error::Config("shard finisher threads stopped".into()))?;
         self.next_shard += 1;
         self.shard_start = end;
         Ok(())
