@@ -14,6 +14,11 @@ impl SplitMix64 {
         g
     }
 
+    /// A generator starting from the raw state `state` (no stream mixing).
+    pub fn from_state(state: u64) -> Self {
+        SplitMix64(state)
+    }
+
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -33,6 +38,15 @@ impl SplitMix64 {
             if low >= n.wrapping_neg() % n {
                 return (m >> 64) as u64;
             }
+        }
+    }
+
+    /// Uniform integer in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi, "SplitMix64::range: {lo} > {hi}");
+        match (hi - lo).checked_add(1) {
+            Some(n) => lo + self.below(n),
+            None => self.next_u64(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Deterministic synthetic data for tests, the README demo and benchmarks.
 //!
 //! Everything here is a pure function of its arguments: pixel content comes from a tiny
-//! self-contained [`SplitMix64`] generator and integer arithmetic only (no `rand`, no
+//! [`SplitMix64`] generator (the crate's one, [`crate::seed`]) and integer arithmetic only (no `rand`, no
 //! transcendental floating-point functions), so the same seed gives the same pixels on
 //! every machine and every release. Encoded bytes are identical as long as the encoder
 //! crates (`jpeg-encoder`, `image`'s PNG encoder) produce identical output.
@@ -19,45 +19,16 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-/// SplitMix64 (Steele, Lea & Flood 2014): tiny, fast, and fixed forever.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
+pub use crate::seed::SplitMix64;
 
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`; the modulo bias is irrelevant here).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "SplitMix64::below(0)");
-        self.next_u64() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi, "SplitMix64::range: {lo} > {hi}");
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn byte(&mut self) -> u8 {
-        (self.next_u64() >> 56) as u8
-    }
+/// The top byte of the next draw.
+fn byte(rng: &mut SplitMix64) -> u8 {
+    (rng.next_u64() >> 56) as u8
 }
 
 /// Stateless per-index hash (one SplitMix64 step), for per-pixel noise.
 fn mix(seed: u64, index: u64) -> u64 {
-    SplitMix64::new(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
+    SplitMix64::from_state(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
 }
 
 /// Seed of the `n`-th derived stream, so that one top-level seed fans out to many images.
@@ -117,7 +88,7 @@ impl JpegSpec {
 /// near ImageNet's ~110 KB average.
 pub fn photo_pixels(width: u32, height: u32, seed: u64) -> Vec<u8> {
     let (w, h) = (width as usize, height as usize);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = SplitMix64::from_state(seed);
     let mut px = vec![0u8; w * h * 3];
     if w == 0 || h == 0 {
         return px;
@@ -125,7 +96,7 @@ pub fn photo_pixels(width: u32, height: u32, seed: u64) -> Vec<u8> {
 
     // 1. Bilinear gradient between four random corner colours (fixed point, 16.16).
     let corners: [[i64; 3]; 4] =
-        std::array::from_fn(|_| std::array::from_fn(|_| rng.byte() as i64));
+        std::array::from_fn(|_| std::array::from_fn(|_| byte(&mut rng) as i64));
     let (wd, hd) = ((w.max(2) - 1) as i64, (h.max(2) - 1) as i64);
     for y in 0..h {
         let fy = (y as i64) * 65536 / hd;
@@ -149,7 +120,7 @@ pub fn photo_pixels(width: u32, height: u32, seed: u64) -> Vec<u8> {
         let cy = rng.below(h as u64) as i64;
         let rx = rng.range(1, (w as u64 / 3).max(1)) as i64 + min_dim / 16;
         let ry = rng.range(1, (h as u64 / 3).max(1)) as i64 + min_dim / 16;
-        let color: [i64; 3] = std::array::from_fn(|_| rng.byte() as i64);
+        let color: [i64; 3] = std::array::from_fn(|_| byte(&mut rng) as i64);
         let alpha = rng.range(96, 224) as i64; // out of 256
         let ellipse = rng.below(2) == 0;
         let x0 = (cx - rx).max(0) as usize;
@@ -285,7 +256,7 @@ pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
 /// If a side is 0.
 pub fn gray_png(width: u32, height: u32, seed: u64) -> Vec<u8> {
     assert!(width > 0 && height > 0, "testkit::gray_png: zero side");
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = SplitMix64::from_state(seed);
     let regions = rng.range(3, 9) as usize;
     let sites: Vec<(i64, i64, u8)> = (0..regions)
         .map(|_| {
@@ -415,7 +386,7 @@ pub struct ImagenetDemoSummary {
 /// If `classes` is so large that 8 digits cannot hold them (> 98 million).
 pub fn demo_wnids(classes: usize) -> Vec<String> {
     assert!(classes <= 98_000_000, "too many classes for 8-digit WNIDs");
-    let mut rng = SplitMix64::new(0x1A6E_4E75);
+    let mut rng = SplitMix64::from_state(0x1A6E_4E75);
     let max_step = (98_000_000 / classes.max(1)).clamp(1, 50_000) as u64;
     let mut id = 1_440_764u64;
     let mut out = Vec::with_capacity(classes);
@@ -471,7 +442,7 @@ pub fn write_imagenet_demo(root: &Path, spec: &ImagenetDemo) -> io::Result<Image
         )));
     }
     let wnids = demo_wnids(spec.classes);
-    let mut rng = SplitMix64::new(spec.seed);
+    let mut rng = SplitMix64::from_state(spec.seed);
     let mut image_index = 0u64;
     let mut next_image = |rng: &mut SplitMix64| -> Vec<u8> {
         let (width, height) = demo_size(rng, spec.min_side, spec.max_side);
@@ -646,7 +617,7 @@ mod tests {
     #[test]
     fn splitmix_reference_values() {
         // First outputs for seed 1234567 from the reference implementation.
-        let mut rng = SplitMix64::new(1234567);
+        let mut rng = SplitMix64::from_state(1234567);
         assert_eq!(rng.next_u64(), 6457827717110365317);
         assert_eq!(rng.next_u64(), 3203168211198807973);
     }

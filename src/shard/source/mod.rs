@@ -164,9 +164,7 @@ pub fn resolve_under(
     if follow_symlinks {
         return Ok(joined);
     }
-    let real_root = root
-        .canonicalize()
-        .map_err(|e| ("unreadable".to_string(), format!("root: {e}")))?;
+    let real_root = real_root(root)?;
     match joined.canonicalize() {
         Ok(real) if real.starts_with(&real_root) => Ok(joined),
         Ok(real) => Err((
@@ -182,6 +180,31 @@ pub fn resolve_under(
         )),
         Err(e) => Err(("unreadable".into(), format!("{}: {e}", joined.display()))),
     }
+}
+
+thread_local! {
+    /// The last root canonicalised on this thread (one source = one root, so this
+    /// saves a path walk per input).
+    static REAL_ROOT: std::cell::RefCell<Option<(PathBuf, PathBuf)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn real_root(root: &Path) -> std::result::Result<PathBuf, (String, String)> {
+    REAL_ROOT.with(|cell| {
+        if let Some((given, real)) = &*cell.borrow() {
+            if given == root {
+                return Ok(real.clone());
+            }
+        }
+        let real = root.canonicalize().map_err(|e| {
+            (
+                "unreadable".to_string(),
+                format!("root {}: {e}", root.display()),
+            )
+        })?;
+        *cell.borrow_mut() = Some((root.to_owned(), real.clone()));
+        Ok(real)
+    })
 }
 
 /// An image read and checked according to the context.
