@@ -104,6 +104,10 @@ struct Common {
     /// Follow symlinks that point outside the input root.
     #[arg(long)]
     follow_symlinks: bool,
+    /// fsync every shard before publishing it: survives power loss and OS crashes,
+    /// not only a killed process (atomic renames already cover that).
+    #[arg(long)]
+    fsync: bool,
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
@@ -137,6 +141,7 @@ impl Common {
         c.max_reject_frac = self.max_reject_frac;
         c.part = part;
         c.follow_symlinks = self.follow_symlinks;
+        c.fsync = self.fsync;
         c.progress = !self.quiet;
         c
     }

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 
 /// Size of a tar block.
 pub const BLOCK: u64 = 512;
+/// The two zero blocks that end an archive.
+pub const END_OF_ARCHIVE: u64 = 2 * BLOCK;
 
 /// Bytes a member with `data_len` bytes of data occupies (header plus padded data),
 /// for names that fit the ustar name field.
@@ -21,15 +23,17 @@ pub fn member_span(data_len: u64) -> u64 {
     BLOCK + data_len.div_ceil(BLOCK) * BLOCK
 }
 
-/// A writer that counts bytes on the way to the file.
+/// A writer that counts and hashes bytes on the way to the file.
 struct Sink {
     inner: BufWriter<File>,
     pos: u64,
+    md5: Md5,
 }
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
+        self.md5.update(&buf[..n]);
         self.pos += n as u64;
         Ok(n)
     }
@@ -60,10 +64,10 @@ pub struct ShardFile {
     pub md5sum: String,
 }
 
-/// Writes one shard to `<path>.partial`; [`ShardWriter::finish`] hashes, fsyncs and
-/// renames it into place, so an interrupted shard never appears under its final name.
-/// The writer itself only frames and writes bytes: hashing and syncing can be deferred
-/// to another thread with [`ShardWriter::close`] + [`ClosedShard::complete`].
+/// Writes one shard to `<path>.partial`, hashing (md5) as it goes;
+/// [`ShardWriter::finish`] fsyncs and renames it into place, so an interrupted shard
+/// never appears under its final name. [`ShardWriter::close`] + [`ClosedShard::publish`]
+/// split the two so a caller can record the shard in between.
 pub struct ShardWriter {
     path: PathBuf,
     tmp: PathBuf,
@@ -71,14 +75,14 @@ pub struct ShardWriter {
     nsamples: u64,
 }
 
-/// A shard whose bytes are all written to its temporary file, not yet hashed, synced
-/// or renamed.
+/// A shard whose bytes are all written to its temporary file, not yet renamed.
 #[derive(Debug)]
 pub struct ClosedShard {
     path: PathBuf,
     tmp: PathBuf,
     nsamples: u64,
     filesize: u64,
+    md5sum: String,
 }
 
 impl ShardWriter {
@@ -89,6 +93,7 @@ impl ShardWriter {
         let sink = Sink {
             inner: BufWriter::with_capacity(1 << 20, file),
             pos: 0,
+            md5: Md5::new(),
         };
         Ok(ShardWriter {
             path: path.to_owned(),
@@ -131,26 +136,30 @@ impl ShardWriter {
         })
     }
 
-    /// Ends the archive and closes the temporary file.
-    pub fn close(self) -> Result<ClosedShard> {
-        let Sink { inner, pos } = self
+    /// Ends the archive and closes the temporary file (fsynced if `fsync`).
+    pub fn close(self, fsync: bool) -> Result<ClosedShard> {
+        let Sink { inner, pos, md5 } = self
             .builder
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e))?;
-        inner
+        let file = inner
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        if fsync {
+            file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        }
         Ok(ClosedShard {
             path: self.path,
             tmp: self.tmp,
             nsamples: self.nsamples,
             filesize: pos,
+            md5sum: hex::encode(md5.finalize()),
         })
     }
 
-    /// Ends the archive, hashes, fsyncs and renames the shard into place.
+    /// Ends the archive, fsyncs and renames the shard into place.
     pub fn finish(self) -> Result<ShardFile> {
-        self.close()?.complete()
+        self.close(true)?.publish()
     }
 }
 
@@ -160,35 +169,19 @@ impl ClosedShard {
         self.filesize
     }
 
-    /// Hashes the file (md5, from the page cache), fsyncs it and renames it into place.
-    pub fn complete(self) -> Result<ShardFile> {
-        let md5sum = self.seal()?;
-        self.publish(md5sum)
+    /// Hex md5 of the file.
+    pub fn md5sum(&self) -> &str {
+        &self.md5sum
     }
 
-    /// Hashes (md5, read back from the page cache) and fsyncs the temporary file.
-    pub fn seal(&self) -> Result<String> {
-        let (md5sum, size) = md5_file(&self.tmp)?;
-        if size != self.filesize {
-            return Err(Error::CorruptShard {
-                shard: self.tmp.display().to_string(),
-                message: format!("wrote {} bytes but the file holds {size}", self.filesize),
-            });
-        }
-        File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&self.tmp, e))?;
-        Ok(md5sum)
-    }
-
-    /// Renames the sealed file into place.
-    pub fn publish(self, md5sum: String) -> Result<ShardFile> {
+    /// Renames the closed file into place.
+    pub fn publish(self) -> Result<ShardFile> {
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         Ok(ShardFile {
             path: self.path,
             nsamples: self.nsamples,
             filesize: self.filesize,
-            md5sum,
+            md5sum: self.md5sum,
         })
     }
 }

@@ -5,8 +5,9 @@
 //!    directory `{out}/.{name}.work/`; replaying them gives one global order.
 //! 2. **Load**: chunks of that order are loaded in parallel (rayon, `threads`); the
 //!    chunk's results are collected in order, so thread count never changes output.
-//! 3. **Write**: one writer appends samples, rolls shards over by size/count, and after
-//!    each shard is renamed into place writes a work record (its rows and rejects).
+//! 3. **Write**: an assigner places samples in plan order (shard, offset), rolling shards
+//!    over by size/count; shard writers write several shards at once, md5 as they go,
+//!    then write a work record (rows, rejects) and rename the shard into place.
 //! 4. **Finish**: index, rejected list, then the manifest (last: its presence marks a
 //!    complete dataset); the work directory is removed.
 //!
@@ -31,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::format::index::IndexRow;
 use crate::format::manifest::{DatasetInfo, Manifest, ShardEntry, tool_name};
 use crate::format::reject::{Reject, read_rejects, write_rejects};
-use crate::format::tar::{ClosedShard, ShardWriter};
+use crate::format::tar::ShardWriter;
 use crate::format::{self, SCHEMA_VERSION};
 use crate::image::ImageLimits;
 pub use plan::Part;
@@ -77,6 +78,9 @@ pub struct ShardConfig {
     pub part: Option<Part>,
     /// Allow symlinks that leave the input root.
     pub follow_symlinks: bool,
+    /// fsync every shard before publishing it (survives power loss, not only a
+    /// killed process; costs time on slow disks).
+    pub fsync: bool,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -98,6 +102,7 @@ impl ShardConfig {
             max_reject_frac: DEFAULT_MAX_REJECT_FRAC,
             part: None,
             follow_symlinks: false,
+            fsync: false,
             progress: false,
         }
     }
@@ -419,12 +424,13 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     let pb = bar(cfg.progress, Some(plan_info.items), "sharding");
     pb.set_position(start);
     let chunk = CHUNK_PER_THREAD * threads;
-    // Finished shards are hashed, fsynced, renamed and recorded by `threads` finisher
-    // threads, off the writer's path (bounded: the writer waits when all are busy).
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<(ClosedShard, ShardRecord)>(threads);
+    // Shards are written by `threads` shard writers, several shards at once; each
+    // hashes as it writes, then records and publishes its shard. The assigner below
+    // decides every sample's shard and offset arithmetically, in plan order.
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<ShardJob>(threads);
     let finish_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
     let finished = std::sync::atomic::AtomicU64::new(records_done);
-    let mut writer = Writer {
+    let mut writer = Assigner {
         jobs: Some(jobs_tx),
         cfg,
         name: &name,
@@ -445,23 +451,15 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         }
         source.load(item, &ctx)
     };
-    std::thread::scope(|s| -> Result<()> {
+    let scoped = std::thread::scope(|s| -> Result<()> {
         for _ in 0..threads {
             let jobs_rx = jobs_rx.clone();
             let finish_error = &finish_error;
             let finished = &finished;
             let work = &work;
             s.spawn(move || {
-                for (closed, mut rec) in jobs_rx {
-                    // Record first, then rename: a shard under its final name always
-                    // has a record, so --resume never rewrites it. A crash between
-                    // the two leaves a sealed `.partial` that resume renames.
-                    let done = closed.seal().and_then(|md5| {
-                        rec.entry.md5sum = md5.clone();
-                        format::atomic_write_json(&record_path(work, rec.shard), &rec)?;
-                        closed.publish(md5).map(|_| ())
-                    });
-                    if let Err(e) = done {
+                for job in jobs_rx {
+                    if let Err(e) = write_shard(job, work, cfg.fsync) {
                         finish_error.lock().expect("error slot").get_or_insert(e);
                     }
                     finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -519,12 +517,16 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
             writer.close_shard(plan_info.items)
         };
         let written = write_all();
-        writer.jobs = None; // lets the finishers drain and stop, also after an error
+        // Lets the shard writers drain and stop, also after an error.
+        writer.open = None;
+        writer.jobs = None;
         written
-    })?;
+    });
+    // A shard writer's own error explains an assigner's "writer stopped".
     if let Some(e) = finish_error.into_inner().expect("error slot") {
         return Err(e);
     }
+    scoped?;
     pb.finish_and_clear();
     let tail_rejects = std::mem::take(&mut writer.pending);
     let written = writer.next_shard;
@@ -542,14 +544,92 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     )
 }
 
-/// The single writer: appends samples in plan order, rolls shards over.
-struct Writer<'a> {
-    /// Where closed shards go to be completed and recorded.
-    jobs: Option<crossbeam_channel::Sender<(ClosedShard, ShardRecord)>>,
+/// Queue depth (samples) between the assigner and one shard writer.
+const SHARD_QUEUE: usize = 64;
+
+/// What the assigner sends a shard writer.
+enum ShardMsg {
+    /// Append a sample; `offset` is where the assigner placed it.
+    Append {
+        key: String,
+        offset: u64,
+        members: Vec<(String, Vec<u8>)>,
+    },
+    /// All samples sent: close, record and publish.
+    Close(Box<ShardRecord>),
+}
+
+/// One shard for a shard writer: its path and its sample queue.
+struct ShardJob {
+    path: PathBuf,
+    queue: crossbeam_channel::Receiver<ShardMsg>,
+}
+
+/// Writes one shard from its queue, then records it (work record first, then the
+/// rename: a shard under its final name always has a record, so `--resume` never
+/// rewrites it; a crash between the two leaves a complete `.partial` that resume
+/// publishes).
+fn write_shard(job: ShardJob, work: &Path, fsync: bool) -> Result<()> {
+    let mut w = ShardWriter::create(&job.path)?;
+    for msg in job.queue {
+        match msg {
+            ShardMsg::Append {
+                key,
+                offset,
+                members,
+            } => {
+                let placed = w.append(&key, &members)?;
+                if placed.offset != offset {
+                    return Err(Error::CorruptSample {
+                        shard: job.path.display().to_string(),
+                        key,
+                        message: format!(
+                            "written at offset {} but planned at {offset} (member names too long?)",
+                            placed.offset
+                        ),
+                    });
+                }
+            }
+            ShardMsg::Close(mut rec) => {
+                let closed = w.close(fsync)?;
+                if closed.filesize() != rec.entry.filesize {
+                    return Err(Error::CorruptShard {
+                        shard: job.path.display().to_string(),
+                        message: format!(
+                            "{} bytes written, {} planned",
+                            closed.filesize(),
+                            rec.entry.filesize
+                        ),
+                    });
+                }
+                rec.entry.md5sum = closed.md5sum().to_owned();
+                format::atomic_write_json(&record_path(work, rec.shard), &rec)?;
+                closed.publish()?;
+                return Ok(());
+            }
+        }
+    }
+    // The assigner stopped before closing (an error elsewhere): leave the `.partial`.
+    Ok(())
+}
+
+/// The shard currently being filled.
+struct OpenShard {
+    queue: crossbeam_channel::Sender<ShardMsg>,
+    /// Bytes placed so far (the next sample's offset).
+    position: u64,
+    nsamples: u64,
+}
+
+/// Decides, in plan order, which shard each sample goes to and where; rolls shards
+/// over by size/count; hands samples to the shard writers.
+struct Assigner<'a> {
+    /// Where new shards go to be written.
+    jobs: Option<crossbeam_channel::Sender<ShardJob>>,
     cfg: &'a ShardConfig,
     name: &'a str,
     next_shard: u64,
-    open: Option<ShardWriter>,
+    open: Option<OpenShard>,
     /// Rejects since the open shard's start.
     pending: Vec<Reject>,
     rows: Vec<IndexRow>,
@@ -557,7 +637,7 @@ struct Writer<'a> {
     rejected: u64,
 }
 
-impl Writer<'_> {
+impl Assigner<'_> {
     fn push(&mut self, pos: u64, outcome: std::result::Result<Sample, Reject>) -> Result<()> {
         let mut sample = match outcome {
             Err(r) => {
@@ -573,11 +653,10 @@ impl Writer<'_> {
             .map(|(_, d)| format::tar::member_span(d.len() as u64))
             .sum();
         if let Some(w) = &self.open {
-            let full_count =
-                self.cfg.max_shard_count > 0 && w.nsamples() >= self.cfg.max_shard_count;
+            let full_count = self.cfg.max_shard_count > 0 && w.nsamples >= self.cfg.max_shard_count;
             let full_bytes = self.cfg.max_shard_bytes > 0
-                && w.position() + size > self.cfg.max_shard_bytes
-                && w.nsamples() > 0;
+                && w.position + size > self.cfg.max_shard_bytes
+                && w.nsamples > 0;
             if full_count || full_bytes {
                 self.close_shard(pos)?;
             }
@@ -587,42 +666,56 @@ impl Writer<'_> {
                 .cfg
                 .out
                 .join(format::shard_name(self.name, self.next_shard as usize));
-            self.open = Some(ShardWriter::create(&path)?);
+            let (queue, rx) = crossbeam_channel::bounded(SHARD_QUEUE);
+            self.jobs
+                .as_ref()
+                .expect("shard writers running")
+                .send(ShardJob { path, queue: rx })
+                .map_err(|_| Error::Config("shard writer threads stopped".into()))?;
+            self.open = Some(OpenShard {
+                queue,
+                position: 0,
+                nsamples: 0,
+            });
         }
         let w = self.open.as_mut().expect("open shard");
-        let placed = w.append(&sample.row.key, &sample.members)?;
         sample.row.shard = self.next_shard as u32;
-        sample.row.offset = placed.offset;
-        sample.row.length = placed.length;
+        sample.row.offset = w.position;
+        sample.row.length = size;
+        w.position += size;
+        w.nsamples += 1;
+        w.queue
+            .send(ShardMsg::Append {
+                key: sample.row.key.clone(),
+                offset: sample.row.offset,
+                members: sample.members,
+            })
+            .map_err(|_| Error::Config("a shard writer stopped".into()))?;
         self.rows.push(sample.row);
         Ok(())
     }
 
-    /// Finishes the open shard (covering positions up to `end`) and records it.
+    /// Closes the open shard (covering positions up to `end`).
     fn close_shard(&mut self, end: u64) -> Result<()> {
         let Some(w) = self.open.take() else {
             return Ok(());
         };
-        let nsamples = w.nsamples();
-        let closed = w.close()?;
         let rec = ShardRecord {
             shard: self.next_shard,
             start: self.shard_start,
             end,
             entry: ShardEntry {
                 url: format::shard_name(self.name, self.next_shard as usize),
-                nsamples,
-                filesize: closed.filesize(),
-                md5sum: String::new(), // filled in by the finisher
+                nsamples: w.nsamples,
+                filesize: w.position + format::tar::END_OF_ARCHIVE,
+                md5sum: String::new(), // filled in by the shard writer
             },
             rows: std::mem::take(&mut self.rows),
             rejects: std::mem::take(&mut self.pending),
         };
-        self.jobs
-            .as_ref()
-            .expect("finishers running")
-            .send((closed, rec))
-            .map_err(|_| Error::Config("shard finisher threads stopped".into()))?;
+        w.queue
+            .send(ShardMsg::Close(Box::new(rec)))
+            .map_err(|_| Error::Config("a shard writer stopped".into()))?;
         self.next_shard += 1;
         self.shard_start = end;
         Ok(())
