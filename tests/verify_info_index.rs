@@ -1,5 +1,7 @@
 //! `verify`, `info` and `index` (existing shards) end to end on tiny datasets.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -537,4 +539,161 @@ fn brace_patterns_expand() {
     );
     assert_eq!(expand_braces("a{b,c{1..2}}").unwrap(), ["ab", "ac1", "ac2"]);
     assert!(expand_braces("{00..01").is_err());
+}
+
+// ---------------------------------------------------------------------------------
+// The Python readers (tests/python/check_dataset.py)
+
+/// Runs tests/python/check_dataset.py; whether it passed, and what it printed.
+fn python_check_output(dir: &Path, split: &str) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_dataset.py");
+    let out = std::process::Command::new(common::python())
+        .arg(&script)
+        .arg(dir)
+        .arg(split)
+        .output()
+        .expect("running python");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn python_reads_the_imagenet_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, _) = build(tmp.path());
+    common::python_check(&out, "train");
+}
+
+/// A shard of members that belong to no sample, GNU headers, a key with a directory,
+/// a key that comes back later in the shard, two image members, a non-integer `cls`.
+fn write_odd_shard(path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut b = tar::Builder::new(file);
+    let mut add = |name: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        h.set_mtime(0);
+        if let Some(target) = link {
+            h.set_link_name(target).unwrap();
+        }
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    use tar::EntryType::{Directory, Regular, Symlink};
+    add("extra", Directory, b"", None);
+    add("extra/000000010.jpg", Regular, &jpeg(50, 30, 10), None);
+    add("extra/000000010.txt", Regular, b"in a folder", None);
+    add("extra/link.jpg", Symlink, b"", Some("000000010.jpg"));
+    add("000000011.jpg", Regular, &jpeg(44, 30, 11), None);
+    add("README", Regular, b"no extension", None);
+    add("000000011.cls", Regular, b"cat", None);
+    add("000000012.JPEG", Regular, &jpeg(46, 30, 12), None);
+    add("000000012.jpg", Regular, &jpeg(47, 31, 13), None);
+    add("000000012.cls", Regular, b" 7\n", None);
+    // Key 000000011 again, later: another tar sample (no image: rejected).
+    add("000000011.txt", Regular, b"orphan caption", None);
+    b.finish().unwrap();
+}
+
+#[test]
+fn python_reads_an_index_dataset_with_rejected_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    write_img2dataset(&dir);
+    write_odd_shard(&dir.join("00003.tar"));
+    let opts = IndexOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let s = index_existing(&dir, &dir, &opts).unwrap();
+    assert_eq!(s.shards, 3, "{s}");
+    assert_eq!(s.samples, 6 + 3, "{s}");
+
+    let m = manifest(&dir, "train");
+    assert_eq!(m.conmim.dataset, "index");
+    let ns: Vec<u64> = m.shardlist.iter().map(|e| e.nsamples).collect();
+    assert_eq!(ns, [6, 3, 4]);
+    assert_eq!(m.conmim.num_samples, 9);
+    let keys: Vec<String> = rows(&dir, "train")
+        .into_iter()
+        .filter(|r| r.shard == 2)
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(keys, ["extra/000000010", "000000011", "000000012"]);
+    let rejects = read_rejects(&dir.join(rejected_name("train"))).unwrap();
+    let has = |source: &str, reason: &str| {
+        rejects
+            .iter()
+            .any(|r| r.source == source && r.reason == reason)
+    };
+    assert!(has("00000.tar:000000004", "no_image_member"), "{rejects:?}");
+    assert!(has("00001.tar:000000001", "duplicate_key"), "{rejects:?}");
+    assert!(has("00002.tar", "corrupt_shard"), "{rejects:?}");
+    assert!(has("00003.tar:extra/link.jpg", "bad_member"), "{rejects:?}");
+    assert!(has("00003.tar:README", "bad_member"), "{rejects:?}");
+    assert!(has("00003.tar:000000011", "no_image_member"), "{rejects:?}");
+    let r = check(&dir, "train", true);
+    assert!(r.ok(), "{r}");
+
+    // webdataset yields every tar sample: the index rows plus the rejected ones.
+    common::python_check(&dir, "train");
+
+    // A rejected list and the manifest counts that go with it.
+    let original = manifest(&dir, "train");
+    let write_list = |list: &[conmim::format::reject::Reject], dataset: &str| {
+        write_rejects(&dir.join(rejected_name("train")), list).unwrap();
+        let mut m = original.clone();
+        m.conmim.dataset = dataset.into();
+        m.conmim.num_rejected = list.len() as u64;
+        m.conmim.num_inputs = m.conmim.num_samples + list.len() as u64;
+        m.conmim.rejected_by_reason.clear();
+        for r in list {
+            *m.conmim
+                .rejected_by_reason
+                .entry(r.reason.clone())
+                .or_default() += 1;
+        }
+        conmim::format::atomic_write_json(&dir.join(manifest_name("train")), &m).unwrap();
+    };
+    let without = |source: &str| {
+        let kept: Vec<_> = rejects
+            .iter()
+            .filter(|r| r.source != source)
+            .cloned()
+            .collect();
+        assert_eq!(kept.len() + 1, rejects.len());
+        write_list(&kept, "index");
+        python_check_output(&dir, "train")
+    };
+    // Each unindexed tar sample needs its record in the rejected list...
+    let (ok, text) = without("00000.tar:000000004");
+    assert!(!ok && text.contains("000000004"), "{text}");
+    let (ok, text) = without("00003.tar:000000011");
+    assert!(!ok && text.contains("000000011"), "{text}");
+    // ... members of no sample need theirs...
+    let (ok, text) = without("00003.tar:README");
+    assert!(!ok && text.contains("README"), "{text}");
+    // ... and a record naming a sample the tar does not hold is wrong too.
+    let mut extra = rejects.clone();
+    extra.push(conmim::format::reject::Reject::new(
+        "00001.tar:000000099",
+        Some("000000099".to_owned()),
+        "no_image_member",
+        "not there",
+    ));
+    write_list(&extra, "index");
+    let (ok, text) = python_check_output(&dir, "train");
+    assert!(!ok && text.contains("000000099"), "{text}");
+
+    // Back as written, it passes; none of this is accepted from other datasets.
+    write_list(&rejects, "index");
+    common::python_check(&dir, "train");
+    write_list(&rejects, "files");
+    let (ok, text) = python_check_output(&dir, "train");
+    assert!(!ok && text.contains("nsamples"), "{text}");
 }

@@ -243,11 +243,19 @@ pub fn scan_shard(
     })?;
     let mut current: Option<ScannedSample> = None;
     let mut count = 0u64;
+    // Where the next member's first header block starts: the end of the previous
+    // member's data. (`raw_header_position` would skip PAX / GNU long-name headers,
+    // which belong to the member.)
+    let mut next_start = 0u64;
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::CorruptShard {
             shard: shard.clone(),
             message: format!("bad tar structure: {e}"),
         })?;
+        let header_offset = next_start;
+        let size = entry.size();
+        let end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
+        next_start = end;
         let name = entry
             .path()
             .map(|p| p.to_string_lossy().into_owned())
@@ -269,8 +277,6 @@ pub fn scan_shard(
             });
             continue;
         };
-        let header_offset = entry.raw_header_position();
-        let size = entry.size();
         let mut data = Vec::with_capacity(size as usize);
         entry
             .read_to_end(&mut data)
@@ -278,7 +284,6 @@ pub fn scan_shard(
                 shard: shard.clone(),
                 message: format!("member {name}: {e}"),
             })?;
-        let end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
         let member = Member {
             ext,
             header_offset,
@@ -375,5 +380,36 @@ mod tests {
             sums.push(w.finish().unwrap().md5sum);
         }
         assert_eq!(sums[0], sums[1]);
+    }
+
+    /// Members with PAX or GNU long-name headers: the sample starts at the first of
+    /// its header blocks (issue 2: ranged reads must get the whole member).
+    #[test]
+    fn offsets_include_extension_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("foreign.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let long = format!("{}/k1.jpg", "d".repeat(120));
+        for (name, data) in [("k0.jpg", &b"abc"[..]), (long.as_str(), &b"xyz"[..])] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, data).unwrap();
+        }
+        b.into_inner().unwrap();
+        let mut seen = Vec::new();
+        scan_shard(&path, |s| Ok(seen.push(s)), |i| panic!("{i:?}")).unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].offset, seen[0].length), (0, 1024));
+        // GNU long-name entry: header + name block, then the real header + data.
+        assert_eq!(seen[1].offset, 1024);
+        assert_eq!(seen[1].length, 4 * 512);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &bytes[1024 + 156],
+            &b'L',
+            "the sample must start at the long-name header"
+        );
     }
 }

@@ -9,11 +9,34 @@ shard twice: through the public `webdataset.WebDataset` pipeline (no decoding, s
 values are the raw member bytes) and with `tarfile` (member offsets). Every
 sample must agree with its index row. The format is described in schemas/README.md.
 
+Datasets built by `conmim-shard index` (manifest `conmim.dataset == "index"`) index
+WebDataset shards that conmim did not write and never rewrites, so for them, and
+only for them:
+
+* a tar may hold samples without an index row: each must be named in the rejected
+  list by a record with source `{shard url}:{key}` (and that key), one record per
+  such sample, and every such record must name one; a shard's `nsamples` is the
+  number of samples the tar holds (what `wids` counts), while `conmim.num_samples`
+  is the number of index rows;
+* keys are WebDataset keys (the member name up to the first dot of its basename,
+  directories included: `dir.v2/000001`), not only `[A-Za-z0-9_-]`; members whose
+  name has no extension, and members that are neither regular files nor
+  directories, belong to no sample and must be named by a `bad_member` record
+  (source `{shard url}:{member name}`); directory members are skipped; GNU tar
+  headers are accepted besides POSIX ustar ones;
+* the index's claims are checked (key, offset, length, members, image member bytes,
+  format and size, label from an integer `cls`, caption from `txt`), but not
+  conmim's own writing rules for members it did not write: the image member is the
+  first member with an image extension (jpg, jpeg, png, webp, gif, bmp, tif,
+  tiff), other image members may follow, and `json`/`seg.png` members are not
+  checked against conmim's schemas.
+
 Exits 0 with a one-line summary when every check passes; otherwise prints the
 first mismatches (naming shard and key) and exits 1.
 """
 
 import argparse
+import bisect
 import hashlib
 import io
 import json
@@ -45,6 +68,13 @@ Image.MAX_IMAGE_PIXELS = None  # we only read headers; big images are fine
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 MEMBER_RE = re.compile(r"^([A-Za-z0-9_-]+)\.([a-z0-9]+(?:\.[a-z0-9]+)*)$")
+# Datasets of `conmim-shard index`: keys as WebDataset groups members (anything up to
+# the first dot of the basename, directories included).
+WDS_KEY_RE = re.compile(r"^(?:.*/)?[^./]+$", re.DOTALL)
+# The image extensions `conmim-shard index` looks for, in src/inspect/mod.rs.
+INDEX_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# `cls` as conmim-shard index parses it (Rust `str::trim().parse::<i64>()`).
+CLS_RE = re.compile(r"^[+-]?[0-9]+$")
 FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
 IMAGE_EXTS = {"jpg", "png", "gif", "webp", "bmp", "tiff"}
 # Pillow's format names for the index's `format` values.
@@ -53,11 +83,43 @@ PIL_FORMATS = {
     "WEBP": "webp", "BMP": "bmp", "DIB": "bmp", "TIFF": "tiff",
 }
 USTAR_MAGIC = b"ustar\x0000"
+GNU_MAGIC = b"ustar  \x00"
 BLOCK = 512
 
 
 def image_ext(fmt):
     return "jpg" if fmt == "jpeg" else fmt
+
+
+def member_end(ti):
+    """Offset just past a member's data (padding included), as tarfile reads it."""
+    size = ti.size if ti.isreg() or ti.type not in tarfile.SUPPORTED_TYPES else 0
+    return ti.offset_data + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def split_member_name(name):
+    """(key, lowercase ext) as WebDataset and conmim-shard index split a member name
+    (src/format/mod.rs `split_member_name`), or None when it has no extension."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    if dot < 0:
+        return None
+    key, ext = name[:dot], name[dot + 1:]
+    if not key or not ext:
+        return None
+    return key, ext.lower()
+
+
+def parse_cls(data):
+    """The label an index dataset takes from a `cls` member, or None."""
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not CLS_RE.match(text):
+        return None
+    value = int(text)
+    return value if -(1 << 63) <= value < (1 << 63) else None
 
 
 def md5_file(path):
@@ -92,6 +154,12 @@ class Checker:
         self.max_errors = max_errors
         self.check_images = check_images
         self.errors = []
+        # `conmim-shard index` over shards it did not write (see the module docstring).
+        self.foreign = False
+        # Index datasets: per shard url, the rejected records naming its samples
+        # (source -> count) and its bad members (sources).
+        self.sample_rejects = defaultdict(Counter)
+        self.member_rejects = defaultdict(set)
 
     def fail(self, where, msg):
         self.errors.append(f"{where}: {msg}")
@@ -132,6 +200,7 @@ class Checker:
             return None
         info = manifest["conmim"]
         shardlist = manifest["shardlist"]
+        self.foreign = info["dataset"] == "index"
 
         # index: both readers
         try:
@@ -184,7 +253,13 @@ class Checker:
         total_ns = sum(s["nsamples"] for s in shardlist)
         if manifest["name"] != split or info["split"] != split:
             self.fail(manifest_name, f"name {manifest['name']!r} / conmim.split {info['split']!r} != split {split!r}")
-        if not (info["num_samples"] == len(rows) == total_ns):
+        if self.foreign:
+            # nsamples counts the tar's samples, indexed or not (checked per shard).
+            if info["num_samples"] != len(rows):
+                self.fail(manifest_name, f"conmim.num_samples {info['num_samples']} != index rows {len(rows)}")
+            if total_ns < len(rows):
+                self.fail(manifest_name, f"sum of shard nsamples {total_ns} < index rows {len(rows)}")
+        elif not (info["num_samples"] == len(rows) == total_ns):
             self.fail(manifest_name, f"conmim.num_samples {info['num_samples']}, index rows {len(rows)}, "
                                      f"sum of shard nsamples {total_ns} differ")
         if lines is not None and info["num_rejected"] != len(lines):
@@ -204,6 +279,8 @@ class Checker:
         urls = [s["url"] for s in shardlist]
         if len(set(urls)) != len(urls):
             self.fail(manifest_name, "shardlist names a shard twice")
+        if self.foreign:
+            self.sort_rejects(rejected_name, rejected, set(urls))
 
         # index rows: keys, shard positions
         seen = {}
@@ -211,7 +288,10 @@ class Checker:
         for i, r in enumerate(rows):
             key = r["key"]
             where = f"{index_name} row {i} key {key!r}"
-            if not KEY_RE.match(key):
+            if self.foreign:
+                if not WDS_KEY_RE.match(key):
+                    self.fail(where, "not a WebDataset key (empty basename, or a dot in it)")
+            elif not KEY_RE.match(key):
                 self.fail(where, "key has characters outside [A-Za-z0-9_-]")
             if key in seen:
                 self.fail(where, f"duplicate key (also row {seen[key]})")
@@ -238,7 +318,33 @@ class Checker:
             "rejected": len(rejected),
             "bytes": sum(s["filesize"] for s in shardlist),
             "dataset": info["dataset"],
+            "tar_samples": total_ns,
         }
+
+    def sort_rejects(self, rejected_name, rejected, urls):
+        """Index datasets: files each rejected record under the shard its source names."""
+        for n, r in enumerate(rejected, 1):
+            source, reason, key = r.get("source"), r.get("reason"), r.get("key")
+            if not isinstance(source, str):
+                continue  # already a schema error
+            where = f"{rejected_name}:{n}"
+            if source in urls:
+                self.fail(where, f"{reason} for shard {source!r}, which is in the shardlist "
+                                 "(shards that cannot be read are left out of it)")
+                continue
+            # `{url}:{name}`; the first colon after which a listed url ends.
+            url = next((source[:i] for i, c in enumerate(source) if c == ":" and source[:i] in urls), None)
+            if url is None:
+                continue  # a shard left out of the dataset (corrupt_shard, unreadable_shard)
+            name = source[len(url) + 1:]
+            if reason == "bad_member":
+                if key is not None:
+                    self.fail(where, f"bad_member record with key {key!r} (members of no sample have none)")
+                self.member_rejects[url].add(name)
+            else:
+                if key != name:
+                    self.fail(where, f"source {source!r} names key {name!r}, but the record's key is {key!r}")
+                self.sample_rejects[url][source] += 1
 
     # -- one shard ---------------------------------------------------------------
 
@@ -255,32 +361,56 @@ class Checker:
         md5 = md5_file(path)
         if md5 != entry["md5sum"]:
             self.fail(where, f"md5 {md5} != manifest md5sum {entry['md5sum']}")
+        if self.foreign:
+            self.check_indexed_shard(where, url, path, entry, expected)
+            return
         if len(expected) != entry["nsamples"]:
             self.fail(where, f"index has {len(expected)} rows for it, manifest nsamples {entry['nsamples']}")
 
         self.check_tar_layout(where, path, size, expected)
         self.check_samples(where, path, expected)
 
-    def check_tar_layout(self, where, path, size, expected):
-        """Member names, order, ustar headers, and each sample's offset and length."""
-        groups = []  # [key, header offset of first member, end of last member, [exts]]
+    def read_tar(self, where, path):
+        """Member names, order and headers, and the archive's end.
+
+        Returns the tar's samples as WebDataset groups them, each
+        [key, header offset of first member, end of last member, [exts]], and (index
+        datasets) the members that belong to no sample, as [(name, why)]; None when
+        tarfile cannot read the shard.
+        """
+        groups = []
+        odd = []
         done = set()
+        last_end = 0
+        magics = (USTAR_MAGIC, GNU_MAGIC) if self.foreign else (USTAR_MAGIC,)
         try:
             with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
                 for ti in tf:
                     raw.seek(ti.offset)
                     header = raw.read(BLOCK)
-                    if header[257:265] != USTAR_MAGIC:
-                        self.fail(where, f"member {ti.name!r} at {ti.offset}: not a POSIX ustar header "
+                    if header[257:265] not in magics:
+                        kind = "a POSIX ustar or GNU" if self.foreign else "a POSIX ustar"
+                        self.fail(where, f"member {ti.name!r} at {ti.offset}: not {kind} header "
                                          f"(magic {header[257:265]!r})")
+                    last_end = max(last_end, member_end(ti))
                     if not ti.isreg():
-                        self.fail(where, f"member {ti.name!r}: not a regular file")
+                        if not self.foreign:
+                            self.fail(where, f"member {ti.name!r}: not a regular file")
+                        elif not ti.isdir():  # directories are skipped by everyone
+                            odd.append((ti.name, "not a regular file"))
                         continue
-                    m = MEMBER_RE.match(ti.name)
-                    if not m:
-                        self.fail(where, f"member {ti.name!r}: not named key.ext")
-                        continue
-                    key, ext = m.groups()
+                    if self.foreign:
+                        split = split_member_name(ti.name)
+                        if split is None:
+                            odd.append((ti.name, "no extension"))
+                            continue
+                        key, ext = split
+                    else:
+                        m = MEMBER_RE.match(ti.name)
+                        if not m:
+                            self.fail(where, f"member {ti.name!r}: not named key.ext")
+                            continue
+                        key, ext = m.groups()
                     end = ti.offset_data + (ti.size + BLOCK - 1) // BLOCK * BLOCK
                     if groups and groups[-1][0] == key:
                         if ext in groups[-1][3]:
@@ -288,39 +418,105 @@ class Checker:
                         groups[-1][2] = end
                         groups[-1][3].append(ext)
                     else:
-                        if key in done:
+                        # In foreign shards a key that comes back later is another tar
+                        # sample (for WebDataset, wids and the index alike).
+                        if key in done and not self.foreign:
                             self.fail(where, f"key {key!r}: members not consecutive")
                         if groups:
                             done.add(groups[-1][0])
                         groups.append([key, ti.offset, end, [ext]])
         except (tarfile.TarError, OSError) as e:
             self.fail(where, f"tarfile cannot read it: {e}")
-            return
-        last_end = groups[-1][2] if groups else 0
+            return None
         with open(path, "rb") as f:
             f.seek(last_end)
             tail = f.read()
         if len(tail) < 2 * BLOCK or tail.strip(b"\0"):
             self.fail(where, f"archive does not end with zero blocks after its last member "
                              f"({len(tail)} bytes after offset {last_end})")
+        return groups, odd
 
+    def check_group(self, where, group, r):
+        """One tar sample against its index row."""
+        key, start, end, exts = group
+        kw = f"{where} key {key!r}"
+        if key != r["key"]:
+            self.fail(kw, f"the tar sample at offset {start} is {key!r}, index says {r['key']!r}")
+        if start != r["offset"]:
+            self.fail(kw, f"first header at {start}, index offset {r['offset']}")
+        if end - start != r["length"]:
+            self.fail(kw, f"members span {end - start} bytes, index length {r['length']}")
+        if ",".join(exts) != r["members"]:
+            self.fail(kw, f"members {','.join(exts)!r} in the tar, index members {r['members']!r}")
+
+    def check_tar_layout(self, where, path, size, expected):
+        """Member names, order, ustar headers, and each sample's offset and length."""
+        read = self.read_tar(where, path)
+        if read is None:
+            return
+        groups, _ = read
         got_keys = [g[0] for g in groups]
         want_keys = [r["key"] for r in expected]
         if got_keys != want_keys:
             self.fail(where, f"tar holds {len(got_keys)} samples, index {len(want_keys)}; "
                              f"first difference: {first_diff(got_keys, want_keys)}")
             return
-        for (key, start, end, exts), r in zip(groups, expected):
-            kw = f"{where} key {key!r}"
-            if start != r["offset"]:
-                self.fail(kw, f"first header at {start}, index offset {r['offset']}")
-            if end - start != r["length"]:
-                self.fail(kw, f"members span {end - start} bytes, index length {r['length']}")
-            if ",".join(exts) != r["members"]:
-                self.fail(kw, f"members {','.join(exts)!r} in the tar, index members {r['members']!r}")
+        for g, r in zip(groups, expected):
+            self.check_group(where, g, r)
 
-    def check_samples(self, where, path, expected):
-        """Iterates the shard through webdataset and checks every sample's members."""
+    def check_indexed_shard(self, where, url, path, entry, expected):
+        """A shard of an index dataset: every tar sample is an index row or rejected."""
+        read = self.read_tar(where, path)
+        if read is None:
+            return
+        groups, odd = read
+        if len(groups) != entry["nsamples"]:
+            self.fail(where, f"tar holds {len(groups)} samples, manifest nsamples {entry['nsamples']}")
+        starts = [g[1] for g in groups]
+        rows = {}  # tar position -> index row
+        for r in expected:  # offset order, so tar order
+            kw = f"{where} key {r['key']!r}"
+            # The tar sample the offset falls in (check_group reports an offset that is
+            # not its start, e.g. one past a pax or GNU long-name header).
+            i = bisect.bisect_right(starts, r["offset"]) - 1
+            if i < 0 or r["offset"] >= groups[i][2]:
+                self.fail(kw, f"index offset {r['offset']} is in no sample of the tar")
+            elif i in rows:
+                self.fail(kw, f"index offset {r['offset']} is also the row of {rows[i]['key']!r}")
+            else:
+                rows[i] = r
+                self.check_group(where, groups[i], r)
+
+        rejected_name = f"{self.split}.rejected.jsonl"
+        pending = Counter(self.sample_rejects.get(url, {}))
+        for i, g in enumerate(groups):
+            if i in rows:
+                continue
+            source = f"{url}:{g[0]}"
+            if pending[source] > 0:
+                pending[source] -= 1
+            else:
+                self.fail(f"{where} key {g[0]!r}", f"tar sample #{i} has no index row, and {rejected_name} "
+                                                   f"has no (further) record with source {source!r}")
+        for source, left in sorted(pending.items()):
+            if left > 0:
+                self.fail(where, f"{rejected_name} names {source!r} {left} more time(s) than the shard "
+                                 "holds samples with that key and no index row")
+        bad = self.member_rejects.get(url, set())
+        for name, why in odd:
+            if name not in bad:
+                self.fail(where, f"member {name!r} ({why}) belongs to no sample, and {rejected_name} has "
+                                 f"no bad_member record with source {url + ':' + name!r}")
+
+        self.check_samples(where, path, [rows.get(i) for i in range(len(groups))],
+                           [g[0] for g in groups])
+
+    def check_samples(self, where, path, expected, keys=None):
+        """Iterates the shard through webdataset and checks every sample's members.
+
+        `expected`: the index rows in tar order. Index datasets pass `keys`, the keys
+        of all the tar's samples, and for each of them its row or None (rejected).
+        """
         ds = wds.WebDataset(
             [path],  # a list: no brace expansion of the path
             shardshuffle=False,
@@ -329,26 +525,29 @@ class Checker:
             empty_check=False,
         )
         count = 0
-        it = iter(expected)
         try:
             for sample in ds:
                 count += 1
-                r = next(it, None)
                 key = sample["__key__"]
-                if r is None:
+                if count > len(expected):
                     self.fail(where, f"webdataset yields an extra sample {key!r} (#{count})")
                     continue
-                if key != r["key"]:
-                    self.fail(where, f"webdataset sample #{count} is {key!r}, index says {r['key']!r}")
+                r = expected[count - 1]
+                want = r["key"] if keys is None else keys[count - 1]
+                if key != want:
+                    self.fail(where, f"webdataset sample #{count} is {key!r}, "
+                                     f"{'index' if keys is None else 'the tar'} says {want!r}")
                     return
-                self.check_sample(f"{where} key {key!r}", sample, r)
+                if r is not None:
+                    self.check_sample(f"{where} key {key!r}", sample, r)
                 if len(self.errors) >= self.max_errors:
                     return
         except Exception as e:  # noqa: BLE001 — a reader failure is a finding
             self.fail(where, f"webdataset failed after {count} samples: {e!r}")
             return
         if count != len(expected):
-            self.fail(where, f"webdataset yields {count} samples, index has {len(expected)}")
+            self.fail(where, f"webdataset yields {count} samples, "
+                             f"{'index has' if keys is None else 'the tar holds'} {len(expected)}")
 
     def check_sample(self, where, sample, r):
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
@@ -356,11 +555,18 @@ class Checker:
         if sorted(members) != sorted(listed):
             self.fail(where, f"webdataset members {sorted(members)} != index members {listed}")
 
-        ext = image_ext(r["format"])
-        data = members.get(ext)
-        if data is None:
-            self.fail(where, f"no image member .{ext} (format {r['format']})")
+        if self.foreign:
+            # conmim-shard index takes the first member with an image extension.
+            ext = next((e for e in listed if e in INDEX_IMAGE_EXTS), None)
+            data = None if ext is None else members.get(ext)
+            if data is None:
+                self.fail(where, f"no image member among {sorted(members)} (index members {r['members']!r})")
         else:
+            ext = image_ext(r["format"])
+            data = members.get(ext)
+            if data is None:
+                self.fail(where, f"no image member .{ext} (format {r['format']})")
+        if data is not None:
             if len(data) != r["image_bytes"]:
                 self.fail(where, f".{ext} has {len(data)} bytes, index image_bytes {r['image_bytes']}")
             digest = hashlib.sha256(data).hexdigest()
@@ -369,11 +575,17 @@ class Checker:
             if self.check_images:
                 self.check_image(where, ext, data, r)
         others = [m for m in members if m in IMAGE_EXTS and m != ext]
-        if others:
+        if others and not self.foreign:
             self.fail(where, f"more than one image member: {others + [ext]}")
 
         cls = members.get("cls")
-        if r["label"] is not None:
+        if self.foreign:
+            # The label is the cls member when that is an integer, else null.
+            value = None if cls is None else parse_cls(cls)
+            if value != r["label"]:
+                what = "no .cls member" if cls is None else f".cls is {cls[:40]!r}"
+                self.fail(where, f"{what}, index label {r['label']}")
+        elif r["label"] is not None:
             if cls is None:
                 self.fail(where, f"label {r['label']} but no .cls member")
             else:
@@ -387,7 +599,14 @@ class Checker:
             self.fail(where, f".cls member {cls[:40]!r} but index label is null")
 
         txt = members.get("txt")
-        if txt is not None:
+        if self.foreign:
+            # The caption is the txt member (invalid UTF-8 replaced), else null.
+            text = None if txt is None else txt.decode("utf-8", "replace")
+            if text != r["caption"]:
+                what = "no .txt member" if text is None else f".txt {text[:60]!r}"
+                caption = r["caption"] if r["caption"] is None else r["caption"][:60]
+                self.fail(where, f"{what}, index caption {caption!r}")
+        elif txt is not None:
             try:
                 text = txt.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -397,7 +616,7 @@ class Checker:
                     self.fail(where, f".txt {text[:60]!r} != index caption {r['caption'][:60]!r}")
 
         meta = members.get("json")
-        if meta is not None:
+        if meta is not None and not self.foreign:  # foreign json is not conmim's
             try:
                 obj = json.loads(meta.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as e:
@@ -409,7 +628,7 @@ class Checker:
         seg = members.get("seg.png")
         if r["target"] is not None and seg is None:
             self.fail(where, f"index target {r['target']!r} but no .seg.png member")
-        if seg is not None and self.check_images:
+        if seg is not None and self.check_images and not self.foreign:
             try:
                 with Image.open(io.BytesIO(seg)) as im:
                     if im.format != "PNG":
@@ -481,7 +700,8 @@ def main(argv=None):
         return 1
     print(f"check_dataset: OK {args.dataset_dir} split {args.split}: {summary['samples']} samples in "
           f"{summary['shards']} shards ({summary['bytes']} bytes), {summary['rejected']} rejected, "
-          f"dataset {summary['dataset']}")
+          f"dataset {summary['dataset']}"
+          + (f" ({summary['tar_samples']} samples in the tars)" if summary["dataset"] == "index" else ""))
     return 0
 
 
