@@ -389,3 +389,78 @@ fn issue2_python_webdataset_and_pyarrow_read_the_dataset() {
     python_check(&out, "train");
     python_check(&out, "val");
 }
+
+/// The same file name in two class folders: the first (in folder order) is kept, the
+/// other is rejected as a duplicate key naming the first.
+#[test]
+fn issue2_duplicate_keys_are_rejected_not_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 2, 3);
+    let mut classes: Vec<_> = std::fs::read_dir(root.join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    classes.sort();
+    let first = classes[0].read_dir().unwrap().next().unwrap().unwrap().path();
+    let name = first.file_name().unwrap().to_owned();
+    std::fs::copy(&first, classes[1].join(&name)).unwrap();
+    let out = tmp.path().join("out");
+    let s = shard_imagenet(&root, &small_config(&out, "train"));
+    let rejects = read_rejects(&out.join("train.rejected.jsonl")).unwrap();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].reason, "duplicate_key");
+    assert!(rejects[0].source.contains(&*classes[1].file_name().unwrap().to_string_lossy()));
+    assert!(rejects[0].detail.contains(&*classes[0].file_name().unwrap().to_string_lossy()));
+    assert_eq!(s.samples, 6);
+}
+
+/// `--max-side N --quality Q`: large originals become JPEGs with max side N; small ones
+/// keep their original bytes.
+#[test]
+fn issue2_reencode_large_originals_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 2, 6);
+    add_nasty_imagenet_files(&root).unwrap();
+    let out = tmp.path().join("out");
+    let mut cfg = small_config(&out, "train");
+    cfg.reencode = Some(conmim::shard::source::Reencode {
+        max_side: 40,
+        quality: 80,
+    });
+    shard_imagenet(&root, &cfg);
+    let rows = read_index(&out.join("train.index.parquet")).unwrap();
+    let mut bytes_by_key = BTreeMap::new();
+    for e in &manifest(&out, "train").shardlist {
+        scan_shard(
+            &out.join(&e.url),
+            |s| {
+                let m = s.members.iter().find(|m| m.ext != "cls").unwrap();
+                bytes_by_key.insert(s.key.clone(), m.data.clone());
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    }
+    let (mut big, mut small) = (0, 0);
+    for r in &rows {
+        let stored = &bytes_by_key[&r.key];
+        let original = std::fs::read(root.join(&r.source)).unwrap();
+        let info = conmim::image::probe(&original, &Default::default()).unwrap();
+        if info.width.max(info.height) > 40 {
+            big += 1;
+            assert!(r.reencoded, "{}", r.source);
+            assert_eq!(r.format, "jpeg");
+            assert_eq!(r.width.max(r.height), 40, "{}", r.source);
+            let got = conmim::image::decode_check(stored, &Default::default()).unwrap();
+            assert_eq!((got.width, got.height), (r.width, r.height));
+        } else {
+            small += 1;
+            assert!(!r.reencoded);
+            assert_eq!(stored, &original, "{} must be stored untouched", r.source);
+        }
+    }
+    assert!(big > 0 && small > 0, "test data must have both ({big} big, {small} small)");
+}
