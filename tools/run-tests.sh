@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tools/run-tests.sh — set up (tools/setup.sh), then run the whole test suite:
-#   cargo test --all-targets [ARGS...]
+#   cargo test --all-targets [ARGS...], then the `train` feature against libtorch
 # The Rust integration tests run $CONMIM_PYTHON tests/python/check_dataset.py, so the
 # venv comes first. Extra arguments go to cargo test (e.g. `-- --nocapture`).
 # Exits non-zero when a phase fails; prints how long each phase took.
@@ -31,4 +31,10 @@ phase setup bash tools/setup.sh
 source tools/env.sh
 echo "==> CONMIM_PYTHON=$CONMIM_PYTHON"
 phase test cargo test --all-targets "$@"
+# The GPU side (feature `train`) links libtorch from the venv's PyPI torch; this checks
+# that it builds, links (rpath) and computes, CPU-only. Skipped with CONMIM_SKIP_TORCH=1.
+if [ "${CONMIM_SKIP_TORCH:-0}" != "1" ]; then
+    phase train env LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
+        cargo test --features train --lib train::
+fi
 summary
