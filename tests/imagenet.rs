@@ -402,7 +402,13 @@ fn issue2_duplicate_keys_are_rejected_not_overwritten() {
         .map(|e| e.unwrap().path())
         .collect();
     classes.sort();
-    let first = classes[0].read_dir().unwrap().next().unwrap().unwrap().path();
+    let first = classes[0]
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let name = first.file_name().unwrap().to_owned();
     std::fs::copy(&first, classes[1].join(&name)).unwrap();
     let out = tmp.path().join("out");
@@ -410,8 +416,16 @@ fn issue2_duplicate_keys_are_rejected_not_overwritten() {
     let rejects = read_rejects(&out.join("train.rejected.jsonl")).unwrap();
     assert_eq!(rejects.len(), 1);
     assert_eq!(rejects[0].reason, "duplicate_key");
-    assert!(rejects[0].source.contains(&*classes[1].file_name().unwrap().to_string_lossy()));
-    assert!(rejects[0].detail.contains(&*classes[0].file_name().unwrap().to_string_lossy()));
+    assert!(
+        rejects[0]
+            .source
+            .contains(&*classes[1].file_name().unwrap().to_string_lossy())
+    );
+    assert!(
+        rejects[0]
+            .detail
+            .contains(&*classes[0].file_name().unwrap().to_string_lossy())
+    );
     assert_eq!(s.samples, 6);
 }
 
@@ -462,5 +476,33 @@ fn issue2_reencode_large_originals_only() {
             assert_eq!(stored, &original, "{} must be stored untouched", r.source);
         }
     }
-    assert!(big > 0 && small > 0, "test data must have both ({big} big, {small} small)");
+    assert!(
+        big > 0 && small > 0,
+        "test data must have both ({big} big, {small} small)"
+    );
+}
+
+/// The README's main job: `conmim-shard demo` builds, shards, verifies and summarises,
+/// and can be rerun on its own output folder.
+#[test]
+fn issue2_demo_runs_and_reruns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    for _ in 0..2 {
+        let o = bin()
+            .args(["demo", "--classes", "2", "--per-class", "4", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("result    OK"), "{stdout}");
+    }
+    assert!(out.join("dataset/train.manifest.json").exists());
+    // Someone else's folder is not deleted.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(other.join("dataset")).unwrap();
+    let o = bin().args(["demo", "--out"]).arg(&other).output().unwrap();
+    assert!(!o.status.success());
+    assert!(other.join("dataset").exists());
 }

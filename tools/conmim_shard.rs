@@ -527,12 +527,25 @@ fn run(cli: Cli) -> Result<()> {
 fn demo(a: &DemoArgs) -> Result<()> {
     let images = a.out.join("imagenet");
     let data = a.out.join("dataset");
-    if images.exists() || data.exists() {
+    // A folder made by an earlier demo (marked) is replaced; anything else is kept.
+    let marker = a.out.join(".conmim-demo");
+    if marker.exists() {
+        for d in [&images, &data] {
+            if d.exists() {
+                std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+            }
+        }
+    } else if images.exists() || data.exists() {
         bail!(
-            "{} already holds a demo; remove it or pass another --out",
+            "{} holds imagenet/ or dataset/ not made by the demo; pass another --out",
             a.out.display()
         );
     }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::write(
+        &marker,
+        b"made by conmim-shard demo; rerunning the demo replaces this folder\n",
+    )?;
     eprintln!(
         "demo: writing a synthetic ImageNet ({} classes) to {}",
         a.classes,
