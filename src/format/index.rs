@@ -265,12 +265,15 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'
         })
 }
 
-fn opt<T>(a: &impl Array, i: usize, v: T) -> Option<T> {
-    if a.is_null(i) { None } else { Some(v) }
+fn opt<T>(a: &impl Array, i: usize, v: impl FnOnce() -> T) -> Option<T> {
+    if a.is_null(i) { None } else { Some(v()) }
 }
 
-/// Reads a whole index.
-pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
+/// Rows per batch when streaming an index.
+pub const READ_BATCH: usize = 8192;
+
+/// Streams an index in batches of rows, so a large index never has to fit in memory.
+pub fn for_each_batch(path: &Path, mut f: impl FnMut(Vec<IndexRow>) -> Result<()>) -> Result<()> {
     let err = |m: String| Error::Index {
         path: path.to_owned(),
         message: m,
@@ -278,9 +281,9 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| err(e.to_string()))?
+        .with_batch_size(READ_BATCH)
         .build()
         .map_err(|e| err(e.to_string()))?;
-    let mut rows = Vec::new();
     for b in reader {
         let b = b.map_err(|e| err(e.to_string()))?;
         let key = col::<StringArray>(&b, "key", path)?;
@@ -301,13 +304,15 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
         let num_ann = col::<UInt32Array>(&b, "num_annotations", path)?;
         let has_ann = col::<BooleanArray>(&b, "has_annotations", path)?;
         let reenc = col::<BooleanArray>(&b, "reencoded", path)?;
+        let mut rows = Vec::with_capacity(b.num_rows());
         for i in 0..b.num_rows() {
+            // No `..Default::default()`: a new IndexRow field must be handled here.
             rows.push(IndexRow {
                 key: key.value(i).to_owned(),
                 shard: shard.value(i),
                 offset: offset.value(i),
                 length: length.value(i),
-                label: opt(label, i, label.value(i)),
+                label: opt(label, i, || label.value(i)),
                 width: width.value(i),
                 height: height.value(i),
                 format: format.value(i).to_owned(),
@@ -315,15 +320,26 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
                 sha256: sha.value(i).to_owned(),
                 source: source.value(i).to_owned(),
                 members: members.value(i).to_owned(),
-                caption: opt(caption, i, caption.value(i).to_owned()),
-                target: opt(target, i, target.value(i).to_owned()),
-                image_id: opt(image_id, i, image_id.value(i)),
-                num_annotations: opt(num_ann, i, num_ann.value(i)),
-                has_annotations: opt(has_ann, i, has_ann.value(i)),
+                caption: opt(caption, i, || caption.value(i).to_owned()),
+                target: opt(target, i, || target.value(i).to_owned()),
+                image_id: opt(image_id, i, || image_id.value(i)),
+                num_annotations: opt(num_ann, i, || num_ann.value(i)),
+                has_annotations: opt(has_ann, i, || has_ann.value(i)),
                 reencoded: reenc.value(i),
             });
         }
+        f(rows)?;
     }
+    Ok(())
+}
+
+/// Reads a whole index.
+pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
+    let mut rows = Vec::new();
+    for_each_batch(path, |batch| {
+        rows.extend(batch);
+        Ok(())
+    })?;
     Ok(rows)
 }
 

@@ -26,22 +26,15 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow_array::{
-    Array, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
-};
 use indicatif::{ProgressBar, ProgressStyle};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::Summary;
 use crate::error::{Error, Result};
-use crate::format::index::{IndexRow, IndexWriter};
+use crate::format::index::IndexWriter;
 use crate::format::manifest::{DatasetInfo, Manifest, ShardEntry, tool_name};
 use crate::format::reject::Reject;
 use crate::format::{self, SCHEMA_VERSION};
-
-/// Rows read from a part index at a time.
-const READ_BATCH: usize = 8192;
 
 /// One part found in an input directory.
 #[derive(Debug)]
@@ -419,7 +412,7 @@ pub fn merge(out: &Path, split: &str, inputs: &[PathBuf], progress: bool) -> Res
         let nshards = p.manifest.shardlist.len() as u32;
         let path = p.index_path();
         let mut rows_here = 0u64;
-        for_each_index_batch(&path, |mut rows| {
+        crate::format::index::for_each_batch(&path, |mut rows| {
             for r in rows.iter_mut() {
                 if r.shard >= nshards {
                     return Err(Error::Index {
@@ -581,81 +574,6 @@ fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<(BTreeMap<String, u64
     drop(file);
     std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
     Ok((by_reason, repeats))
-}
-
-fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {
-    b.column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| Error::Index {
-            path: path.to_owned(),
-            message: format!("column `{name}` missing or of the wrong type"),
-        })
-}
-
-fn opt<T>(a: &impl Array, i: usize, v: impl FnOnce() -> T) -> Option<T> {
-    if a.is_null(i) { None } else { Some(v()) }
-}
-
-/// Streams an index in batches of rows (the whole index of a large part would not
-/// fit comfortably in memory).
-fn for_each_index_batch(path: &Path, mut f: impl FnMut(Vec<IndexRow>) -> Result<()>) -> Result<()> {
-    let err = |m: String| Error::Index {
-        path: path.to_owned(),
-        message: m,
-    };
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| err(e.to_string()))?
-        .with_batch_size(READ_BATCH)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    for b in reader {
-        let b = b.map_err(|e| err(e.to_string()))?;
-        let key = col::<StringArray>(&b, "key", path)?;
-        let shard = col::<UInt32Array>(&b, "shard", path)?;
-        let offset = col::<UInt64Array>(&b, "offset", path)?;
-        let length = col::<UInt64Array>(&b, "length", path)?;
-        let label = col::<Int64Array>(&b, "label", path)?;
-        let width = col::<UInt32Array>(&b, "width", path)?;
-        let height = col::<UInt32Array>(&b, "height", path)?;
-        let format = col::<StringArray>(&b, "format", path)?;
-        let image_bytes = col::<UInt64Array>(&b, "image_bytes", path)?;
-        let sha = col::<StringArray>(&b, "sha256", path)?;
-        let source = col::<StringArray>(&b, "source", path)?;
-        let members = col::<StringArray>(&b, "members", path)?;
-        let caption = col::<StringArray>(&b, "caption", path)?;
-        let target = col::<StringArray>(&b, "target", path)?;
-        let image_id = col::<Int64Array>(&b, "image_id", path)?;
-        let num_ann = col::<UInt32Array>(&b, "num_annotations", path)?;
-        let has_ann = col::<BooleanArray>(&b, "has_annotations", path)?;
-        let reenc = col::<BooleanArray>(&b, "reencoded", path)?;
-        let mut rows = Vec::with_capacity(b.num_rows());
-        for i in 0..b.num_rows() {
-            // No `..Default::default()`: a new IndexRow field must be handled here.
-            rows.push(IndexRow {
-                key: key.value(i).to_owned(),
-                shard: shard.value(i),
-                offset: offset.value(i),
-                length: length.value(i),
-                label: opt(label, i, || label.value(i)),
-                width: width.value(i),
-                height: height.value(i),
-                format: format.value(i).to_owned(),
-                image_bytes: image_bytes.value(i),
-                sha256: sha.value(i).to_owned(),
-                source: source.value(i).to_owned(),
-                members: members.value(i).to_owned(),
-                caption: opt(caption, i, || caption.value(i).to_owned()),
-                target: opt(target, i, || target.value(i).to_owned()),
-                image_id: opt(image_id, i, || image_id.value(i)),
-                num_annotations: opt(num_ann, i, || num_ann.value(i)),
-                has_annotations: opt(has_ann, i, || has_ann.value(i)),
-                reencoded: reenc.value(i),
-            });
-        }
-        f(rows)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
