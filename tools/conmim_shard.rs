@@ -71,9 +71,6 @@ struct Common {
     /// Seed of the global sample shuffle.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
-    /// Worker threads (0 = all cores); never changes the output.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
     /// Finish an interrupted run (complete shards are kept, not rewritten).
     #[arg(long)]
     resume: bool,
@@ -83,15 +80,29 @@ struct Common {
     /// Roll shards over at this many samples (0 = no limit).
     #[arg(long, default_value_t = 0)]
     max_shard_count: u64,
-    /// Fully decode every image (default: header-only validation).
-    #[arg(long)]
-    decode: bool,
     /// Re-encode images whose longer side exceeds N to JPEG (else bytes stay untouched).
     #[arg(long, value_name = "N")]
     max_side: Option<u32>,
     /// JPEG quality for --max-side re-encoding.
     #[arg(long, default_value_t = 90, requires = "max_side")]
     quality: u8,
+    /// Follow symlinks that point outside the input root.
+    #[arg(long)]
+    follow_symlinks: bool,
+    /// fsync every shard before publishing it: survives power loss and OS crashes,
+    /// not only a killed process (atomic renames already cover that).
+    #[arg(long)]
+    fsync: bool,
+    #[command(flatten)]
+    checks: Checks,
+}
+
+/// How inputs are checked, and the run's threads and output (shared by every builder).
+#[derive(Args, Clone)]
+struct Checks {
+    /// Fully decode every image (default: header-only validation).
+    #[arg(long)]
+    decode: bool,
     /// Reject images with a side shorter than this.
     #[arg(long, default_value_t = DEFAULT_MIN_SIDE)]
     min_side: u32,
@@ -101,13 +112,9 @@ struct Common {
     /// Exit non-zero if more than this fraction of inputs is rejected.
     #[arg(long, default_value_t = DEFAULT_MAX_REJECT_FRAC)]
     max_reject_frac: f64,
-    /// Follow symlinks that point outside the input root.
-    #[arg(long)]
-    follow_symlinks: bool,
-    /// fsync every shard before publishing it: survives power loss and OS crashes,
-    /// not only a killed process (atomic renames already cover that).
-    #[arg(long)]
-    fsync: bool,
+    /// Worker threads (0 = all cores); never changes the output.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
@@ -116,33 +123,43 @@ struct Common {
     json: bool,
 }
 
+impl Checks {
+    fn validation(&self) -> Validation {
+        if self.decode {
+            Validation::Decode
+        } else {
+            Validation::Header
+        }
+    }
+
+    fn limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_pixels: self.max_pixels,
+            min_side: self.min_side,
+            ..ImageLimits::default()
+        }
+    }
+}
+
 impl Common {
     fn config(&self, split: &str, part: Option<Part>) -> ShardConfig {
         let mut c = ShardConfig::new(&self.out, split);
         c.seed = self.seed;
-        c.threads = self.threads;
+        c.threads = self.checks.threads;
         c.resume = self.resume;
         c.max_shard_bytes = self.max_shard_bytes;
         c.max_shard_count = self.max_shard_count;
-        c.validation = if self.decode {
-            Validation::Decode
-        } else {
-            Validation::Header
-        };
-        c.limits = ImageLimits {
-            max_pixels: self.max_pixels,
-            min_side: self.min_side,
-            ..ImageLimits::default()
-        };
+        c.validation = self.checks.validation();
+        c.limits = self.checks.limits();
         c.reencode = self.max_side.map(|max_side| Reencode {
             max_side,
             quality: self.quality,
         });
-        c.max_reject_frac = self.max_reject_frac;
+        c.max_reject_frac = self.checks.max_reject_frac;
         c.part = part;
         c.follow_symlinks = self.follow_symlinks;
         c.fsync = self.fsync;
-        c.progress = !self.quiet;
+        c.progress = !self.checks.quiet;
         c
     }
 }
@@ -240,27 +257,8 @@ struct IndexArgs {
     /// (default: every *.tar, by name).
     #[arg(long, value_name = "PATTERN")]
     shards: Option<String>,
-    /// Fully decode every image (default: header-only validation).
-    #[arg(long)]
-    decode: bool,
-    /// Reject images with a side shorter than this.
-    #[arg(long, default_value_t = DEFAULT_MIN_SIDE)]
-    min_side: u32,
-    /// Reject images with more pixels than this (checked from the header).
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-    max_pixels: u64,
-    /// Exit non-zero if more than this fraction of samples is rejected.
-    #[arg(long, default_value_t = DEFAULT_MAX_REJECT_FRAC)]
-    max_reject_frac: f64,
-    /// Worker threads (0 = all cores); never changes the output.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    checks: Checks,
 }
 
 #[derive(Args)]
@@ -375,7 +373,7 @@ fn shard_with(
 ) -> Result<Summary> {
     let cfg = common.config(split, part);
     let summary = shard::run(source, &cfg)?;
-    report(&summary, common.json, cfg.max_reject_frac)?;
+    report(&summary, common.checks.json, cfg.max_reject_frac)?;
     Ok(summary)
 }
 
@@ -458,22 +456,14 @@ fn run(cli: Cli) -> Result<()> {
             let opts = conmim::shard::existing::IndexOptions {
                 split: a.split.clone(),
                 pattern: a.shards.clone(),
-                validation: if a.decode {
-                    Validation::Decode
-                } else {
-                    Validation::Header
-                },
-                limits: ImageLimits {
-                    max_pixels: a.max_pixels,
-                    min_side: a.min_side,
-                    ..ImageLimits::default()
-                },
-                threads: a.threads,
-                progress: !a.quiet,
+                validation: a.checks.validation(),
+                limits: a.checks.limits(),
+                threads: a.checks.threads,
+                progress: !a.checks.quiet,
             };
             let out = a.out.clone().unwrap_or_else(|| a.dir.clone());
             let summary = conmim::shard::existing::index_existing(&a.dir, &out, &opts)?;
-            report(&summary, a.json, a.max_reject_frac)?;
+            report(&summary, a.checks.json, a.checks.max_reject_frac)?;
         }
         Cmd::Ade20k(a) => {
             if a.common.max_side.is_some() {
@@ -572,7 +562,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
         let src = Imagenet::new(&images, split, None, None, false)?;
         let mut c = common.clone();
         c.max_shard_bytes = 2_000_000;
-        c.max_reject_frac = 0.5;
+        c.checks.max_reject_frac = 0.5;
         shard_with(&src, &c, name, None)?;
         let opts = conmim::inspect::verify::VerifyOptions {
             decode: true,

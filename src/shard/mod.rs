@@ -252,6 +252,9 @@ struct ShardRecord {
 struct WorkState {
     params: serde_json::Value,
     plan: Option<plan::PlanInfo>,
+    /// The source's warnings as of enumeration (a resumed run does not enumerate).
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 fn record_path(work: &Path, shard: u64) -> PathBuf {
@@ -332,6 +335,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         let s: WorkState = format::read_json(&state_path).unwrap_or(WorkState {
             params: params.clone(),
             plan: None,
+            warnings: Vec::new(),
         });
         if s.params != params {
             return Err(Error::Resume {
@@ -347,6 +351,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         WorkState {
             params: params.clone(),
             plan: None,
+            warnings: Vec::new(),
         }
     };
 
@@ -361,6 +366,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
             })?;
             pb.finish_and_clear();
             state.plan = Some(info.clone());
+            state.warnings = source.metadata().warnings;
             format::atomic_write_json(&state_path, &state)?;
             info
         }
@@ -540,6 +546,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         written,
         records_done,
         tail_rejects,
+        state.warnings,
         started,
     )
 }
@@ -732,6 +739,7 @@ fn finish(
     shards: u64,
     resumed: u64,
     tail_rejects: Vec<Reject>,
+    warnings: Vec<String>,
     started: Instant,
 ) -> Result<Summary> {
     let mut rejects = read_rejects(&plan::enum_rejects_path(work))?;
@@ -791,7 +799,7 @@ fn finish(
         bytes: total_bytes,
         image_bytes,
         elapsed: started.elapsed(),
-        warnings: meta.warnings,
+        warnings,
     };
     Ok(summary)
 }
