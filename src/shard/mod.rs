@@ -767,6 +767,13 @@ fn finish(
     }
     let total_bytes = shardlist.iter().map(|s| s.filesize).sum();
     let inputs = samples + rejects.len() as u64;
+    let mut warnings = warnings;
+    if inputs == 0 {
+        warnings.push(format!(
+            "no inputs found for {}: is the root or list right? (the dataset is empty)",
+            source.kind()
+        ));
+    }
     let info = DatasetInfo {
         schema_version: SCHEMA_VERSION,
         tool: tool_name(),
