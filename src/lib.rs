@@ -20,9 +20,11 @@
 //!   (ImageNet folders, list files, ADE20K, COCO) in a deterministic order; the planner
 //!   spills them into hash buckets (bounded memory, duplicate keys found per bucket)
 //!   and replays them in one seeded global order; rayon workers load and validate
-//!   samples, and a single writer rolls shards over by size/count, writing each shard
-//!   atomically with a work record so `--resume` continues after the last complete
-//!   shard. Every input ends in exactly one place: the index or the rejected list.
+//!   samples; one assigner places them (shard, offset) in that order and rolls shards
+//!   over by size/count, while shard writers write several shards at once (md5 as they
+//!   go), each recorded in a work record before it is renamed into place, so `--resume`
+//!   continues after the last complete shard. Every input ends in exactly one place:
+//!   the index or the rejected list.
 //! * [`inspect`] reads datasets back: `verify` (every byte against index and manifest)
 //!   and `info` (counts and distributions).
 //! * [`seed`] is the one deterministic random source (SplitMix64, written here so the
