@@ -502,8 +502,11 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
             }
         });
         let write_all = || -> Result<()> {
+            let mut next = start;
             for msg in rx {
                 for (pos, outcome) in msg? {
+                    debug_assert_eq!(pos, next);
+                    next = pos + 1;
                     if abort_at == Some(pos) {
                         // Crash after the shards closed so far are complete (so the
                         // test knows which ones must survive), mid-way through the next.
@@ -519,6 +522,14 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                         pb.set_message(format!("{} rejected", writer.rejected));
                     }
                 }
+            }
+            // Every planned position must have arrived (a loader that died would
+            // otherwise end the stream early): never record a short final shard.
+            if next != plan_info.items {
+                return Err(Error::Config(format!(
+                    "the loaders stopped at plan position {next} of {}; rerun with --resume",
+                    plan_info.items
+                )));
             }
             writer.close_shard(plan_info.items)
         };
