@@ -33,12 +33,15 @@
 //! The streaming loader, the model and the trainer (feature `train`, on libtorch
 //! through `tch`) build on this format; the data side never needs libtorch.
 
+pub mod augment;
 pub mod error;
 pub mod format;
 pub mod image;
 pub mod inspect;
+pub mod mask;
 pub mod seed;
 pub mod shard;
+pub mod stream;
 pub mod testkit;
 #[cfg(feature = "train")]
 pub mod train;

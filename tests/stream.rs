@@ -1,0 +1,368 @@
+//! The streaming data source: resolution, rank split, order, resume, damage, pipes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
+use conmim::format::tar::ShardWriter;
+use conmim::stream::{
+    DefaultOpener, Event, Mode, Remainder, ShardList, SourceOptions, Stream, StreamConfig,
+    StreamState,
+};
+
+/// Writes `sizes.len()` shards `train-NNNNNN.tar` (shard i holds `sizes[i]` samples
+/// keyed `s{i}_{j}`) and a manifest listing them.
+fn dataset(dir: &Path, sizes: &[u64]) {
+    let mut list = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let name = conmim::format::shard_name("train", i);
+        let mut w = ShardWriter::create(&dir.join(&name)).unwrap();
+        for j in 0..n {
+            let key = format!("s{i}_{j}");
+            let members = vec![
+                (
+                    "jpg".to_owned(),
+                    format!("pixels of {key}").repeat(20).into_bytes(),
+                ),
+                ("cls".to_owned(), format!("{}", i + j as usize).into_bytes()),
+            ];
+            w.append(&key, &members).unwrap();
+        }
+        let f = w.finish().unwrap();
+        list.push(ShardEntry {
+            url: name,
+            nsamples: n,
+            filesize: f.filesize,
+            md5sum: f.md5sum,
+        });
+    }
+    let info = DatasetInfo {
+        schema_version: conmim::format::SCHEMA_VERSION,
+        tool: "test".into(),
+        dataset: "files".into(),
+        split: "train".into(),
+        num_samples: sizes.iter().sum(),
+        num_rejected: 0,
+        num_inputs: sizes.iter().sum(),
+        num_shards: sizes.len() as u64,
+        total_bytes: 0,
+        rejected_by_reason: BTreeMap::new(),
+        classes: None,
+        wnids: None,
+        categories: None,
+        params: serde_json::Value::Null,
+    };
+    let m = Manifest::new("train", list, info);
+    conmim::format::atomic_write_json(&dir.join(conmim::format::manifest_name("train")), &m)
+        .unwrap();
+}
+
+fn cfg(seed: u64, rank: usize, world: usize) -> StreamConfig {
+    StreamConfig {
+        seed,
+        rank,
+        world_size: world,
+        shuffle_buffer: 7,
+        epochs: Some(1),
+        ..Default::default()
+    }
+}
+
+fn stream(dir: &Path, c: StreamConfig) -> Stream {
+    Stream::open(dir.to_str().unwrap(), &SourceOptions::default(), c).unwrap()
+}
+
+/// A comparable rendering of events.
+fn render(s: &mut Stream, max: usize) -> Vec<String> {
+    s.take(max)
+        .map(|e| match e {
+            Event::Sample(x) => format!(
+                "{}#{} {} {} {}",
+                x.epoch,
+                x.number,
+                x.sample.key,
+                x.sample.index_in_shard,
+                x.sample.members.len()
+            ),
+            Event::ShardError { url, error } => format!("error {url}: {error}"),
+            Event::EpochEnd { epoch, samples } => format!("end {epoch} {samples}"),
+        })
+        .collect()
+}
+
+fn keys(s: &mut Stream) -> Vec<String> {
+    std::iter::from_fn(|| s.next_sample())
+        .map(|x| x.sample.key)
+        .collect()
+}
+
+#[test]
+fn dataset_dir_matches_brace_pattern() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[3, 4, 5]);
+    let opts = SourceOptions::default();
+    let from_dir = ShardList::resolve(tmp.path().to_str().unwrap(), &opts).unwrap();
+    assert_eq!(from_dir.total_samples(), Some(12));
+    let pattern = format!("{}/train-{{000000..000002}}.tar", tmp.path().display());
+    let from_pattern = ShardList::resolve(&pattern, &opts).unwrap();
+    let urls = |l: &ShardList| l.shards().iter().map(|s| s.url.clone()).collect::<Vec<_>>();
+    assert_eq!(urls(&from_dir), urls(&from_pattern));
+    assert_eq!(from_pattern.shards()[0].nsamples, None);
+    // A list file with a relative pattern and comments.
+    let list = tmp.path().join("shards.txt");
+    std::fs::write(
+        &list,
+        "# shards\ntrain-{000000..000001}.tar\n\ntrain-000002.tar\n",
+    )
+    .unwrap();
+    let from_list = ShardList::resolve(list.to_str().unwrap(), &opts).unwrap();
+    assert_eq!(urls(&from_list), urls(&from_dir));
+    assert_eq!(
+        conmim::stream::expand_braces("a{1..2}").unwrap(),
+        vec!["a1", "a2"]
+    );
+}
+
+#[test]
+fn epoch_mode_splits_ranks_disjointly() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[4; 7]);
+    // Keep: every sample exactly once across ranks.
+    let mut all = Vec::new();
+    for rank in 0..3 {
+        let c = StreamConfig {
+            remainder: Remainder::Keep,
+            ..cfg(5, rank, 3)
+        };
+        all.extend(keys(&mut stream(tmp.path(), c)));
+    }
+    all.sort();
+    let mut expect: Vec<String> = (0..7)
+        .flat_map(|i| (0..4).map(move |j| format!("s{i}_{j}")))
+        .collect();
+    expect.sort();
+    assert_eq!(all, expect);
+    // Drop (default): 2 shards per rank, disjoint, 1 shard left out (rotating).
+    let mut per_rank = Vec::new();
+    for rank in 0..3 {
+        let k = keys(&mut stream(tmp.path(), cfg(5, rank, 3)));
+        assert_eq!(k.len(), 8);
+        per_rank.extend(k);
+    }
+    let n = per_rank.len();
+    per_rank.sort();
+    per_rank.dedup();
+    assert_eq!(per_rank.len(), n);
+}
+
+#[test]
+fn equalized_sample_counts_across_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[2, 9, 3, 5, 6]);
+    let counts: Vec<usize> = (0..2)
+        .map(|rank| keys(&mut stream(tmp.path(), cfg(1, rank, 2))).len())
+        .collect();
+    assert_eq!(counts[0], counts[1]);
+}
+
+#[test]
+fn order_is_seeded_and_changes_per_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[5; 6]);
+    let c = StreamConfig {
+        epochs: Some(2),
+        ..cfg(9, 0, 1)
+    };
+    let a = render(&mut stream(tmp.path(), c.clone()), 1000);
+    let b = render(&mut stream(tmp.path(), c.clone()), 1000);
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 62);
+    assert_eq!(a[30], "end 0 30");
+    let e0: Vec<&str> = a[..30]
+        .iter()
+        .map(|s| s.split(' ').nth(1).unwrap())
+        .collect();
+    let e1: Vec<&str> = a[31..61]
+        .iter()
+        .map(|s| s.split(' ').nth(1).unwrap())
+        .collect();
+    assert_ne!(e0, e1);
+    let mut s0 = e0.clone();
+    let mut s1 = e1.clone();
+    s0.sort();
+    s1.sort();
+    assert_eq!(s0, s1);
+    // Numbers run 0.. within each epoch.
+    assert!(
+        a[..30]
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.starts_with(&format!("0#{i} ")))
+    );
+    let other = render(
+        &mut stream(tmp.path(), StreamConfig { seed: 10, ..c }),
+        1000,
+    );
+    assert_ne!(a, other);
+}
+
+#[test]
+fn resume_mid_epoch_equals_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[6, 5, 7, 4]);
+    for mode in [Mode::Epoch, Mode::Resampled] {
+        let c = StreamConfig {
+            mode,
+            epochs: Some(3),
+            ..cfg(3, 1, 2)
+        };
+        let full = render(&mut stream(tmp.path(), c.clone()), 10_000);
+        for cut in [0usize, 1, 5, 11, 12, 13, 20] {
+            let mut s = stream(tmp.path(), c.clone());
+            let head = render(&mut s, cut);
+            let json = serde_json::to_string(&s.state()).unwrap();
+            let state: StreamState = serde_json::from_str(&json).unwrap();
+            let mut r = stream(tmp.path(), c.clone());
+            r.restore(&state).unwrap();
+            let tail = render(&mut r, 10_000);
+            assert_eq!([head, tail].concat(), full, "{mode:?} cut {cut}");
+        }
+        // A state from another config is refused.
+        let s = stream(tmp.path(), c.clone());
+        let mut other = stream(tmp.path(), StreamConfig { seed: 4, ..c });
+        assert!(other.restore(&s.state()).is_err());
+    }
+}
+
+#[test]
+fn truncated_shard_yields_prefix_then_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[4, 4, 4]);
+    let bad = tmp.path().join("train-000001.tar");
+    let len = std::fs::metadata(&bad).unwrap().len();
+    // Each sample: 2 members of < 512 bytes = 2048 bytes; cut inside sample 2.
+    assert!(len > 3 * 2048);
+    let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+    f.set_len(2 * 2048 + 700).unwrap();
+    let c = StreamConfig {
+        shuffle_shards: false,
+        shuffle_buffer: 0,
+        equalize_samples: false,
+        ..cfg(0, 0, 1)
+    };
+    let events = render(&mut stream(tmp.path(), c.clone()), 1000);
+    let ks: Vec<&str> = events
+        .iter()
+        .filter(|e| !e.starts_with("error") && !e.starts_with("end"))
+        .map(|e| e.split(' ').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        ks,
+        [
+            "s0_0", "s0_1", "s0_2", "s0_3", "s1_0", "s1_1", "s2_0", "s2_1", "s2_2", "s2_3"
+        ]
+    );
+    assert!(events[6].starts_with("error") && events[6].contains("train-000001.tar"));
+    assert_eq!(events.last().unwrap(), "end 0 10");
+    // A missing shard is reported too, and the stream goes on.
+    std::fs::remove_file(&bad).unwrap();
+    let mut s = stream(tmp.path(), c);
+    assert_eq!(keys(&mut s).len(), 8);
+    let errors = s.take_errors();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].0.ends_with("train-000001.tar"));
+}
+
+#[test]
+fn all_shards_failing_ends_the_stream() {
+    let list = ShardList::from_urls(vec!["/nonexistent/a.tar".into()], false).unwrap();
+    let c = StreamConfig {
+        mode: Mode::Resampled,
+        epochs: None,
+        ..Default::default()
+    };
+    let s = Stream::new(list, c, Arc::new(DefaultOpener::default())).unwrap();
+    let events: Vec<Event> = s.collect();
+    assert_eq!(events.len(), 2);
+    assert!(matches!(events[0], Event::ShardError { .. }));
+}
+
+#[test]
+fn pipe_is_refused_by_default_and_works_when_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[3]);
+    let shard = tmp.path().join("train-000000.tar");
+    let spec = format!("pipe:cat {}", shard.display());
+    let err = ShardList::resolve(&spec, &SourceOptions::default()).unwrap_err();
+    assert!(matches!(err, conmim::Error::Config(_)), "{err}");
+    // A list file cannot smuggle a command in either.
+    let list = tmp.path().join("list.txt");
+    std::fs::write(&list, format!("{spec}\n")).unwrap();
+    assert!(ShardList::resolve(list.to_str().unwrap(), &SourceOptions::default()).is_err());
+    // Nor can a list built elsewhere, at opening time.
+    let l = ShardList::from_specs(vec![conmim::stream::ShardSpec {
+        url: spec.clone(),
+        nsamples: None,
+    }]);
+    let mut s = Stream::new(l, cfg(0, 0, 1), Arc::new(DefaultOpener::default())).unwrap();
+    assert!(matches!(
+        s.next(),
+        Some(Event::ShardError {
+            error: conmim::Error::Config(_),
+            ..
+        })
+    ));
+
+    let opts = SourceOptions {
+        allow_pipe: true,
+        ..Default::default()
+    };
+    let mut s = Stream::open(&spec, &opts, cfg(0, 0, 1)).unwrap();
+    let mut k = keys(&mut s);
+    k.sort();
+    assert_eq!(k, ["s0_0", "s0_1", "s0_2"]);
+    assert!(s.take_errors().is_empty());
+    // A failing command is reported.
+    let mut s = Stream::open("pipe:exit 3", &opts, cfg(0, 0, 1)).unwrap();
+    assert!(keys(&mut s).is_empty());
+    assert_eq!(s.take_errors().len(), 1);
+}
+
+#[test]
+fn config_validation_and_serde() {
+    assert!(
+        StreamConfig {
+            rank: 2,
+            world_size: 2,
+            ..Default::default()
+        }
+        .validate()
+        .is_err()
+    );
+    assert!(
+        StreamConfig {
+            world_size: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err()
+    );
+    let c: StreamConfig = serde_json::from_str(r#"{"seed": 5, "mode": "resampled"}"#).unwrap();
+    assert_eq!(c.mode, Mode::Resampled);
+    assert_eq!(c.shuffle_buffer, conmim::stream::DEFAULT_SHUFFLE_BUFFER);
+    let list = ShardList::from_urls(vec!["a.tar".into()], false).unwrap();
+    assert!(cfg(0, 0, 2).validate_for(&list).is_err());
+    assert!(
+        StreamConfig {
+            remainder: Remainder::Pad,
+            ..cfg(0, 1, 2)
+        }
+        .validate_for(&list)
+        .is_ok()
+    );
+    assert_eq!(
+        conmim::stream::parse_dist_env(Some("1"), Some("4")).unwrap(),
+        Some((1, 4))
+    );
+}
