@@ -9,7 +9,7 @@
 //!                                                           {split}.rejected.jsonl
 //! ```
 //!
-//! * [`format`] says what a dataset *is* on disk: key and member naming, the tar writer
+//! * [`format`](mod@format) says what a dataset *is* on disk: key and member naming, the tar writer
 //!   that records every member's byte offset, the Parquet index schema, the manifest (in
 //!   the `wids` shard-index form) and the rejected list. `schemas/` holds the written
 //!   contract and tests check produced files against it.
@@ -30,8 +30,25 @@
 //! * [`seed`] is the one deterministic random source (SplitMix64, written here so the
 //!   same seed gives the same dataset whatever the dependency versions).
 //!
-//! The streaming loader, the model and the trainer (feature `train`, on libtorch
-//! through `tch`) build on this format; the data side never needs libtorch.
+//!
+//! The streaming loader is being built from these parts (issue 3):
+//!
+//! ```text
+//! stream::ShardList (dir | brace pattern | list | pipe: when allowed)
+//!   ──> stream::Stream (per-epoch seeded shard order, rank split, shuffle buffer,
+//!       numbered samples, resumable state) ──> workers: image decode ──> augment
+//!       (params from (seed, epoch, sample); shared crop/flip, strong colour ops) ──> mask
+//! ```
+//!
+//! * [`stream`] knows nothing about pixels: shard lists, epoch plans, a streaming tar
+//!   reader that survives truncated shards, the shuffle buffer and resume state.
+//! * [`augment`] draws every random parameter of a sample from `(seed, epoch, sample)`
+//!   (torchvision's RandomResizedCrop sampler, ColorJitter, grayscale, blur, solarize)
+//!   and applies the photometric ops in place.
+//! * [`mask`] generates patch masks (random, random 32-px cells, BEiT block-wise).
+//!
+//! The model and the trainer (feature `train`, on libtorch through `tch`) build on top;
+//! the data side never needs libtorch.
 
 pub mod augment;
 pub mod error;

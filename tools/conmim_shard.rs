@@ -43,7 +43,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// ImageNet-1K: train/<wnid>/*.JPEG; val as class folders or flat with labels.
+    /// ImageNet-1K: `train/<wnid>/*.JPEG`; val as class folders or flat with labels.
     Imagenet(ImagenetArgs),
     /// A list of images (tsv/csv with a header row, jsonl, parquet) relative to --root.
     Files(FilesArgs),
@@ -206,7 +206,7 @@ struct FilesArgs {
     /// Path column (default: path, filepath, file, image, filename).
     #[arg(long, conflicts_with = "path_template")]
     path_col: Option<String>,
-    /// Build paths from columns, e.g. '{id[0:3]}/{id[3:6]}/{id}.jpg' (YFCC15M).
+    /// Build paths from columns, e.g. `{id[0:3]}/{id[3:6]}/{id}.jpg` (YFCC15M).
     #[arg(long)]
     path_template: Option<String>,
     /// Id column, the sample key (default: id, key, photoid; else the file stem).
@@ -281,7 +281,7 @@ struct CocoArgs {
     /// Image folder name (train2017, val2017, ...); train/val/test mean the 2017 folders.
     #[arg(long)]
     split: String,
-    /// Instances JSON (default: ROOT/annotations/instances_<folder>.json).
+    /// Instances JSON (default: `ROOT/annotations/instances_<folder>.json`).
     #[arg(long)]
     annotations: Option<PathBuf>,
     #[command(flatten)]
