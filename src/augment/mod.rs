@@ -16,3 +16,4 @@
 
 pub mod color;
 pub mod params;
+pub mod views;

@@ -15,6 +15,9 @@
 //! Nothing here does I/O or uses random numbers; every function is a pure function of the
 //! bytes passed in.
 
+pub mod pixels;
+pub mod resize;
+
 use std::io::Cursor;
 
 use zune_jpeg::JpegDecoder;

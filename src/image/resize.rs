@@ -134,8 +134,10 @@ mod tests {
             ((3, 2, 38, 55), 57, 41),
         ] {
             let mut out = vec![0u8; ow * oh * 3];
-            r.crop_resize(&src, w as u32, h as u32, crop, &mut out, ow as u32, oh as u32)
-                .unwrap();
+            r.crop_resize(
+                &src, w as u32, h as u32, crop, &mut out, ow as u32, oh as u32,
+            )
+            .unwrap();
             assert!(out.chunks_exact(3).all(|p| p == [10, 200, 77]), "{crop:?}");
             r.resize_region(
                 &src,
@@ -192,9 +194,21 @@ mod tests {
         let src = vec![0u8; 10 * 10 * 3];
         let mut out = vec![0u8; 4 * 4 * 3];
         let mut r = Resizer::new();
-        assert!(r.crop_resize(&src, 10, 10, (5, 5, 6, 2), &mut out, 4, 4).is_err());
-        assert!(r.crop_resize(&src, 10, 10, (0, 0, 0, 2), &mut out, 4, 4).is_err());
-        assert!(r.crop_resize(&src, 10, 9, (0, 0, 2, 2), &mut out, 4, 4).is_err());
-        assert!(r.crop_resize(&src, 10, 10, (0, 0, 2, 2), &mut out, 4, 5).is_err());
+        assert!(
+            r.crop_resize(&src, 10, 10, (5, 5, 6, 2), &mut out, 4, 4)
+                .is_err()
+        );
+        assert!(
+            r.crop_resize(&src, 10, 10, (0, 0, 0, 2), &mut out, 4, 4)
+                .is_err()
+        );
+        assert!(
+            r.crop_resize(&src, 10, 9, (0, 0, 2, 2), &mut out, 4, 4)
+                .is_err()
+        );
+        assert!(
+            r.crop_resize(&src, 10, 10, (0, 0, 2, 2), &mut out, 4, 5)
+                .is_err()
+        );
     }
 }
