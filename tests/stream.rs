@@ -7,8 +7,8 @@ use std::sync::Arc;
 use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
 use conmim::format::tar::ShardWriter;
 use conmim::stream::{
-    DefaultOpener, Event, Mode, Remainder, ShardList, SourceOptions, Stream, StreamConfig,
-    StreamState,
+    DefaultOpener, Event, HttpOpener, Mode, Opener, Remainder, ShardList, SourceOptions, Stream,
+    StreamConfig, StreamState,
 };
 
 /// Writes `sizes.len()` shards `train-NNNNNN.tar` (shard i holds `sizes[i]` samples
@@ -365,4 +365,171 @@ fn config_validation_and_serde() {
         conmim::stream::parse_dist_env(Some("1"), Some("4")).unwrap(),
         Some((1, 4))
     );
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 serving the files of `root`: `/ok/NAME` the
+/// file, `/flaky/NAME` the file after two `503`s, anything else `404`. One request per
+/// connection (`Connection: close`). Returns the base URL and the request log.
+fn serve(root: &Path) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (root, seen) = (root.to_owned(), log.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(path.clone());
+                seen.iter().filter(|p| **p == path).count()
+            };
+            let file = |name: &str| std::fs::read(root.join(name)).ok();
+            let (status, body) = match path.split_once('/').map(|x| x.1) {
+                Some(p) if p.starts_with("ok/") => match file(&p[3..]) {
+                    Some(b) => ("200 OK", b),
+                    None => ("404 Not Found", Vec::new()),
+                },
+                Some(p) if p.starts_with("flaky/") && n <= 2 => {
+                    ("503 Service Unavailable", b"busy".to_vec())
+                }
+                Some(p) if p.starts_with("flaky/") => match file(&p[6..]) {
+                    Some(b) => ("200 OK", b),
+                    None => ("404 Not Found", Vec::new()),
+                },
+                _ => ("404 Not Found", b"no such shard".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    (base, log)
+}
+
+/// An opener with tiny backoff, for tests.
+fn fast_http() -> HttpOpener {
+    HttpOpener {
+        backoff: std::time::Duration::from_millis(5),
+        ..HttpOpener::default()
+    }
+}
+
+fn count(log: &std::sync::Mutex<Vec<String>>, path: &str) -> usize {
+    log.lock().unwrap().iter().filter(|p| *p == path).count()
+}
+
+#[test]
+fn http_shards_stream_like_local_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[4, 3, 5]);
+    let (base, log) = serve(tmp.path());
+    let names: Vec<String> = (0..3)
+        .map(|i| conmim::format::shard_name("train", i))
+        .collect();
+    let urls = names.iter().map(|n| format!("{base}/ok/{n}")).collect();
+    let paths = names
+        .iter()
+        .map(|n| tmp.path().join(n).to_str().unwrap().to_owned())
+        .collect();
+    let opener = Arc::new(DefaultOpener {
+        http: fast_http(),
+        ..DefaultOpener::default()
+    });
+    let c = cfg(3, 0, 1);
+    let over_http = ShardList::from_urls(urls, false).unwrap();
+    let mut s = Stream::new(over_http, c.clone(), opener.clone()).unwrap();
+    let got: Vec<_> = std::iter::from_fn(|| s.next_sample()).collect();
+    assert!(s.take_errors().is_empty());
+    let on_disk = ShardList::from_urls(paths, false).unwrap();
+    let mut s = Stream::new(on_disk, c, opener).unwrap();
+    let want: Vec<_> = std::iter::from_fn(|| s.next_sample()).collect();
+    assert_eq!(got.len(), 12);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((g.epoch, g.number), (w.epoch, w.number));
+        assert_eq!(g.sample.key, w.sample.key);
+        assert_eq!(g.sample.members, w.sample.members);
+        assert_eq!(g.sample.index_in_shard, w.sample.index_in_shard);
+        assert!(g.sample.shard.starts_with(&base), "{}", g.sample.shard);
+    }
+    assert_eq!(log.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn http_retries_server_errors_then_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[3]);
+    let (base, log) = serve(tmp.path());
+    let name = conmim::format::shard_name("train", 0);
+    let url = format!("{base}/flaky/{name}");
+    let mut r = fast_http().open(&url).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut bytes).unwrap();
+    assert_eq!(bytes, std::fs::read(tmp.path().join(&name)).unwrap());
+    assert_eq!(count(&log, &format!("/flaky/{name}")), 3);
+
+    // With fewer retries than failures, the error names the URL and the status.
+    let url = format!("{base}/flaky/again-{name}");
+    let o = HttpOpener {
+        retries: 1,
+        ..fast_http()
+    };
+    let err = o.open(&url).err().unwrap().to_string();
+    assert!(err.contains(&url) && err.contains("503"), "{err}");
+    assert_eq!(count(&log, &format!("/flaky/again-{name}")), 2);
+}
+
+#[test]
+fn http_not_found_fails_at_once_naming_the_url() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, log) = serve(tmp.path());
+    let url = format!("{base}/missing.tar");
+    let err = fast_http().open(&url).err().unwrap().to_string();
+    assert!(err.contains(&url) && err.contains("404"), "{err}");
+    assert_eq!(count(&log, "/missing.tar"), 1);
+    // Through a stream: one shard error, then the stream ends.
+    let list = ShardList::from_urls(vec![url.clone()], false).unwrap();
+    let s = Stream::new(list, cfg(0, 0, 1), Arc::new(DefaultOpener::default())).unwrap();
+    let events: Vec<Event> = s.collect();
+    assert!(
+        matches!(&events[0], Event::ShardError { url: u, .. } if *u == url),
+        "{events:?}"
+    );
+    assert_eq!(count(&log, "/missing.tar"), 2);
+}
+
+#[test]
+fn http_connection_refused_is_retried_then_reported() {
+    // Bind then drop: nothing listens on the port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/x.tar");
+    let o = HttpOpener {
+        retries: 2,
+        backoff: std::time::Duration::from_millis(20),
+        ..HttpOpener::default()
+    };
+    let t = std::time::Instant::now();
+    let err = o.open(&url).err().unwrap().to_string();
+    assert!(err.contains(&url) && err.contains("2 retries"), "{err}");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(60));
 }

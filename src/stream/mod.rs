@@ -3,7 +3,7 @@
 //! ```text
 //! source spec ──ShardList::resolve──> ShardList (urls + nsamples)
 //!   ──epoch_plan(seed, epoch, rank/world)──> this rank's shards, in order
-//!   ──Opener (file | pipe: | http later)──> ShardSamples (streaming tar, grouped)
+//!   ──Opener (file | pipe: | http(s))──> ShardSamples (streaming tar, grouped)
 //!   ──ShuffleBuffer(seed, epoch, rank)──> Event::Sample { epoch, number, sample }
 //! ```
 //!
@@ -16,8 +16,8 @@
 //! [`expand_braces`]), a single `.tar`, a list file, a URL or a `pipe:CMD`. `pipe:`
 //! runs `sh -c CMD` and is refused (at resolution *and* at opening, with
 //! [`Error::Config`]) unless `allow_pipe` is set, so a shard list cannot run commands
-//! by default. http(s) URLs resolve but are not opened yet (no HTTP client in the
-//! build); an opener for them plugs into [`Opener`] / [`DefaultOpener`].
+//! by default. http(s) URLs are read by [`HttpOpener`] (streaming GET, retries with
+//! backoff); any other source plugs into [`Opener`] / [`DefaultOpener`].
 //!
 //! # Epoch semantics
 //! Let `n` be the number of shards, `w` the world size, `r` the rank, `e` the epoch
@@ -70,6 +70,7 @@
 //! [`Event::EpochEnd`], so a dataset whose every shard fails cannot spin forever.
 //! Nothing waits on another thread; only a `pipe:` command that never ends can block.
 
+mod http;
 mod plan;
 mod reader;
 mod shuffle;
@@ -80,6 +81,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use crate::shard::existing::expand_braces;
+pub use http::{
+    DEFAULT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, HttpOpener,
+};
 pub use plan::{
     DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, ENV_RANK, ENV_WORLD_SIZE, EpochPlan, MAX_SHUFFLE_BUFFER,
     Mode, Remainder, StreamConfig, epoch_plan, parse_dist_env, shard_order, stream_id,

@@ -3,8 +3,8 @@
 //!
 //! URL forms: a local path (or `file://path`); `pipe:CMD` (the standard output of
 //! `sh -c CMD`, only when explicitly allowed, because a shard list must not be able to
-//! run commands by default); `http://` / `https://` are recognised but not opened yet
-//! (no HTTP client in the build; an `HttpOpener` slots into [`DefaultOpener`] later).
+//! run commands by default); `http://` / `https://` (a streaming GET with retries, see
+//! [`HttpOpener`]).
 
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use super::http::HttpOpener;
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 
@@ -294,17 +295,22 @@ impl Opener for PipeOpener {
 }
 
 /// Dispatches on the URL form: files always, `pipe:` only when allowed, http(s)
-/// refused for now with a hint.
-#[derive(Debug, Clone, Copy, Default)]
+/// through [`HttpOpener`].
+#[derive(Debug, Clone, Default)]
 pub struct DefaultOpener {
     /// Run `pipe:` commands.
     pub allow_pipe: bool,
+    /// Opener for `http://` and `https://` URLs.
+    pub http: HttpOpener,
 }
 
 impl DefaultOpener {
     /// An opener; `allow_pipe` enables `pipe:` URLs.
     pub fn new(allow_pipe: bool) -> Self {
-        DefaultOpener { allow_pipe }
+        DefaultOpener {
+            allow_pipe,
+            http: HttpOpener::default(),
+        }
     }
 }
 
@@ -320,10 +326,7 @@ impl Opener for DefaultOpener {
             return PipeOpener.open(url);
         }
         if url.starts_with("http://") || url.starts_with("https://") {
-            return Err(Error::Config(format!(
-                "shard `{url}`: http(s) sources are not supported yet; download the \
-                 shards, or allow pipes and use `pipe:curl -fsSL {url}`"
-            )));
+            return self.http.open(url);
         }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(Error::Config(format!("shard `{url}`: unknown URL scheme")));

@@ -1,0 +1,160 @@
+//! `http://` / `https://` shards: a streaming GET with retries.
+//!
+//! The body is read straight off the connection (never buffered whole). Opening
+//! retries with exponential backoff on connection-level failures (refused, reset,
+//! DNS, timeouts, protocol errors) and on `5xx`, `408` and `429` statuses; any other
+//! non-success status (`404`, `403`, ...) fails at once. Every error names the URL.
+//! A failure in the middle of the body is not retried: it surfaces as a read error,
+//! which the shard reader reports as a damaged shard (the stream goes on).
+
+use std::io::{self, BufReader, Read};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::url::{Opener, READ_BUFFER};
+use crate::error::{Error, Result};
+
+/// Default number of retries after the first attempt.
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Default wait before the first retry (doubled for each further retry).
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(200);
+/// Default limit for establishing a connection (TLS handshake included).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit for each read from the connection (an idle timeout).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Opens http(s) URLs as streaming GET bodies. The agent (connection pool) is shared
+/// by clones. `connect_timeout` / `read_timeout` are baked into `agent` by
+/// [`HttpOpener::with_timeouts`]; change them through it, not by assigning the fields.
+#[derive(Debug, Clone)]
+pub struct HttpOpener {
+    /// The HTTP client (status codes are not turned into errors by it).
+    pub agent: ureq::Agent,
+    /// Retries after the first attempt on retryable failures.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each further retry.
+    pub backoff: Duration,
+    /// Limit for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Limit for each read (headers and body): an idle timeout, not a total one.
+    pub read_timeout: Duration,
+}
+
+impl Default for HttpOpener {
+    fn default() -> Self {
+        HttpOpener::with_timeouts(DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT)
+    }
+}
+
+impl HttpOpener {
+    /// An opener with the default retries and backoff and the given timeouts.
+    pub fn with_timeouts(connect_timeout: Duration, read_timeout: Duration) -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(connect_timeout))
+            .timeout_per_read(Some(read_timeout))
+            .build();
+        HttpOpener {
+            agent: ureq::Agent::new_with_config(config),
+            retries: DEFAULT_RETRIES,
+            backoff: DEFAULT_BACKOFF,
+            connect_timeout,
+            read_timeout,
+        }
+    }
+
+    /// Wait before retry number `retry` (0-based): `backoff * 2^retry`.
+    fn delay(&self, retry: u32) -> Duration {
+        self.backoff
+            .saturating_mul(2u32.saturating_pow(retry.min(30)))
+    }
+
+    /// One attempt: the body reader, or the error and whether it is worth retrying.
+    fn attempt(&self, url: &str) -> std::result::Result<Box<dyn Read + Send>, (io::Error, bool)> {
+        match self.agent.get(url).call() {
+            Ok(resp) => {
+                let status = resp.status();
+                if status.is_success() {
+                    let body = BodyReader {
+                        inner: resp.into_body().into_reader(),
+                        url: url.to_owned(),
+                    };
+                    return Ok(Box::new(BufReader::with_capacity(READ_BUFFER, body)));
+                }
+                let code = status.as_u16();
+                let retry = status.is_server_error() || code == 429 || code == 408;
+                let kind = match code {
+                    404 | 410 => io::ErrorKind::NotFound,
+                    401 | 403 => io::ErrorKind::PermissionDenied,
+                    _ => io::ErrorKind::Other,
+                };
+                Err((io::Error::new(kind, format!("HTTP status {status}")), retry))
+            }
+            Err(e) => {
+                let retry = matches!(
+                    e,
+                    ureq::Error::Io(_)
+                        | ureq::Error::Timeout(_)
+                        | ureq::Error::ConnectionFailed
+                        | ureq::Error::HostNotFound
+                        | ureq::Error::Protocol(_)
+                        | ureq::Error::BodyStalled
+                );
+                Err((io::Error::other(format!("HTTP request failed: {e}")), retry))
+            }
+        }
+    }
+}
+
+impl Opener for HttpOpener {
+    fn open(&self, url: &str) -> Result<Box<dyn Read + Send>> {
+        let mut retry = 0;
+        loop {
+            match self.attempt(url) {
+                Ok(r) => return Ok(r),
+                Err((_, true)) if retry < self.retries => {
+                    std::thread::sleep(self.delay(retry));
+                    retry += 1;
+                }
+                Err((e, retryable)) => {
+                    let e = if retryable && retry > 0 {
+                        io::Error::new(e.kind(), format!("{e} (after {retry} retries)"))
+                    } else {
+                        e
+                    };
+                    return Err(Error::io(PathBuf::from(url), e));
+                }
+            }
+        }
+    }
+}
+
+/// The response body; read errors name the URL.
+struct BodyReader {
+    inner: ureq::BodyReader<'static>,
+    url: String,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner
+            .read(buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.url)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles() {
+        let o = HttpOpener {
+            backoff: Duration::from_millis(5),
+            ..HttpOpener::default()
+        };
+        assert_eq!(o.delay(0), Duration::from_millis(5));
+        assert_eq!(o.delay(2), Duration::from_millis(20));
+        assert_eq!(o.retries, DEFAULT_RETRIES);
+    }
+}
