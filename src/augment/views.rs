@@ -12,11 +12,34 @@
 //! pipeline flips the whole image before `RandomResizedCrop`; since the crop sampler is
 //! symmetric in `left`, both orders give the same distribution of views.
 
+use std::time::{Duration, Instant};
+
 use crate::augment::color;
 use crate::augment::params::ConMimParams;
 use crate::image::pixels::Decoder;
 use crate::image::resize::Resizer;
 use crate::image::{ImageLimits, ImageProblem};
+
+/// Time a [`ViewMaker`] spent per stage, summed over its calls (for the loader's
+/// per-stage breakdown).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageTimes {
+    /// Decoding to RGB8 (including header parsing).
+    pub decode: Duration,
+    /// Crop + resize (and the flip).
+    pub resize: Duration,
+    /// The strong view's photometric ops (and the copy from the weak view).
+    pub strong: Duration,
+}
+
+impl StageTimes {
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: &StageTimes) {
+        self.decode += other.decode;
+        self.resize += other.resize;
+        self.strong += other.strong;
+    }
+}
 
 /// Reusable per-worker state for building views.
 #[derive(Debug, Default)]
@@ -25,6 +48,7 @@ pub struct ViewMaker {
     resizer: Resizer,
     /// Gaussian-blur scratch for [`color::apply_strong`].
     scratch: Vec<f32>,
+    times: StageTimes,
 }
 
 fn check_out(what: &str, len: usize, w: u32, h: u32) -> Result<(), ImageProblem> {
@@ -45,6 +69,16 @@ fn py_round(x: f64) -> u32 {
 impl ViewMaker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Time spent per stage since the last [`ViewMaker::take_times`].
+    pub fn times(&self) -> StageTimes {
+        self.times
+    }
+
+    /// Returns the stage times and resets them to zero.
+    pub fn take_times(&mut self) -> StageTimes {
+        std::mem::take(&mut self.times)
     }
 
     /// The decoder (and its last decoded image).
@@ -73,7 +107,11 @@ impl ViewMaker {
     ) -> Result<ConMimParams, ImageProblem> {
         check_out("weak", weak.len(), size, size)?;
         check_out("strong", strong.len(), size, size)?;
-        let (w, h) = self.decoder.decode_rgb(bytes, limits)?;
+        let t0 = Instant::now();
+        let decoded = self.decoder.decode_rgb(bytes, limits);
+        let t1 = Instant::now();
+        self.times.decode += t1 - t0;
+        let (w, h) = decoded?;
         let params = ConMimParams::sample(seed, epoch, sample, w, h);
         let c = params.crop;
         self.resizer.crop_resize(
@@ -89,8 +127,50 @@ impl ViewMaker {
         if params.flip {
             color::hflip(weak, side, side);
         }
+        let t2 = Instant::now();
+        self.times.resize += t2 - t1;
         strong.copy_from_slice(weak);
         color::apply_strong(&params.strong, strong, side, side, &mut self.scratch);
+        self.times.strong += t2.elapsed();
+        Ok(params)
+    }
+
+    /// The single-view training transform of classification: the same shared crop and
+    /// flip as [`ViewMaker::conmim_pair`] (so `out` equals that pair's weak view for the
+    /// same `(seed, epoch, sample)`), without the strong ops. `out` holds
+    /// `size * size * 3` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_view(
+        &mut self,
+        bytes: &[u8],
+        limits: &ImageLimits,
+        seed: u64,
+        epoch: u64,
+        sample: u64,
+        size: u32,
+        out: &mut [u8],
+    ) -> Result<ConMimParams, ImageProblem> {
+        check_out("train", out.len(), size, size)?;
+        let t0 = Instant::now();
+        let decoded = self.decoder.decode_rgb(bytes, limits);
+        let t1 = Instant::now();
+        self.times.decode += t1 - t0;
+        let (w, h) = decoded?;
+        let params = ConMimParams::sample(seed, epoch, sample, w, h);
+        let c = params.crop;
+        self.resizer.crop_resize(
+            self.decoder.rgb(),
+            w,
+            h,
+            (c.top, c.left, c.height, c.width),
+            out,
+            size,
+            size,
+        )?;
+        if params.flip {
+            color::hflip(out, size as usize, size as usize);
+        }
+        self.times.resize += t1.elapsed();
         Ok(params)
     }
 
@@ -114,7 +194,11 @@ impl ViewMaker {
                 "centre crop {crop} is larger than the resized shorter side {resize_short}"
             )));
         }
-        let (w, h) = self.decoder.decode_rgb(bytes, limits)?;
+        let t0 = Instant::now();
+        let decoded = self.decoder.decode_rgb(bytes, limits);
+        let t1 = Instant::now();
+        self.times.decode += t1 - t0;
+        let (w, h) = decoded?;
         let (rw, rh) = eval_resized_size(w, h, resize_short);
         let top = py_round(f64::from(rh - crop) / 2.0);
         let left = py_round(f64::from(rw - crop) / 2.0);
@@ -126,8 +210,11 @@ impl ViewMaker {
             f64::from(crop) * sx,
             f64::from(crop) * sy,
         );
-        self.resizer
-            .resize_region(self.decoder.rgb(), w, h, region, out, crop, crop)
+        let r = self
+            .resizer
+            .resize_region(self.decoder.rgb(), w, h, region, out, crop, crop);
+        self.times.resize += t1.elapsed();
+        r
     }
 }
 
