@@ -58,6 +58,23 @@ pub enum Error {
         limit: f64,
         list: PathBuf,
     },
+    /// The loader skipped more corrupt samples than its error policy allows.
+    #[error(
+        "{errors} samples failed (more than --max-errors {limit}); the last: shard {shard}: sample {key}: {message}"
+    )]
+    TooManyErrors {
+        errors: u64,
+        limit: u64,
+        shard: String,
+        key: String,
+        message: String,
+    },
+    /// No sample finished for `seconds` seconds (a stalled source or a hung worker).
+    #[error("loader stalled: nothing finished for {seconds:.0} s while waiting for {waiting_for}")]
+    Stalled { seconds: f64, waiting_for: String },
+    /// A loader thread panicked; the stream ends.
+    #[error("loader thread {thread} panicked: {message}")]
+    ThreadPanicked { thread: String, message: String },
 }
 
 impl Error {

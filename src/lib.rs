@@ -31,13 +31,15 @@
 //!   same seed gives the same dataset whatever the dependency versions).
 //!
 //!
-//! The streaming loader is being built from these parts (issue 3):
+//! The streaming loader reads datasets back for training:
 //!
 //! ```text
-//! stream::ShardList (dir | brace pattern | list | pipe: when allowed)
+//! stream::ShardList (dir | brace pattern | list | http(s) | pipe: when allowed)
 //!   ──> stream::Stream (per-epoch seeded shard order, rank split, shuffle buffer,
-//!       numbered samples, resumable state) ──> workers: image decode ──> augment
-//!       (params from (seed, epoch, sample); shared crop/flip, strong colour ops) ──> mask
+//!       numbered samples, resumable state)   [1 reader thread]
+//!   ──> loader workers: decode ──> shared crop/flip ──> weak + strong view ──> mask
+//!       (params from (seed, epoch, sample))   [N threads, reusable slots]
+//!   ──> collator: results in sequence order into pooled batch buffers ──> Batch
 //! ```
 //!
 //! * [`stream`] knows nothing about pixels: shard lists, epoch plans, a streaming tar
@@ -46,6 +48,9 @@
 //!   (torchvision's RandomResizedCrop sampler, ColorJitter, grayscale, blur, solarize)
 //!   and applies the photometric ops in place.
 //! * [`mask`] generates patch masks (random, random 32-px cells, BEiT block-wise).
+//! * [`loader`] runs the threads: bounded crossbeam channels, reordering by sequence
+//!   number (so output does not depend on the thread count), error policy, stall and
+//!   panic detection, resumable [`loader::LoaderState`].
 //!
 //! The model and the trainer (feature `train`, on libtorch through `tch`) build on top;
 //! the data side never needs libtorch.
@@ -55,6 +60,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod inspect;
+pub mod loader;
 pub mod mask;
 pub mod seed;
 pub mod shard;

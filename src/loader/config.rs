@@ -1,0 +1,325 @@
+//! The loader's validated, serde-serialisable configuration.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::image::ImageLimits;
+use crate::mask::{BlockMask, MaskGenerator, MaskGrid, RandomCellMask, RandomPatchMask};
+use crate::stream::StreamConfig;
+
+/// Samples per batch (the paper's per-GPU batch for ViT-S is 256).
+pub const DEFAULT_BATCH_SIZE: usize = 256;
+/// Side of the square views.
+pub const DEFAULT_IMAGE_SIZE: u32 = 224;
+/// ViT patch side in pixels.
+pub const DEFAULT_PATCH_SIZE: u32 = 16;
+/// Fraction of patches masked (ConMIM: 75%).
+pub const DEFAULT_MASK_RATIO: f64 = 0.75;
+/// Mask cell side in patches for [`MaskKind::Cell`] (32-px cells of 16-px patches).
+pub const DEFAULT_MASK_CELL: usize = 2;
+/// Patches masked by [`MaskKind::Block`] (BEiT: 75 of 196).
+pub const DEFAULT_BLOCK_PATCHES: usize = 75;
+/// Smallest block of [`MaskKind::Block`], in patches.
+pub const DEFAULT_BLOCK_MIN_PATCHES: usize = 16;
+/// Smallest aspect ratio of a block (the largest is its inverse).
+pub const DEFAULT_BLOCK_MIN_ASPECT: f64 = 0.3;
+/// Finished batches queued for the consumer (plus one being filled).
+pub const DEFAULT_PREFETCH: usize = 2;
+/// Seconds without any finished sample after which the stream ends with
+/// [`Error::Stalled`]. Generous: a cold http shard or a slow disk must not trip it.
+pub const DEFAULT_STALL_TIMEOUT_S: f64 = 300.0;
+/// Shorter side before the centre crop in [`Task::ClassifyEval`] (for 224 crops).
+pub const DEFAULT_EVAL_RESIZE: u32 = 256;
+/// Extension of the label member (`.cls`, an ASCII integer).
+pub const DEFAULT_LABEL_EXT: &str = "cls";
+/// Image member extensions, in order of preference.
+pub const IMAGE_EXTS: &[&str] = &[
+    "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img",
+];
+/// Failed samples kept with their details in [`ErrorLog`](super::ErrorLog) (all are
+/// counted).
+pub const MAX_ERROR_RECORDS: usize = 1000;
+
+/// What each sample becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// ConMIM pretraining: the weak (student) and strong (teacher) views of one shared
+    /// crop + flip, and a patch mask.
+    ConMim,
+    /// Classification training: crop + flip only (the weak view; no strong view, no
+    /// mask). The fine-tuning augmentations (RandAugment, mixup, ...) are not here.
+    ClassifyTrain,
+    /// Evaluation: resize the shorter side to `eval_resize`, centre crop `image_size`.
+    ClassifyEval,
+}
+
+impl Task {
+    /// Whether batches carry a strong view and a mask.
+    pub fn is_conmim(self) -> bool {
+        self == Task::ConMim
+    }
+}
+
+/// Which mask generator [`Task::ConMim`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskKind {
+    /// `ratio` of the patches, uniformly (ViT-S/16: 147 of 196).
+    Patch,
+    /// `ratio` of the `cell x cell`-patch cells (ViT-B/L: 37 of 49 cells, 148 patches).
+    Cell,
+    /// BEiT block-wise masking.
+    Block,
+}
+
+/// The mask generator's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaskConfig {
+    /// The generator.
+    pub kind: MaskKind,
+    /// Patch side in pixels (the view side must be a multiple).
+    pub patch_size: u32,
+    /// Masked fraction for `patch` and `cell`.
+    pub ratio: f64,
+    /// Cell side in patches for `cell`.
+    pub cell: usize,
+    /// Target masked patches for `block`.
+    pub block_patches: usize,
+    /// Smallest block for `block`.
+    pub block_min_patches: usize,
+    /// Smallest block aspect ratio for `block`.
+    pub block_min_aspect: f64,
+}
+
+impl Default for MaskConfig {
+    fn default() -> Self {
+        MaskConfig {
+            kind: MaskKind::Patch,
+            patch_size: DEFAULT_PATCH_SIZE,
+            ratio: DEFAULT_MASK_RATIO,
+            cell: DEFAULT_MASK_CELL,
+            block_patches: DEFAULT_BLOCK_PATCHES,
+            block_min_patches: DEFAULT_BLOCK_MIN_PATCHES,
+            block_min_aspect: DEFAULT_BLOCK_MIN_ASPECT,
+        }
+    }
+}
+
+impl MaskConfig {
+    /// The ConMIM recipe for a model: `cell` for base and large, `patch` otherwise.
+    pub fn for_kind(kind: MaskKind) -> Self {
+        MaskConfig {
+            kind,
+            ..Self::default()
+        }
+    }
+
+    /// Builds the generator for `image_size` x `image_size` views.
+    pub fn build(&self, image_size: u32) -> Result<Arc<dyn MaskGenerator>> {
+        if self.patch_size == 0 || !image_size.is_multiple_of(self.patch_size) {
+            return Err(Error::Config(format!(
+                "image size {image_size} is not a multiple of the patch size {}",
+                self.patch_size
+            )));
+        }
+        let grid = MaskGrid::square(image_size as usize, self.patch_size as usize)?;
+        Ok(match self.kind {
+            MaskKind::Patch => Arc::new(RandomPatchMask::new(grid, self.ratio)?),
+            MaskKind::Cell => Arc::new(RandomCellMask::new(grid, self.cell, self.ratio)?),
+            MaskKind::Block => Arc::new(BlockMask::new(
+                grid,
+                self.block_patches,
+                self.block_min_patches,
+                None,
+                self.block_min_aspect,
+                None,
+            )?),
+        })
+    }
+}
+
+/// Everything the [`Loader`](super::Loader) needs besides the source. Defaults are the
+/// named constants of this module; `serde(default)` fills missing fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// Order, distribution, epochs and the seed (which also seeds augmentation and
+    /// masks).
+    pub stream: StreamConfig,
+    /// Decoding/augmenting threads (besides one reader and one collating thread).
+    pub threads: usize,
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Drop an epoch's last batch when it is not full (else it is yielded short).
+    pub drop_last: bool,
+    /// Side of the square views.
+    pub image_size: u32,
+    /// What each sample becomes.
+    pub task: Task,
+    /// The mask ([`Task::ConMim`] only).
+    pub mask: MaskConfig,
+    /// Shorter side before the centre crop ([`Task::ClassifyEval`]).
+    pub eval_resize: u32,
+    /// Label member extension; a missing label is `-1` (an error for the
+    /// classification tasks).
+    pub label_ext: String,
+    /// Image size limits (larger images are corrupt samples, not allocations).
+    pub limits: ImageLimits,
+    /// Failed samples tolerated before the stream ends with
+    /// [`Error::TooManyErrors`]; `None` = skip and count them all.
+    pub max_errors: Option<u64>,
+    /// Batches finished ahead of the consumer.
+    pub prefetch: usize,
+    /// See [`DEFAULT_STALL_TIMEOUT_S`].
+    pub stall_timeout_s: f64,
+    /// Fault injection for tests: a worker panics on the sample with this key.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub fault_panic_key: Option<String>,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            stream: StreamConfig::default(),
+            threads: default_threads(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            drop_last: true,
+            image_size: DEFAULT_IMAGE_SIZE,
+            task: Task::ConMim,
+            mask: MaskConfig::default(),
+            eval_resize: DEFAULT_EVAL_RESIZE,
+            label_ext: DEFAULT_LABEL_EXT.to_owned(),
+            limits: ImageLimits::default(),
+            max_errors: None,
+            prefetch: DEFAULT_PREFETCH,
+            stall_timeout_s: DEFAULT_STALL_TIMEOUT_S,
+            fault_panic_key: None,
+        }
+    }
+}
+
+/// The machine's available parallelism (at least 1).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl LoaderConfig {
+    /// Checks ranges and consistency (the mask is built to check it too).
+    pub fn validate(&self) -> Result<()> {
+        self.stream.validate()?;
+        let bad = |m: String| Err(Error::Config(m));
+        if self.threads == 0 || self.threads > 1024 {
+            return bad(format!("threads must be in 1..=1024, got {}", self.threads));
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be positive".into());
+        }
+        if self.image_size == 0 || self.image_size > 4096 {
+            return bad(format!(
+                "image size must be in 1..=4096, got {}",
+                self.image_size
+            ));
+        }
+        if self.task == Task::ClassifyEval && self.eval_resize < self.image_size {
+            return bad(format!(
+                "eval resize {} is smaller than the crop {}",
+                self.eval_resize, self.image_size
+            ));
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch must be at least 1".into());
+        }
+        if !(self.stall_timeout_s.is_finite() && self.stall_timeout_s > 0.0) {
+            return bad(format!(
+                "stall timeout must be positive, got {}",
+                self.stall_timeout_s
+            ));
+        }
+        if self.label_ext.is_empty() {
+            return bad("label extension must not be empty".into());
+        }
+        if self.task.is_conmim() {
+            self.mask.build(self.image_size)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of one view of one sample.
+    pub fn view_bytes(&self) -> usize {
+        self.image_size as usize * self.image_size as usize * 3
+    }
+
+    /// Mask entries per sample (0 unless [`Task::ConMim`]).
+    pub fn mask_len(&self) -> usize {
+        if self.task.is_conmim() {
+            let side = (self.image_size / self.mask.patch_size.max(1)) as usize;
+            side * side
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let cfg = LoaderConfig::default();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.mask_len(), 196);
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: LoaderConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        let partial: LoaderConfig =
+            serde_json::from_str(r#"{"batch_size": 8, "task": "classify_eval"}"#).unwrap();
+        assert_eq!(partial.batch_size, 8);
+        assert_eq!(partial.task, Task::ClassifyEval);
+        assert_eq!(partial.mask_len(), 0);
+        assert!(serde_json::from_str::<LoaderConfig>(r#"{"batch": 8}"#).is_err());
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        let with = |f: fn(&mut LoaderConfig)| {
+            let mut c = LoaderConfig::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(|c| c.threads = 0).is_err());
+        assert!(with(|c| c.batch_size = 0).is_err());
+        assert!(with(|c| c.image_size = 230).is_err()); // not a multiple of 16
+        assert!(with(|c| c.mask.ratio = 1.5).is_err());
+        assert!(with(|c| c.prefetch = 0).is_err());
+        assert!(with(|c| c.stall_timeout_s = 0.0).is_err());
+        assert!(with(|c| {
+            c.task = Task::ClassifyEval;
+            c.eval_resize = 200;
+        })
+        .is_err());
+        // Classification views need no patch grid.
+        assert!(with(|c| {
+            c.task = Task::ClassifyTrain;
+            c.image_size = 230;
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn mask_presets_have_the_spec_counts() {
+        let mut out = vec![0u8; 196];
+        let mut rng = crate::seed::SplitMix64::new(1, 2);
+        for (kind, expect) in [(MaskKind::Patch, 147), (MaskKind::Cell, 148)] {
+            let g = MaskConfig::for_kind(kind).build(224).unwrap();
+            assert_eq!(g.generate(&mut rng, &mut out), expect);
+        }
+        let g = MaskConfig::for_kind(MaskKind::Block).build(224).unwrap();
+        assert!(g.generate(&mut rng, &mut out) <= 75 + 16);
+    }
+}

@@ -1,0 +1,407 @@
+//! The multithreaded loader: determinism across thread counts, equality with the
+//! single-sample transforms, resume, error policy, damaged and stalled sources,
+//! panics, buffer reuse.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use conmim::Error;
+use conmim::augment::views::ViewMaker;
+use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
+use conmim::format::tar::ShardWriter;
+use conmim::image::ImageLimits;
+use conmim::loader::{Batch, Loader, LoaderConfig, MaskConfig, MaskKind, Task, mask_rng};
+use conmim::stream::{SourceOptions, Stream, StreamConfig};
+use conmim::testkit::{self, JpegSpec};
+
+const SIZE: u32 = 32;
+const PATCH: u32 = 8;
+
+/// Shards of small JPEGs keyed `s{i}_{j}` with label `i * 10 + j`; `corrupt` keys get
+/// garbage bytes instead. Returns key -> image bytes.
+fn dataset(dir: &Path, sizes: &[u64], corrupt: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    let mut list = Vec::new();
+    let mut images = BTreeMap::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let name = conmim::format::shard_name("train", i);
+        let mut w = ShardWriter::create(&dir.join(&name)).unwrap();
+        for j in 0..n {
+            let key = format!("s{i}_{j}");
+            let seed = (i * 1000) as u64 + j;
+            let bytes = if corrupt.contains(&key.as_str()) {
+                b"\xff\xd8\xff\xe0 this is not really a jpeg".to_vec()
+            } else {
+                testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 8, 36, seed))
+            };
+            images.insert(key.clone(), bytes.clone());
+            let members = vec![
+                ("jpg".to_owned(), bytes),
+                ("cls".to_owned(), format!("{}", i * 10 + j as usize).into_bytes()),
+            ];
+            w.append(&key, &members).unwrap();
+        }
+        let f = w.finish().unwrap();
+        list.push(ShardEntry {
+            url: name,
+            nsamples: n,
+            filesize: f.filesize,
+            md5sum: f.md5sum,
+        });
+    }
+    let info = DatasetInfo {
+        schema_version: conmim::format::SCHEMA_VERSION,
+        tool: "test".into(),
+        dataset: "files".into(),
+        split: "train".into(),
+        num_samples: sizes.iter().sum(),
+        num_rejected: 0,
+        num_inputs: sizes.iter().sum(),
+        num_shards: sizes.len() as u64,
+        total_bytes: 0,
+        rejected_by_reason: BTreeMap::new(),
+        classes: None,
+        wnids: None,
+        categories: None,
+        params: serde_json::Value::Null,
+    };
+    let m = Manifest::new("train", list, info);
+    conmim::format::atomic_write_json(&dir.join(conmim::format::manifest_name("train")), &m)
+        .unwrap();
+    images
+}
+
+fn config(threads: usize, batch: usize, epochs: u64) -> LoaderConfig {
+    LoaderConfig {
+        stream: StreamConfig {
+            seed: 17,
+            shuffle_buffer: 5,
+            epochs: Some(epochs),
+            ..Default::default()
+        },
+        threads,
+        batch_size: batch,
+        drop_last: false,
+        image_size: SIZE,
+        mask: MaskConfig {
+            patch_size: PATCH,
+            ..MaskConfig::default()
+        },
+        prefetch: 2,
+        stall_timeout_s: 60.0,
+        ..Default::default()
+    }
+}
+
+fn open(dir: &Path, cfg: LoaderConfig) -> Loader {
+    Loader::open(dir.to_str().unwrap(), &SourceOptions::default(), cfg).unwrap()
+}
+
+/// Everything a batch carries, comparable.
+#[derive(Debug, PartialEq, Eq)]
+struct Copy {
+    epoch: u64,
+    index: u64,
+    keys: Vec<String>,
+    numbers: Vec<u64>,
+    labels: Vec<i64>,
+    weak: Vec<u8>,
+    strong: Vec<u8>,
+    mask: Vec<u8>,
+}
+
+fn copy(b: &Batch) -> Copy {
+    Copy {
+        epoch: b.epoch(),
+        index: b.index(),
+        keys: b.keys().to_vec(),
+        numbers: b.numbers().to_vec(),
+        labels: b.labels().to_vec(),
+        weak: b.weak().to_vec(),
+        strong: b.strong().to_vec(),
+        mask: b.mask().to_vec(),
+    }
+}
+
+fn collect(l: Loader) -> Vec<Copy> {
+    l.map(|b| copy(&b.unwrap())).collect()
+}
+
+#[test]
+fn batches_do_not_depend_on_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[9, 7, 8], &[]);
+    let one = collect(open(dir.path(), config(1, 5, 2)));
+    // 24 samples per epoch in batches of 5: 5 batches per epoch (the last short).
+    assert_eq!(one.len(), 10);
+    assert_eq!(one[4].keys.len(), 4);
+    assert_eq!(one[5].epoch, 1);
+    assert_eq!(one[5].index, 0);
+    for threads in [2, 5] {
+        assert_eq!(
+            collect(open(dir.path(), config(threads, 5, 2))),
+            one,
+            "{threads} threads"
+        );
+    }
+    // Epochs differ (order and augmentation).
+    assert_ne!(one[0].keys, one[5].keys);
+}
+
+#[test]
+fn each_sample_equals_the_single_sample_transforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dataset(dir.path(), &[6, 6], &[]);
+    let cfg = config(3, 4, 1);
+    let masker = cfg.mask.build(SIZE).unwrap();
+    let n = (SIZE * SIZE * 3) as usize;
+    let mut vm = ViewMaker::new();
+    let mut seen = 0;
+    for b in open(dir.path(), cfg.clone()) {
+        let b = b.unwrap();
+        assert_eq!(b.mask_len(), 16);
+        for i in 0..b.len() {
+            let key = &b.keys()[i];
+            let number = b.numbers()[i];
+            let (mut weak, mut strong) = (vec![0u8; n], vec![0u8; n]);
+            vm.conmim_pair(
+                &images[key],
+                &ImageLimits::default(),
+                17,
+                b.epoch(),
+                number,
+                SIZE,
+                &mut weak,
+                &mut strong,
+            )
+            .unwrap();
+            assert_eq!(&b.weak()[i * n..(i + 1) * n], &weak[..], "{key}");
+            assert_eq!(&b.strong()[i * n..(i + 1) * n], &strong[..], "{key}");
+            let mut mask = vec![0u8; 16];
+            let masked = masker.generate(&mut mask_rng(17, b.epoch(), number), &mut mask);
+            assert_eq!(masked, 12, "75% of 16 patches");
+            assert_eq!(&b.mask()[i * 16..(i + 1) * 16], &mask[..], "{key}");
+            let (s, j) = key[1..].split_once('_').unwrap();
+            let label = s.parse::<i64>().unwrap() * 10 + j.parse::<i64>().unwrap();
+            assert_eq!(b.labels()[i], label);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 12);
+}
+
+#[test]
+fn resumed_loader_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[9, 7, 8, 5], &["s1_3"]);
+    let full = collect(open(dir.path(), config(2, 4, 2)));
+    for cut in [1usize, 3, 7, 8] {
+        let mut l = open(dir.path(), config(2, 4, 2));
+        let mut state = None;
+        for _ in 0..cut {
+            state = Some(l.next().unwrap().unwrap().state());
+        }
+        drop(l);
+        let state = state.unwrap();
+        // The state survives JSON.
+        let state: conmim::loader::LoaderState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        let cfg = config(3, 4, 2);
+        let stream = Stream::open(
+            dir.path().to_str().unwrap(),
+            &SourceOptions::default(),
+            cfg.stream.clone(),
+        )
+        .unwrap();
+        let rest = collect(Loader::with_state(stream, cfg, &state).unwrap());
+        assert_eq!(rest, full[cut..], "resumed after batch {cut}");
+    }
+}
+
+#[test]
+fn corrupt_samples_are_skipped_counted_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[6, 6], &["s0_2", "s1_5"]);
+    let mut l = open(dir.path(), config(2, 4, 1));
+    let keys: Vec<String> = l
+        .by_ref()
+        .flat_map(|b| b.unwrap().keys().to_vec())
+        .collect();
+    assert_eq!(keys.len(), 10);
+    assert!(!keys.contains(&"s0_2".to_owned()));
+    let errors = l.errors();
+    assert_eq!(errors.sample_errors, 2);
+    let mut named: Vec<&str> = errors.samples.iter().map(|e| e.key.as_str()).collect();
+    named.sort();
+    assert_eq!(named, ["s0_2", "s1_5"]);
+    assert!(errors.samples[0].shard.ends_with(".tar"));
+    assert!(!errors.samples[0].message.is_empty());
+
+    // With a budget of one error the stream ends at the second, naming it.
+    let mut cfg = config(2, 4, 1);
+    cfg.max_errors = Some(1);
+    let results: Vec<_> = open(dir.path(), cfg).collect();
+    let err = results.last().unwrap().as_ref().unwrap_err();
+    match err {
+        Error::TooManyErrors {
+            errors, limit, key, ..
+        } => {
+            assert_eq!((*errors, *limit), (2, 1));
+            assert!(key == "s0_2" || key == "s1_5");
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn truncated_shard_yields_what_precedes_the_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[8, 8], &[]);
+    let path = dir.path().join(conmim::format::shard_name("train", 1));
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 2).unwrap();
+    let mut cfg = config(2, 3, 1);
+    cfg.stream.equalize_samples = false;
+    let mut l = open(dir.path(), cfg);
+    let keys: Vec<String> = l
+        .by_ref()
+        .flat_map(|b| b.unwrap().keys().to_vec())
+        .collect();
+    let from_damaged = keys.iter().filter(|k| k.starts_with("s1_")).count();
+    assert!(keys.iter().filter(|k| k.starts_with("s0_")).count() == 8);
+    assert!(
+        from_damaged > 0 && from_damaged < 8,
+        "{from_damaged} samples of the damaged shard"
+    );
+    let errors = l.errors();
+    assert_eq!(errors.shard_errors, 1);
+    assert!(errors.shards[0].shard.ends_with("train-000001.tar"));
+}
+
+#[test]
+fn drop_last_drops_only_the_short_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[7, 6], &[]);
+    let mut cfg = config(2, 4, 2);
+    cfg.drop_last = true;
+    let mut l = open(dir.path(), cfg);
+    let batches: Vec<Copy> = l.by_ref().map(|b| copy(&b.unwrap())).collect();
+    assert_eq!(batches.len(), 6);
+    assert!(batches.iter().all(|b| b.keys.len() == 4));
+    assert_eq!(l.stats().dropped, 2);
+    assert_eq!(l.stats().samples, 24);
+}
+
+#[test]
+fn classification_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dataset(dir.path(), &[5], &[]);
+    let n = (SIZE * SIZE * 3) as usize;
+    let mut vm = ViewMaker::new();
+    for task in [Task::ClassifyTrain, Task::ClassifyEval] {
+        let mut cfg = config(2, 5, 1);
+        cfg.task = task;
+        cfg.eval_resize = 36;
+        let batches = collect(open(dir.path(), cfg));
+        assert_eq!(batches.len(), 1);
+        let b = &batches[0];
+        assert!(b.strong.is_empty() && b.mask.is_empty());
+        for (i, key) in b.keys.iter().enumerate() {
+            let mut out = vec![0u8; n];
+            match task {
+                Task::ClassifyTrain => {
+                    vm.train_view(
+                        &images[key],
+                        &ImageLimits::default(),
+                        17,
+                        0,
+                        b.numbers[i],
+                        SIZE,
+                        &mut out,
+                    )
+                    .unwrap();
+                }
+                _ => vm
+                    .eval_view(&images[key], &ImageLimits::default(), 36, SIZE, &mut out)
+                    .unwrap(),
+            }
+            assert_eq!(&b.weak[i * n..(i + 1) * n], &out[..], "{task:?} {key}");
+        }
+    }
+}
+
+#[test]
+fn batch_buffers_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[10, 10, 10], &[]);
+    let mut cfg = config(2, 3, 2);
+    cfg.prefetch = 1;
+    let mut ptrs = HashSet::new();
+    let mut count = 0;
+    for b in open(dir.path(), cfg) {
+        let b = b.unwrap();
+        ptrs.insert(b.weak().as_ptr() as usize);
+        count += 1;
+    }
+    assert_eq!(count, 20);
+    assert!(ptrs.len() <= 2, "{} distinct buffers", ptrs.len());
+}
+
+#[test]
+fn block_and_cell_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[6], &[]);
+    for (kind, expect) in [(MaskKind::Cell, 12usize), (MaskKind::Block, 0)] {
+        let mut cfg = config(2, 6, 1);
+        cfg.image_size = 64;
+        cfg.mask = MaskConfig {
+            kind,
+            patch_size: 16,
+            block_patches: 6,
+            block_min_patches: 2,
+            ..MaskConfig::default()
+        };
+        let b = collect(open(dir.path(), cfg));
+        for m in b[0].mask.chunks(16) {
+            let masked = m.iter().filter(|&&x| x == 1).count();
+            if expect > 0 {
+                assert_eq!(masked, expect, "{kind:?}");
+            } else {
+                assert!((1..=6).contains(&masked), "{kind:?}: {masked}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stalled_source_ends_the_stream_with_an_error() {
+    let mut cfg = config(2, 4, 1);
+    cfg.stall_timeout_s = 0.5;
+    let opts = SourceOptions {
+        allow_pipe: true,
+        ..SourceOptions::default()
+    };
+    let t = std::time::Instant::now();
+    let mut l = Loader::open("pipe:sleep 20", &opts, cfg).unwrap();
+    let r = l.next().unwrap();
+    assert!(matches!(r, Err(Error::Stalled { .. })), "{r:?}");
+    assert!(l.next().is_none());
+    drop(l);
+    assert!(t.elapsed().as_secs() < 10, "dropping the loader must not wait");
+}
+
+#[test]
+fn a_panicking_worker_ends_the_stream_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[6, 6], &[]);
+    let mut cfg = config(2, 4, 1);
+    cfg.fault_panic_key = Some("s1_2".into());
+    let results: Vec<_> = open(dir.path(), cfg).collect();
+    match results.last().unwrap() {
+        Err(Error::ThreadPanicked { thread, message }) => {
+            assert!(thread.starts_with("conmim-worker"), "{thread}");
+            assert!(message.contains("s1_2"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
