@@ -62,6 +62,7 @@ pub mod image;
 pub mod inspect;
 pub mod loader;
 pub mod mask;
+pub mod preview;
 pub mod seed;
 pub mod shard;
 pub mod stream;

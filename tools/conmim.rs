@@ -1,0 +1,277 @@
+//! `conmim`: the ConMIM pretraining tool. Subcommands:
+//!
+//! * `preview` — a picture grid of what the model is fed (weak view | strong view |
+//!   masked view per sample), built exactly as the training loader builds it for the
+//!   same `(seed, epoch, sample)`.
+//!
+//! Thin layer: parse -> validated config -> library calls -> summary / exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use conmim::augment::views::ViewMaker;
+use conmim::loader::{
+    DEFAULT_IMAGE_SIZE, IMAGE_EXTS, MaskConfig, MaskKind, image_member, mask_rng,
+};
+use conmim::preview::{self, PreviewRow};
+use conmim::stream::{
+    DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, DEFAULT_SPLIT, SourceOptions, Stream, StreamConfig,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  conmim preview --data /data/in1k-wds -n 16 --out preview.png
+  conmim preview --data '/data/in1k-wds/train-{000000..000146}.tar' --mask cell --epoch 3
+  conmim preview --data https://example.org/in1k/train.manifest.json --seed 7";
+
+/// ConMIM pretraining: look at the data, train.
+#[derive(Parser)]
+#[command(name = "conmim", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a picture grid of weak view, strong view and masked view per sample, so a
+    /// person can see what the model is fed.
+    ///
+    /// Samples are taken in stream order (rank 0 of 1, the loader's shard and sample
+    /// shuffle for --seed and --epoch), and each sample's views and mask are built from
+    /// (seed, epoch, sample number) exactly as the training loader builds them.
+    /// Layout: one row per sample, tiles weak | strong | masked (masked patches greyed,
+    /// with their patch grid), 4-pixel white gaps.
+    Preview(PreviewArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MaskArg {
+    /// Random 75% of the patches (ConMIM ViT-S: 147 of 196).
+    Patch,
+    /// Random 75% of the 32-px cells (ConMIM ViT-B/L: 37 of 49 cells = 148 patches).
+    Cell,
+    /// BEiT block-wise masking (75 of 196 patches).
+    Block,
+}
+
+impl From<MaskArg> for MaskKind {
+    fn from(m: MaskArg) -> Self {
+        match m {
+            MaskArg::Patch => MaskKind::Patch,
+            MaskArg::Cell => MaskKind::Cell,
+            MaskArg::Block => MaskKind::Block,
+        }
+    }
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    /// Dataset directory, manifest, brace pattern, list file, single .tar, http(s) URL
+    /// or pipe:CMD (with --allow-pipe).
+    #[arg(long)]
+    data: String,
+    /// Split whose manifest a dataset directory is read for.
+    #[arg(long, default_value = DEFAULT_SPLIT)]
+    split: String,
+    /// Samples (rows) to show.
+    #[arg(short = 'n', long = "num", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    n: u32,
+    /// Output PNG (written atomically).
+    #[arg(long, default_value = "preview.png")]
+    out: PathBuf,
+    /// Seed of the shuffles, the augmentation and the masks (the loader's stream seed).
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Epoch to show (its shard order, sample order and random parameters).
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// View side in pixels (a multiple of the 16-px patch).
+    #[arg(long, default_value_t = DEFAULT_IMAGE_SIZE)]
+    size: u32,
+    /// Mask generator.
+    #[arg(long, value_enum, default_value_t = MaskArg::Patch)]
+    mask: MaskArg,
+    /// Sample shuffle buffer; keep the training value to see the samples training sees.
+    #[arg(long, default_value_t = DEFAULT_SHUFFLE_BUFFER)]
+    shuffle_buffer: usize,
+    /// Accept pipe:CMD shard URLs (they run shell commands).
+    #[arg(long)]
+    allow_pipe: bool,
+}
+
+/// One sample of the picture.
+struct Shown {
+    key: String,
+    weak: Vec<u8>,
+    strong: Vec<u8>,
+    mask: Vec<u8>,
+}
+
+fn preview_cmd(a: &PreviewArgs) -> Result<()> {
+    let mask_cfg = MaskConfig::for_kind(a.mask.into());
+    let masker = mask_cfg
+        .build(a.size)
+        .with_context(|| format!("--size {} with --mask {:?}", a.size, a.mask))?;
+    let grid = masker.grid();
+    let patch = mask_cfg.patch_size;
+    let opts = SourceOptions {
+        split: a.split.clone(),
+        allow_pipe: a.allow_pipe,
+    };
+    let cfg = StreamConfig {
+        seed: a.seed,
+        shuffle_buffer: a.shuffle_buffer,
+        epochs: Some(a.epoch.saturating_add(1)),
+        ..StreamConfig::default()
+    };
+    let mut stream =
+        Stream::open(&a.data, &opts, cfg).with_context(|| format!("opening {}", a.data))?;
+    if a.epoch > 0 {
+        let mut state = stream.state();
+        state.epoch = a.epoch;
+        state.samples = 0;
+        state.events = 0;
+        stream
+            .restore(&state)
+            .context("moving the stream to --epoch")?;
+    }
+
+    let limits = conmim::loader::LoaderConfig::default().limits;
+    let view_len = a.size as usize * a.size as usize * 3;
+    let mut maker = ViewMaker::new();
+    let mut rows: Vec<Shown> = Vec::new();
+    let (mut skipped, mut shard_errors) = (0u64, 0u64);
+    while rows.len() < a.n as usize {
+        let Some(s) = stream.next_sample() else { break };
+        for (url, e) in stream.take_errors() {
+            shard_errors += 1;
+            eprintln!("shard error: {url}: {e}");
+        }
+        let (shard, key, number) = (&s.sample.shard, &s.sample.key, s.number);
+        let Some(bytes) = image_member(&s.sample) else {
+            skipped += 1;
+            let exts: Vec<&str> = s.sample.members.iter().map(|(e, _)| e.as_str()).collect();
+            eprintln!(
+                "skip {shard} {key}: no image member (one of {}); the sample has {exts:?}",
+                IMAGE_EXTS.join(", ")
+            );
+            continue;
+        };
+        let (mut weak, mut strong) = (vec![0u8; view_len], vec![0u8; view_len]);
+        let params = match maker.conmim_pair(
+            bytes,
+            &limits,
+            a.seed,
+            s.epoch,
+            number,
+            a.size,
+            &mut weak,
+            &mut strong,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                skipped += 1;
+                eprintln!("skip {shard} {key}: {e}");
+                continue;
+            }
+        };
+        let mut mask = vec![0u8; grid.num_patches()];
+        let masked = masker.generate(&mut mask_rng(a.seed, s.epoch, number), &mut mask);
+        let c = params.crop;
+        let st = params.strong;
+        let mut strong_ops = Vec::new();
+        if st.jitter.apply {
+            strong_ops.push("jitter");
+        }
+        if st.grayscale {
+            strong_ops.push("gray");
+        }
+        if st.blur.is_some() {
+            strong_ops.push("blur");
+        }
+        if st.solarize {
+            strong_ops.push("solarize");
+        }
+        let label = s
+            .sample
+            .member("cls")
+            .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "row {:>3}: {shard} {key} (epoch {}, sample {number}, cls {label}) crop {}x{}+{}+{}{} strong [{}] masked {masked}/{}",
+            rows.len(),
+            s.epoch,
+            c.width,
+            c.height,
+            c.left,
+            c.top,
+            if params.flip { " flipped" } else { "" },
+            strong_ops.join(" "),
+            grid.num_patches(),
+        );
+        rows.push(Shown {
+            key: key.clone(),
+            weak,
+            strong,
+            mask,
+        });
+    }
+    for (url, e) in stream.take_errors() {
+        shard_errors += 1;
+        eprintln!("shard error: {url}: {e}");
+    }
+    if rows.is_empty() {
+        bail!(
+            "no sample of epoch {} could be shown ({skipped} skipped, {shard_errors} shard errors)",
+            a.epoch
+        );
+    }
+    let view: Vec<PreviewRow<'_>> = rows
+        .iter()
+        .map(|r| PreviewRow {
+            key: &r.key,
+            weak: &r.weak,
+            strong: &r.strong,
+            mask: &r.mask,
+        })
+        .collect();
+    let layout = preview::write_preview(&a.out, &view, a.size, patch)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if rows.len() < a.n as usize {
+        eprintln!(
+            "note: epoch {} ended after {} usable samples (-n {})",
+            a.epoch,
+            rows.len(),
+            a.n
+        );
+    }
+    println!(
+        "preview: {} samples shown, {skipped} skipped, {shard_errors} shard errors; wrote {} ({}x{} px: rows of weak | strong | masked, {}-px views, {}-px patches)",
+        rows.len(),
+        a.out.display(),
+        layout.width(),
+        layout.height(),
+        a.size,
+        patch,
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Preview(a) => preview_cmd(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conmim: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

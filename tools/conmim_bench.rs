@@ -1,0 +1,649 @@
+//! `conmim-bench`: loader throughput, its per-stage cost, and the PyTorch peer side by
+//! side. Thin CLI over [`conmim::loader`]; see `conmim-bench loader --help`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use conmim::image::ImageLimits;
+use conmim::image::pixels::Decoder;
+use conmim::loader::{Loader, LoaderConfig, LoaderStats, MaskConfig, MaskKind, Task};
+use conmim::stream::{Mode, SourceOptions, Stream, StreamConfig};
+
+#[derive(Parser)]
+#[command(name = "conmim-bench", version, about = "Benchmarks of the conmim data path")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Loader throughput (img/s) with a per-stage breakdown, CPU use, queue depths and
+    /// peak RSS; also a plain single-thread decode of the same files (the "moonshot"
+    /// ratio). `--json` prints one JSON object.
+    Loader(LoaderArgs),
+    /// Runs `loader` and then the PyTorch reference path (tools/bench/torch_loader.py:
+    /// webdataset + PIL + torchvision, same transform and mask) with the same
+    /// settings, and prints both and the per-core ratio.
+    Compare(CompareArgs),
+    /// Writes an ImageNet-like benchmark dataset: photo-like JPEGs of typical ImageNet
+    /// sizes (500x375, 375x500, 500x333, 640x480, ...) at quality 75-96, in shards with
+    /// a manifest (no Parquet index; the loader needs none).
+    MakeData(MakeDataArgs),
+}
+
+#[derive(Args)]
+struct MakeDataArgs {
+    /// Output directory (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 2000)]
+    images: usize,
+    /// Images per shard.
+    #[arg(long, default_value_t = 500)]
+    per_shard: usize,
+    /// Number of classes (labels are `i % classes`).
+    #[arg(long, default_value_t = 100)]
+    classes: usize,
+    /// Split name.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Seed of the pixels, sizes and qualities.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum TaskArg {
+    /// Weak + strong views and a patch mask.
+    Conmim,
+    /// Crop + flip only.
+    ClassifyTrain,
+    /// Resize + centre crop.
+    ClassifyEval,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum MaskArg {
+    Patch,
+    Cell,
+    Block,
+}
+
+#[derive(Args, Clone)]
+struct LoaderArgs {
+    /// Dataset directory (with `{split}.manifest.json`), shard pattern, list file or URL.
+    #[arg(long)]
+    data: String,
+    /// Split to read from a dataset directory.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Decoding threads (besides one reader and one collator thread).
+    #[arg(long, default_value_t = conmim::loader::default_threads())]
+    threads: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = conmim::loader::DEFAULT_BATCH_SIZE)]
+    batch: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Batches consumed before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup_batches: usize,
+    /// View side.
+    #[arg(long, default_value_t = conmim::loader::DEFAULT_IMAGE_SIZE)]
+    size: u32,
+    /// What each sample becomes.
+    #[arg(long, value_enum, default_value = "conmim")]
+    task: TaskArg,
+    /// Mask generator (conmim task).
+    #[arg(long, value_enum, default_value = "patch")]
+    mask: MaskArg,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sample shuffle buffer.
+    #[arg(long, default_value_t = conmim::stream::DEFAULT_SHUFFLE_BUFFER)]
+    shuffle_buffer: usize,
+    /// Seconds of the single-thread plain-decode baseline (0 = skip).
+    #[arg(long, default_value_t = 3.0)]
+    decode_seconds: f64,
+    /// Accept `pipe:` sources.
+    #[arg(long)]
+    allow_pipe: bool,
+    /// Print one JSON object on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    loader: LoaderArgs,
+    /// Python interpreter with torch, torchvision, webdataset (default:
+    /// $CONMIM_PYTHON, else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The peer script.
+    #[arg(long, default_value = "tools/bench/torch_loader.py")]
+    peer: PathBuf,
+}
+
+/// Per-image milliseconds of each stage (CPU time summed over threads).
+#[derive(Serialize, Debug, Default)]
+struct StageMs {
+    read: f64,
+    decode: f64,
+    crop_resize: f64,
+    strong_aug: f64,
+    mask: f64,
+    collate: f64,
+    total: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    #[serde(rename = "impl")]
+    implementation: &'static str,
+    version: &'static str,
+    data: String,
+    task: String,
+    img_per_s: f64,
+    per_thread_img_per_s: f64,
+    threads: usize,
+    batch: usize,
+    images: u64,
+    seconds: f64,
+    image_size: u32,
+    stage_ms_per_image: StageMs,
+    /// Seconds per measured second that workers waited for input / for a free slot,
+    /// and the collator for the consumer (summed over threads).
+    wait_input_per_s: f64,
+    wait_slot_per_s: f64,
+    wait_consumer_per_s: f64,
+    /// Process CPU time / wall time (cores kept busy) and that / available cores.
+    cpu_cores_busy: Option<f64>,
+    cpu_utilisation: Option<f64>,
+    cpu_count: usize,
+    queue_depths_mean: QueueMeans,
+    peak_rss_mb: Option<f64>,
+    read_mb_per_s: f64,
+    sample_errors: u64,
+    shard_errors: u64,
+    decode_baseline_img_per_s: Option<f64>,
+    decode_baseline_images: usize,
+    /// (img_per_s / threads) / decode_baseline_img_per_s.
+    moonshot_ratio: Option<f64>,
+}
+
+#[derive(Serialize, Debug, Default)]
+struct QueueMeans {
+    jobs: f64,
+    done: f64,
+    free_slots: f64,
+    batches: f64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Loader(a) => {
+            let r = bench_loader(&a)?;
+            print_report(&r, a.json)?;
+        }
+        Cmd::Compare(c) => compare(&c)?,
+        Cmd::MakeData(m) => make_data(&m)?,
+    }
+    Ok(())
+}
+
+fn loader_config(a: &LoaderArgs) -> LoaderConfig {
+    LoaderConfig {
+        stream: StreamConfig {
+            seed: a.seed,
+            mode: Mode::Resampled,
+            shuffle_buffer: a.shuffle_buffer,
+            ..StreamConfig::default()
+        },
+        threads: a.threads,
+        batch_size: a.batch,
+        image_size: a.size,
+        task: match a.task {
+            TaskArg::Conmim => Task::ConMim,
+            TaskArg::ClassifyTrain => Task::ClassifyTrain,
+            TaskArg::ClassifyEval => Task::ClassifyEval,
+        },
+        mask: MaskConfig::for_kind(match a.mask {
+            MaskArg::Patch => MaskKind::Patch,
+            MaskArg::Cell => MaskKind::Cell,
+            MaskArg::Block => MaskKind::Block,
+        }),
+        ..LoaderConfig::default()
+    }
+}
+
+/// (user + system CPU seconds of this process, peak RSS in MiB), from /proc.
+fn proc_usage() -> (Option<f64>, Option<f64>) {
+    let cpu = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = &s[s.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0) // USER_HZ is 100 on Linux
+    });
+    let rss = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    });
+    (cpu, rss)
+}
+
+fn sub(a: &LoaderStats, b: &LoaderStats) -> LoaderStats {
+    LoaderStats {
+        read_s: a.read_s - b.read_s,
+        decode_s: a.decode_s - b.decode_s,
+        resize_s: a.resize_s - b.resize_s,
+        strong_s: a.strong_s - b.strong_s,
+        mask_s: a.mask_s - b.mask_s,
+        collate_s: a.collate_s - b.collate_s,
+        worker_wait_job_s: a.worker_wait_job_s - b.worker_wait_job_s,
+        worker_wait_slot_s: a.worker_wait_slot_s - b.worker_wait_slot_s,
+        wait_consumer_s: a.wait_consumer_s - b.wait_consumer_s,
+        read_bytes: a.read_bytes - b.read_bytes,
+        samples: a.samples - b.samples,
+        dropped: a.dropped - b.dropped,
+        batches: a.batches - b.batches,
+    }
+}
+
+fn bench_loader(a: &LoaderArgs) -> Result<Report> {
+    if !(a.seconds > 0.0) {
+        bail!("--seconds must be positive");
+    }
+    let opts = SourceOptions {
+        split: a.split.clone(),
+        allow_pipe: a.allow_pipe,
+    };
+    let cfg = loader_config(a);
+    cfg.validate().context("invalid loader settings")?;
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("style"));
+    pb.enable_steady_tick(Duration::from_millis(200));
+
+    let baseline = if a.decode_seconds > 0.0 {
+        pb.set_message("plain single-thread decode baseline");
+        Some(decode_baseline(&a.data, &opts, a.decode_seconds)?)
+    } else {
+        None
+    };
+
+    pb.set_message(format!(
+        "warming up ({} batches of {})",
+        a.warmup_batches, a.batch
+    ));
+    let mut loader = Loader::open(&a.data, &opts, cfg)
+        .with_context(|| format!("cannot open {}", a.data))?;
+    for _ in 0..a.warmup_batches {
+        match loader.next() {
+            Some(b) => drop(b.context("loader failed during warm-up")?),
+            None => bail!("the data ended during warm-up"),
+        }
+    }
+    let s0 = loader.stats();
+    let (cpu0, _) = proc_usage();
+    let t0 = Instant::now();
+    let limit = Duration::from_secs_f64(a.seconds);
+    let mut images = 0u64;
+    let mut q = QueueMeans::default();
+    let mut nq = 0u64;
+    while t0.elapsed() < limit {
+        let Some(b) = loader.next() else { break };
+        let b = b.context("loader failed")?;
+        images += b.len() as u64;
+        drop(b);
+        let d = loader.queue_depths();
+        q.jobs += d.jobs as f64;
+        q.done += d.done as f64;
+        q.free_slots += d.free_slots as f64;
+        q.batches += d.batches as f64;
+        nq += 1;
+        let el = t0.elapsed().as_secs_f64();
+        pb.set_message(format!(
+            "{images} images, {:.0} img/s, queues: jobs {} done {} free slots {} batches {}",
+            images as f64 / el.max(1e-9),
+            d.jobs,
+            d.done,
+            d.free_slots,
+            d.batches
+        ));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu1, rss) = proc_usage();
+    let st = sub(&loader.stats(), &s0);
+    let errors = loader.errors();
+    drop(loader);
+    pb.finish_and_clear();
+    if nq > 0 {
+        let n = nq as f64;
+        q.jobs /= n;
+        q.done /= n;
+        q.free_slots /= n;
+        q.batches /= n;
+    }
+    let per = |s: f64| {
+        if st.samples > 0 {
+            s * 1e3 / st.samples as f64
+        } else {
+            0.0
+        }
+    };
+    let stage = StageMs {
+        read: per(st.read_s),
+        decode: per(st.decode_s),
+        crop_resize: per(st.resize_s),
+        strong_aug: per(st.strong_s),
+        mask: per(st.mask_s),
+        collate: per(st.collate_s),
+        total: per(st.read_s + st.decode_s + st.resize_s + st.strong_s + st.mask_s + st.collate_s),
+    };
+    let img_per_s = images as f64 / wall;
+    let cpu_count = conmim::loader::default_threads();
+    let busy = cpu0.zip(cpu1).map(|(a, b)| (b - a) / wall);
+    let per_thread = img_per_s / a.threads as f64;
+    Ok(Report {
+        implementation: "conmim",
+        version: env!("CARGO_PKG_VERSION"),
+        data: a.data.clone(),
+        task: format!("{:?}", a.task).to_lowercase(),
+        img_per_s,
+        per_thread_img_per_s: per_thread,
+        threads: a.threads,
+        batch: a.batch,
+        images,
+        seconds: wall,
+        image_size: a.size,
+        stage_ms_per_image: stage,
+        wait_input_per_s: st.worker_wait_job_s / wall,
+        wait_slot_per_s: st.worker_wait_slot_s / wall,
+        wait_consumer_per_s: st.wait_consumer_s / wall,
+        cpu_cores_busy: busy,
+        cpu_utilisation: busy.map(|b| b / cpu_count as f64),
+        cpu_count,
+        queue_depths_mean: q,
+        peak_rss_mb: rss,
+        read_mb_per_s: st.read_bytes as f64 / wall / 1e6,
+        sample_errors: errors.sample_errors,
+        shard_errors: errors.shard_errors,
+        decode_baseline_img_per_s: baseline.map(|b| b.0),
+        decode_baseline_images: baseline.map_or(0, |b| b.1),
+        moonshot_ratio: baseline.map(|b| per_thread / b.0),
+    })
+}
+
+/// Images kept in memory for the decode baseline.
+const BASELINE_IMAGES: usize = 256;
+
+/// Single-thread full decode (zune-jpeg to RGB8, the plain path) of the first
+/// [`BASELINE_IMAGES`] images of the stream, repeated for `seconds`:
+/// `(img/s, images in the set)`.
+fn decode_baseline(data: &str, opts: &SourceOptions, seconds: f64) -> Result<(f64, usize)> {
+    let cfg = StreamConfig {
+        shuffle_buffer: 0,
+        shuffle_shards: false,
+        epochs: Some(1),
+        ..StreamConfig::default()
+    };
+    let mut stream = Stream::open(data, opts, cfg)?;
+    let mut set = Vec::new();
+    while set.len() < BASELINE_IMAGES {
+        let Some(s) = stream.next_sample() else { break };
+        if let Some(b) = conmim::loader::image_member(&s.sample) {
+            set.push(b.to_vec());
+        }
+    }
+    if set.is_empty() {
+        bail!("{data}: no image found for the decode baseline");
+    }
+    let limits = ImageLimits::default();
+    let mut d = Decoder::new();
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed().as_secs_f64() < seconds {
+        for b in &set {
+            // Undecodable images count: the loader pays for trying them too.
+            let _ = d.decode_rgb(b, &limits);
+            n += 1;
+        }
+    }
+    Ok((n as f64 / t.elapsed().as_secs_f64(), set.len()))
+}
+
+fn print_report(r: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let s = &r.stage_ms_per_image;
+    println!(
+        "conmim loader: {:.0} img/s with {} threads ({:.0} img/s per thread), batch {}, {} images in {:.1} s",
+        r.img_per_s, r.threads, r.per_thread_img_per_s, r.batch, r.images, r.seconds
+    );
+    println!(
+        "  CPU ms per image: read {:.3}, decode {:.3}, crop+resize {:.3}, strong aug {:.3}, mask {:.4}, collate {:.3} (total {:.3})",
+        s.read, s.decode, s.crop_resize, s.strong_aug, s.mask, s.collate, s.total
+    );
+    if let (Some(b), Some(u)) = (r.cpu_cores_busy, r.cpu_utilisation) {
+        println!(
+            "  CPU: {b:.2} cores busy of {} ({:.0}%)",
+            r.cpu_count,
+            u * 100.0
+        );
+    }
+    let q = &r.queue_depths_mean;
+    println!(
+        "  queues (mean): jobs {:.1}, results {:.1}, free slots {:.1}, ready batches {:.1}; waits per s: input {:.2}, slots {:.2}, consumer {:.2}",
+        q.jobs,
+        q.done,
+        q.free_slots,
+        q.batches,
+        r.wait_input_per_s,
+        r.wait_slot_per_s,
+        r.wait_consumer_per_s
+    );
+    if let Some(rss) = r.peak_rss_mb {
+        println!("  peak RSS {rss:.0} MiB; read {:.1} MB/s", r.read_mb_per_s);
+    }
+    if let (Some(d), Some(m)) = (r.decode_baseline_img_per_s, r.moonshot_ratio) {
+        println!(
+            "  plain decode baseline: {d:.0} img/s on one thread ({} images); moonshot ratio (pipeline per thread / plain decode) {:.0}%",
+            r.decode_baseline_images,
+            m * 100.0
+        );
+    }
+    if r.sample_errors + r.shard_errors > 0 {
+        println!(
+            "  skipped: {} samples, {} shards",
+            r.sample_errors, r.shard_errors
+        );
+    }
+    Ok(())
+}
+
+fn compare(c: &CompareArgs) -> Result<()> {
+    let a = &c.loader;
+    let ours = bench_loader(&LoaderArgs {
+        json: true,
+        ..a.clone()
+    })?;
+    let python = c
+        .python
+        .clone()
+        .or_else(|| std::env::var_os("CONMIM_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let data = if std::path::Path::new(&a.data).is_dir() {
+        a.data.clone()
+    } else {
+        bail!("compare needs a dataset directory for the peer script, got {}", a.data);
+    };
+    eprintln!(
+        "running the PyTorch peer: {} {} ({} s)",
+        python.display(),
+        c.peer.display(),
+        a.seconds
+    );
+    let out = Command::new(&python)
+        .arg(&c.peer)
+        .args(["--data", &data, "--split", &a.split])
+        .args(["--threads", &a.threads.to_string()])
+        .args(["--batch", &a.batch.to_string()])
+        .args(["--seconds", &a.seconds.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .arg("--json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    if !out.status.success() {
+        bail!("the peer script failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("the peer script printed no JSON object")?;
+    let peer: serde_json::Value = serde_json::from_str(line).context("peer JSON")?;
+    let peer_rate = peer["img_per_s"]
+        .as_f64()
+        .context("peer JSON has no img_per_s")?;
+    let peer_threads = peer["threads"].as_u64().unwrap_or(a.threads as u64).max(1) as f64;
+    let ratio = (ours.img_per_s / ours.threads as f64) / (peer_rate / peer_threads);
+    if a.json {
+        let j = serde_json::json!({
+            "conmim": ours,
+            "pytorch": peer,
+            "per_core_ratio": ratio,
+        });
+        println!("{j}");
+    } else {
+        print_report(&ours, false)?;
+        println!(
+            "pytorch peer: {peer_rate:.0} img/s with {peer_threads} workers ({:.0} img/s per worker)",
+            peer_rate / peer_threads
+        );
+        println!("per-core ratio conmim / pytorch: {ratio:.1}x");
+    }
+    Ok(())
+}
+
+/// ImageNet's common sizes.
+const BENCH_SIZES: &[(u32, u32)] = &[
+    (500, 375),
+    (500, 375),
+    (375, 500),
+    (500, 333),
+    (333, 500),
+    (500, 400),
+    (640, 480),
+    (500, 500),
+];
+
+fn make_data(m: &MakeDataArgs) -> Result<()> {
+    use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
+    use conmim::format::tar::ShardWriter;
+    use conmim::testkit::{JpegSpec, derive_seed, jpeg};
+    use rayon::prelude::*;
+
+    if m.images == 0 || m.per_shard == 0 || m.classes == 0 {
+        bail!("--images, --per-shard and --classes must be positive");
+    }
+    std::fs::create_dir_all(&m.out).with_context(|| format!("creating {}", m.out.display()))?;
+    let nshards = m.images.div_ceil(m.per_shard);
+    let pb = ProgressBar::new(m.images as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("style"),
+    );
+    let entries: Vec<Result<(ShardEntry, u64)>> = (0..nshards)
+        .into_par_iter()
+        .map(|s| {
+            let name = conmim::format::shard_name(&m.split, s);
+            let path = m.out.join(&name);
+            let mut w = ShardWriter::create(&path)?;
+            let lo = s * m.per_shard;
+            let hi = (lo + m.per_shard).min(m.images);
+            let mut bytes = 0u64;
+            for i in lo..hi {
+                let r = derive_seed(m.seed, i as u64);
+                let (width, height) = BENCH_SIZES[(r % BENCH_SIZES.len() as u64) as usize];
+                let quality = 75 + ((r >> 16) % 22) as u8;
+                let spec = JpegSpec {
+                    quality,
+                    ..JpegSpec::rgb(width, height, r)
+                };
+                let img = jpeg(&spec);
+                bytes += img.len() as u64;
+                let key = format!("img{i:08}");
+                w.append(
+                    &key,
+                    &[
+                        ("jpg".to_owned(), img),
+                        ("cls".to_owned(), (i % m.classes).to_string().into_bytes()),
+                    ],
+                )?;
+                pb.inc(1);
+            }
+            let f = w.finish()?;
+            Ok((
+                ShardEntry {
+                    url: name,
+                    nsamples: (hi - lo) as u64,
+                    filesize: f.filesize,
+                    md5sum: f.md5sum,
+                },
+                bytes,
+            ))
+        })
+        .collect();
+    pb.finish_and_clear();
+    let mut list = Vec::new();
+    let mut total = 0;
+    for e in entries {
+        let (entry, bytes) = e?;
+        total += bytes;
+        list.push(entry);
+    }
+    let info = DatasetInfo {
+        schema_version: conmim::format::SCHEMA_VERSION,
+        tool: conmim::format::manifest::tool_name(),
+        dataset: "bench".into(),
+        split: m.split.clone(),
+        num_samples: m.images as u64,
+        num_rejected: 0,
+        num_inputs: m.images as u64,
+        num_shards: nshards as u64,
+        total_bytes: total,
+        rejected_by_reason: Default::default(),
+        classes: None,
+        wnids: None,
+        categories: None,
+        params: serde_json::json!({"seed": m.seed, "classes": m.classes}),
+    };
+    let manifest = Manifest::new(&m.split, list, info);
+    conmim::format::atomic_write_json(&m.out.join(conmim::format::manifest_name(&m.split)), &manifest)?;
+    eprintln!(
+        "wrote {} images ({:.1} MB, {:.0} KB mean) in {nshards} shards to {}",
+        m.images,
+        total as f64 / 1e6,
+        total as f64 / m.images as f64 / 1e3,
+        m.out.display()
+    );
+    Ok(())
+}
