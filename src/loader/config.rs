@@ -249,6 +249,13 @@ impl LoaderConfig {
         Ok(())
     }
 
+    /// Takes rank and world size from `RANK` / `WORLD_SIZE` when set (as `torchrun`
+    /// sets them); see [`StreamConfig::with_env_distribution`].
+    pub fn with_env_distribution(mut self) -> Result<Self> {
+        self.stream = self.stream.with_env_distribution()?;
+        Ok(self)
+    }
+
     /// Bytes of one view of one sample.
     pub fn view_bytes(&self) -> usize {
         self.image_size as usize * self.image_size as usize * 3
