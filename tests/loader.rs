@@ -405,3 +405,19 @@ fn a_panicking_worker_ends_the_stream_with_an_error() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn dropping_the_loader_mid_epoch_is_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[20, 20], &[]);
+    let mut cfg = config(3, 2, 100);
+    cfg.prefetch = 1;
+    let mut l = open(dir.path(), cfg);
+    let first = l.next().unwrap().unwrap();
+    let t = std::time::Instant::now();
+    // The consumer still holds a batch: the pool is short, workers are blocked.
+    drop(l);
+    assert_eq!(first.len(), 2);
+    drop(first);
+    assert!(t.elapsed().as_secs() < 5, "drop took {:?}", t.elapsed());
+}
