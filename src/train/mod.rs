@@ -1,7 +1,27 @@
-//! The GPU side (feature `train`): libtorch through `tch`. This issue only wires the
-//! runtime in; the model, loss and trainer arrive with the pretraining issue.
+//! The GPU side (feature `train`): libtorch through `tch`.
+//!
+//! * [`vit`]: the ViT backbone (BEiT-style as the official ConMIM pretraining code, or
+//!   timm-style), parameters named as timm names them.
+//! * [`head`]: the ConMIM projection head (3 layers, 4096 hidden, 256 out, BatchNorm).
+//! * [`loss`]: L2 normalisation and the ConMIM intra-image patch-level InfoNCE.
+//! * [`input`]: the loader's u8 NHWC views and masks -> normalised f32 NCHW / Bool
+//!   tensors on the training device.
+//! * [`init`]: the official code's truncated-normal initialisation.
+//!
+//! The trainer (optimiser, schedules, momentum teacher, checkpoints) builds on these.
 
 use serde::Serialize;
+
+pub mod head;
+pub mod init;
+pub mod input;
+pub mod loss;
+pub mod vit;
+
+#[cfg(test)]
+mod pretrain_tests;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// What libtorch sees on this machine.
 #[derive(Debug, Clone, Serialize)]

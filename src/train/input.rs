@@ -1,0 +1,167 @@
+//! From the loader's bytes to model inputs, on the training device: u8 NHWC views ->
+//! normalised f32 NCHW, u8 masks -> Bool `[B, N]`. The bytes cross to the device as u8
+//! (a quarter of the f32 traffic); conversion and normalisation run there.
+
+use tch::{Device, Kind, TchError, Tensor};
+
+type Result<T> = std::result::Result<T, TchError>;
+
+/// ImageNet channel means (RGB, on the 0..1 scale): the official pretraining runs with
+/// `--imagenet_default_mean_and_std`.
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations (RGB, on the 0..1 scale).
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// Normalises a u8 `[B, S, S, 3]` (NHWC, RGB) tensor, on whatever device it lives, to
+/// f32 `[B, 3, S, S]` (contiguous NCHW): `(x / 255 - mean) / std` per channel, computed
+/// as one multiply-add per element (torchvision's `ToTensor` + `Normalize` up to f32
+/// rounding).
+pub fn normalize_nhwc(images: &Tensor, mean: [f64; 3], std: [f64; 3]) -> Result<Tensor> {
+    let size = images.size();
+    if size.len() != 4 || size[3] != 3 || size[1] != size[2] || images.kind() != Kind::Uint8 {
+        return Err(TchError::Shape(format!(
+            "normalize: expected u8 [B, S, S, 3] (NHWC) images, got {:?} {size:?}",
+            images.kind()
+        )));
+    }
+    let dev = images.device();
+    let scale: Vec<f32> = std.iter().map(|s| (1.0 / (255.0 * s)) as f32).collect();
+    let shift: Vec<f32> = mean.iter().zip(std).map(|(m, s)| (-m / s) as f32).collect();
+    let scale = Tensor::from_slice(&scale).to_device(dev);
+    let shift = Tensor::from_slice(&shift).to_device(dev);
+    let mut x = images.f_to_kind(Kind::Float)?;
+    let _ = x.f_mul_(&scale)?;
+    let _ = x.f_add_(&shift)?;
+    x.f_permute([0, 3, 1, 2])?.f_contiguous()
+}
+
+/// The loader's views (`Batch::weak()` / `Batch::strong()`: `batch * size * size * 3`
+/// u8, NHWC RGB) -> normalised f32 `[B, 3, S, S]` on `device`, with ImageNet mean/std.
+/// The u8 bytes are copied to the device as they are; the conversion happens there.
+pub fn normalize_u8_nhwc(
+    bytes: &[u8],
+    batch: usize,
+    size: usize,
+    device: Device,
+) -> Result<Tensor> {
+    normalize_u8_nhwc_with(bytes, batch, size, IMAGENET_MEAN, IMAGENET_STD, device)
+}
+
+/// [`normalize_u8_nhwc`] with explicit mean and std (0..1 scale).
+pub fn normalize_u8_nhwc_with(
+    bytes: &[u8],
+    batch: usize,
+    size: usize,
+    mean: [f64; 3],
+    std: [f64; 3],
+    device: Device,
+) -> Result<Tensor> {
+    let want = batch * size * size * 3;
+    if bytes.len() != want || batch == 0 || size == 0 {
+        return Err(TchError::Shape(format!(
+            "normalize: {} bytes for batch {batch} x {size} x {size} x 3 (= {want}); \
+             expected a non-empty NHWC u8 batch",
+            bytes.len()
+        )));
+    }
+    let (b, s) = (batch as i64, size as i64);
+    let shape = [b, s, s, 3];
+    let strides = [s * s * 3, s * 3, 3, 1];
+    // SAFETY: the blob tensor borrows `bytes` (len checked above against shape x
+    // strides) and never outlives this function: the `to` copy onto a CUDA device is
+    // synchronous (non_blocking = false) and, on the CPU, `to_kind(Float)` inside
+    // `normalize_nhwc` allocates the result, so nothing returned aliases `bytes`.
+    let host =
+        unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &strides, Kind::Uint8, Device::Cpu)? };
+    let on_device = host.f_to_device(device)?;
+    let out = normalize_nhwc(&on_device, mean, std);
+    drop(on_device);
+    drop(host);
+    out
+}
+
+/// The loader's masks (`Batch::mask()`: `batch * patches` u8, 1 = masked, row-major
+/// patches) -> Bool `[B, N]` on `device`.
+pub fn mask_from_u8(bytes: &[u8], batch: usize, patches: usize, device: Device) -> Result<Tensor> {
+    if bytes.len() != batch * patches || batch == 0 || patches == 0 {
+        return Err(TchError::Shape(format!(
+            "mask: {} bytes for batch {batch} x {patches} patches; expected a non-empty \
+             [B, N] u8 mask",
+            bytes.len()
+        )));
+    }
+    Tensor::f_from_slice(bytes)?
+        .f_view([batch as i64, patches as i64])?
+        .f_to_device(device)?
+        .f_ne(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, IndexOp, Kind, Tensor};
+
+    use super::*;
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 37 % 256) as u8).collect()
+    }
+
+    #[test]
+    fn normalizes_like_torchvision() {
+        let (b, s) = (2, 5);
+        let bytes = pattern(b * s * s * 3);
+        let x = normalize_u8_nhwc(&bytes, b, s, Device::Cpu).unwrap();
+        assert_eq!(x.size(), [2, 3, 5, 5]);
+        assert_eq!(x.kind(), Kind::Float);
+        assert!(x.is_contiguous());
+        for (n, y, xx, c) in [(0, 0, 0, 0), (1, 4, 3, 2), (0, 2, 1, 1), (1, 0, 4, 0)] {
+            let v = bytes[((n * s + y) * s + xx) * 3 + c] as f64;
+            let want = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+            let got = x
+                .i((n as i64, c as i64, y as i64, xx as i64))
+                .double_value(&[]);
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        // Extremes.
+        let white = normalize_u8_nhwc(&[255; 3], 1, 1, Device::Cpu).unwrap();
+        let want: Vec<f64> = (0..3)
+            .map(|c| (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+            .collect();
+        let got: Vec<f64> = (0..3)
+            .map(|c| white.i((0, c, 0, 0)).double_value(&[]))
+            .collect();
+        for c in 0..3 {
+            assert!((got[c] - want[c]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn explicit_mean_std() {
+        let x =
+            normalize_u8_nhwc_with(&[0, 255, 51], 1, 1, [0.5; 3], [0.5; 3], Device::Cpu).unwrap();
+        let v: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
+        assert!((v[0] + 1.0).abs() < 1e-6 && (v[1] - 1.0).abs() < 1e-6);
+        assert!((v[2] - (0.2 - 0.5) / 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        let e = normalize_u8_nhwc(&[0; 10], 1, 2, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10 bytes") && e.contains("= 12"), "{e}");
+        assert!(normalize_u8_nhwc(&[], 0, 2, Device::Cpu).is_err());
+        let f = Tensor::zeros([1, 2, 2, 3], (Kind::Float, Device::Cpu));
+        assert!(normalize_nhwc(&f, IMAGENET_MEAN, IMAGENET_STD).is_err());
+        assert!(mask_from_u8(&[0; 5], 2, 3, Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn masks_become_bool() {
+        let m = mask_from_u8(&[1, 0, 0, 0, 1, 1], 2, 3, Device::Cpu).unwrap();
+        assert_eq!(m.kind(), Kind::Bool);
+        assert_eq!(m.size(), [2, 3]);
+        let v: Vec<bool> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        assert_eq!(v, [true, false, false, false, true, true]);
+    }
+}

@@ -1,0 +1,151 @@
+//! Test helpers for the train side: deterministic values that do not depend on
+//! libtorch's RNG, a micro model config, and the PyTorch reference runner.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+use tch::{Device, Kind, Tensor, nn};
+
+use super::vit::{Config, Variant};
+
+static RNG: Mutex<()> = Mutex::new(());
+
+/// Seeds libtorch's (process-global) RNG and holds it until the guard drops: tests run
+/// in parallel threads, so every test that draws from libtorch's RNG takes this first,
+/// and its random values are the same on every run.
+pub fn seeded(seed: i64) -> MutexGuard<'static, ()> {
+    let guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    guard
+}
+
+/// Deterministic pseudo-random f32 values in [-1, 1) (a 64-bit LCG).
+pub fn lcg_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// [`lcg_values`] as a `dims` f32 tensor on `device`.
+pub fn lcg_tensor(seed: u64, dims: &[i64], device: Device) -> Tensor {
+    let n: i64 = dims.iter().product();
+    Tensor::from_slice(&lcg_values(seed, n as usize))
+        .view(dims)
+        .to_device(device)
+}
+
+/// Deterministic u8 bytes.
+pub fn lcg_bytes(seed: u64, n: usize) -> Vec<u8> {
+    lcg_values(seed, n)
+        .into_iter()
+        .map(|v| ((v + 1.0) * 127.99) as u8)
+        .collect()
+}
+
+/// A model small enough for unit tests: 32 px, patch 8 (a 4 x 4 grid), 32 dim, 2
+/// blocks, 4 heads; otherwise the ConMIM defaults of `variant`.
+pub fn micro(variant: Variant) -> Config {
+    let base = Config {
+        image_size: 32,
+        patch_size: 8,
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 4,
+        ..Config::vit_tiny()
+    };
+    match variant {
+        Variant::Beit => base,
+        Variant::Timm => base.timm_style(),
+    }
+}
+
+/// Adds `scale * lcg` to every float variable of `vs` (sorted by name, so the values do
+/// not depend on creation order), making zero-initialised tables and biases non-trivial.
+pub fn perturb(vs: &nn::VarStore, seed: u64, scale: impl Fn(&str) -> f64) {
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    tch::no_grad(|| {
+        for (i, name) in names.into_iter().enumerate() {
+            let mut v = vars[name].shallow_clone();
+            if !v.is_floating_point()
+                || name.ends_with("running_mean")
+                || name.ends_with("running_var")
+            {
+                continue;
+            }
+            let noise = lcg_tensor(seed * 1000 + i as u64, &v.size(), v.device());
+            let _ = v.g_add_(&(noise * scale(name)));
+        }
+    });
+}
+
+/// The project's Python (env `CONMIM_PYTHON`, set by `tools/env.sh`), or `None` after
+/// printing why the calling test skips its reference comparison.
+pub fn python(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("CONMIM_PYTHON") {
+        Some(p) if Path::new(&p).exists() => Some(PathBuf::from(p)),
+        _ => {
+            // Straight to stderr, past the test harness's capture, so the skip shows.
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE {test}: CONMIM_PYTHON unset or missing; skipping the PyTorch reference \
+                 comparison (source tools/env.sh to run it)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs `tools/reference/conmim_loss.py ARGS...`, panicking with its output on failure.
+pub fn run_reference(python: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/conmim_loss.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("run the reference script");
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed:\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes named tensors (made contiguous, on the CPU) to an .npz numpy can read.
+pub fn write_npz(path: &Path, tensors: &[(String, Tensor)]) {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_npz(&cpu, path).expect("write npz");
+}
+
+/// Reads an .npz into a map.
+pub fn read_npz(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_npz(path)
+        .expect("read npz")
+        .into_iter()
+        .collect()
+}
+
+/// Largest absolute difference, and the largest magnitude of `want`.
+pub fn max_diff(got: &Tensor, want: &Tensor) -> (f64, f64) {
+    assert_eq!(got.size(), want.size(), "shape");
+    let got = got.detach().to_kind(Kind::Double).to_device(Device::Cpu);
+    let want = want.to_kind(Kind::Double);
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    (diff, want.abs().max().double_value(&[]))
+}
