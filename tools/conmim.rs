@@ -3,6 +3,8 @@
 //! * `preview` — a picture grid of what the model is fed (weak view | strong view |
 //!   masked view per sample), built exactly as the training loader builds it for the
 //!   same `(seed, epoch, sample)`.
+//! * `pretrain` (feature `train`) — ConMIM pretraining with presets after the paper's
+//!   Table 11, checkpoints and exact resume.
 //!
 //! Thin layer: parse -> validated config -> library calls -> summary / exit status.
 
@@ -36,6 +38,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Write a picture grid of weak view, strong view and masked view per sample, so a
     /// person can see what the model is fed.
@@ -46,6 +49,128 @@ enum Cmd {
     /// Layout: one row per sample, tiles weak | strong | masked (masked patches greyed,
     /// with their patch grid), 4-pixel white gaps.
     Preview(PreviewArgs),
+    /// ConMIM pretraining (student ViT + momentum teacher, patch-level InfoNCE).
+    ///
+    /// Config: --preset (tiny, small, base, large: the paper's Table 11), then
+    /// --config FILE.json, then --set KEY=VALUE, then the flags. --lr is given as in
+    /// the paper, for a batch of 2048, and scaled linearly to --batch (lr * batch /
+    /// 2048; min_lr likewise). Writes OUT/config.json, OUT/metrics.jsonl (one line per
+    /// step), atomic checkpoints in OUT/checkpoints/step-N (the last --keep), and
+    /// OUT/summary.json. `--resume auto` continues from the newest checkpoint in OUT
+    /// exactly (same batches, same random draws).
+    #[cfg(feature = "train")]
+    Pretrain(PretrainArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct PretrainArgs {
+    /// Model preset: tiny, small, base, large.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// JSON file of config overrides (keys as in OUT/config.json).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Config override KEY=VALUE (dotted keys, JSON values), e.g.
+    /// --set model.drop_path_rate=0.1; repeatable.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Dataset directory, manifest, brace pattern, list file, .tar, URL.
+    #[arg(long)]
+    data: String,
+    /// Split whose manifest a dataset directory is read for.
+    #[arg(long, default_value = DEFAULT_SPLIT)]
+    split: String,
+    /// Accept pipe:CMD shard URLs.
+    #[arg(long)]
+    allow_pipe: bool,
+    /// Run directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Total optimiser steps of the run (the schedules' length).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// View side in pixels.
+    #[arg(long)]
+    image_size: Option<i64>,
+    /// Peak learning rate AT BATCH 2048 (scaled linearly to --batch).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warmup steps (default: the preset's warmup fraction of --steps).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Seed of init, drop path and data.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Loader threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// cpu, cuda or cuda:N (default: CUDA when available).
+    #[arg(long)]
+    device: Option<String>,
+    /// `auto` (newest checkpoint in OUT, else fresh) or a checkpoint directory.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 1000)]
+    save_every: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[cfg(feature = "train")]
+fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
+    use conmim::train::run::{PretrainOptions, Resume, pretrain};
+    let resume = match a.resume.as_deref() {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(p) => Resume::Path(PathBuf::from(p)),
+    };
+    let o = PretrainOptions {
+        preset: a.preset.clone(),
+        config_file: a.config.clone(),
+        sets: a.sets.clone(),
+        data: a.data.clone(),
+        split: a.split.clone(),
+        allow_pipe: a.allow_pipe,
+        out: a.out.clone(),
+        steps: a.steps,
+        batch: a.batch,
+        image_size: a.image_size,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        seed: a.seed,
+        threads: a.threads,
+        device: a.device.clone(),
+        resume,
+        save_every: a.save_every,
+        keep: a.keep,
+        progress: !a.quiet,
+    };
+    let s = pretrain(&o)?;
+    println!(
+        "pretrain: {} steps ({} -> {} of {}), {} samples in {:.1} s ({:.1} img/s, {:.0}% waiting for data), final loss {}, checkpoint {}",
+        s.steps,
+        s.start_step,
+        s.start_step + s.steps,
+        s.total_steps,
+        s.samples,
+        s.wall_s,
+        s.img_s,
+        100.0 * s.data_wait_frac,
+        s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.checkpoint
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -266,6 +391,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Preview(a) => preview_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Pretrain(a) => pretrain_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,16 @@ pub mod input;
 pub mod loss;
 pub mod vit;
 
+pub mod checkpoint;
+pub mod optim;
+pub mod pretrain_config;
+pub mod run;
+pub mod schedule;
+pub mod teacher;
+pub mod trainer;
+#[cfg(test)]
+mod train_data;
+
 #[cfg(test)]
 mod pretrain_tests;
 #[cfg(test)]

@@ -1,0 +1,326 @@
+//! The pretraining run's configuration: presets after the paper's Table 11, a JSON
+//! config file of overrides (every key must exist: a typo is an error), and the
+//! derived schedules and loader config.
+//!
+//! Learning rate: `lr` is given as in the paper, for a total batch of 2048, and scaled
+//! linearly for the actual batch: `lr * batch_size / 2048` (the same for `min_lr`).
+//! Warmup: `warmup_steps` when set, else `round(warmup_fraction * total_steps)` (the
+//! paper's 10 warmup epochs of 300 (S) / 800 (B, L) epochs).
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::head::HeadConfig;
+use super::optim::AdamWConfig;
+use super::schedule::{CosineSchedule, MomentumSchedule};
+use super::vit::Config;
+use crate::loader::{LoaderConfig, MaskConfig, MaskKind, default_threads};
+use crate::stream::StreamConfig;
+
+/// The batch size the paper's learning rates are given for.
+pub const REFERENCE_BATCH: usize = 2048;
+
+/// Everything a pretraining run is made of (saved in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Preset this started from (informational).
+    pub preset: String,
+    pub model: Config,
+    pub head: HeadConfig,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Optimiser steps of the whole run (the schedules' length).
+    pub total_steps: u64,
+    /// Warmup steps; `None`: `warmup_fraction * total_steps`.
+    pub warmup_steps: Option<u64>,
+    pub warmup_fraction: f64,
+    /// Peak learning rate for a batch of 2048 (scaled linearly to `batch_size`).
+    pub lr: f64,
+    /// Final learning rate for a batch of 2048 (scaled the same way).
+    pub min_lr: f64,
+    pub optim: AdamWConfig,
+    /// Global gradient-norm clip; `None` = off.
+    pub clip_grad: Option<f64>,
+    /// Teacher momentum at step 0 (cosine to 1).
+    pub momentum: f64,
+    /// InfoNCE temperature.
+    pub temperature: f64,
+    /// Seed of the init, drop path and the data stream.
+    pub seed: u64,
+    /// Mask generator and ratio (mask patch = the model's patch).
+    pub mask: MaskKind,
+    pub mask_ratio: f64,
+    /// Loader threads (0 = the machine's parallelism).
+    pub data_threads: usize,
+    /// Sample shuffle buffer.
+    pub shuffle_buffer: usize,
+}
+
+/// The preset names.
+pub const PRESETS: [&str; 4] = ["tiny", "small", "base", "large"];
+
+impl PretrainConfig {
+    /// `tiny` (ViT-Ti, smoke runs), `small`, `base`, `large` (paper Table 11).
+    pub fn preset(name: &str) -> Result<Self> {
+        let (model, lr, clip, mask, epochs) = match name {
+            "tiny" => (Config::vit_tiny(), 5e-4, 3.0, MaskKind::Patch, 300.0),
+            "small" => (Config::vit_small(), 5e-4, 3.0, MaskKind::Patch, 300.0),
+            "base" => (Config::vit_base(), 5e-4, 3.0, MaskKind::Cell, 800.0),
+            "large" => (Config::vit_large(), 7.5e-4, 1.0, MaskKind::Cell, 800.0),
+            other => bail!(
+                "unknown preset `{other}` (choose one of {})",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(PretrainConfig {
+            preset: name.to_owned(),
+            head: HeadConfig::conmim(model.embed_dim),
+            model,
+            batch_size: REFERENCE_BATCH,
+            total_steps: 1000,
+            warmup_steps: None,
+            warmup_fraction: 10.0 / epochs,
+            lr,
+            min_lr: 1e-5,
+            optim: AdamWConfig::default(),
+            clip_grad: Some(clip),
+            momentum: 0.996,
+            temperature: super::loss::TEMPERATURE,
+            seed: crate::stream::DEFAULT_SEED,
+            mask,
+            mask_ratio: 0.75,
+            data_threads: 0,
+            shuffle_buffer: crate::stream::DEFAULT_SHUFFLE_BUFFER,
+        })
+    }
+
+    /// Applies a JSON object of overrides (nested objects merge key by key; every key
+    /// must exist in the config), then validates.
+    pub fn with_overrides(self, overrides: &serde_json::Value) -> Result<Self> {
+        self.with_all_overrides(&[("overrides".to_owned(), overrides.clone())])
+    }
+
+    /// Applies several labelled override objects in order (the label names the source
+    /// in errors), then validates the result once.
+    pub fn with_all_overrides(self, overrides: &[(String, serde_json::Value)]) -> Result<Self> {
+        let mut base = serde_json::to_value(&self)?;
+        for (label, o) in overrides {
+            merge(&mut base, o, "").with_context(|| label.clone())?;
+        }
+        let cfg: PretrainConfig =
+            serde_json::from_value(base).context("config overrides do not fit")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a JSON config file of overrides.
+    pub fn read_overrides(path: &std::path::Path) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "json" {
+            // TODO: TOML / YAML configs need the `toml` / `serde_yaml` crates (not yet a
+            // dependency); the overrides are the same keys.
+            bail!(
+                "config {}: only JSON config files are supported so far (got .{ext})",
+                path.display()
+            );
+        }
+        serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Reads a JSON config file of overrides over `self`.
+    pub fn with_file(self, path: &std::path::Path) -> Result<Self> {
+        let v = Self::read_overrides(path)?;
+        self.with_all_overrides(&[(format!("config {}", path.display()), v)])
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        if self.head.in_dim != self.model.embed_dim {
+            bail!(
+                "head.in_dim {} must equal model.embed_dim {}",
+                self.head.in_dim,
+                self.model.embed_dim
+            );
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size must be positive");
+        }
+        if self.total_steps == 0 {
+            bail!("total_steps must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_fraction) {
+            bail!("warmup_fraction {} not in [0, 1]", self.warmup_fraction);
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0 && self.min_lr.is_finite() && self.min_lr >= 0.0)
+        {
+            bail!(
+                "lr {} / min_lr {} must be finite and >= 0",
+                self.lr,
+                self.min_lr
+            );
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            bail!("momentum {} not in [0, 1]", self.momentum);
+        }
+        if self.temperature <= 0.0 {
+            bail!("temperature must be > 0");
+        }
+        if !self.model.use_mask_token {
+            bail!("model.use_mask_token must be true for pretraining");
+        }
+        Ok(())
+    }
+
+    /// The peak learning rate for this batch size: `lr * batch_size / 2048`.
+    pub fn scaled_lr(&self) -> f64 {
+        self.lr * self.batch_size as f64 / REFERENCE_BATCH as f64
+    }
+
+    pub fn scaled_min_lr(&self) -> f64 {
+        self.min_lr * self.batch_size as f64 / REFERENCE_BATCH as f64
+    }
+
+    pub fn warmup(&self) -> u64 {
+        self.warmup_steps
+            .unwrap_or((self.warmup_fraction * self.total_steps as f64).round() as u64)
+            .min(self.total_steps)
+    }
+
+    pub fn lr_schedule(&self) -> CosineSchedule {
+        CosineSchedule {
+            peak: self.scaled_lr(),
+            final_value: self.scaled_min_lr(),
+            total_steps: self.total_steps,
+            warmup_steps: self.warmup(),
+            warmup_start: 0.0,
+        }
+    }
+
+    pub fn momentum_schedule(&self) -> MomentumSchedule {
+        MomentumSchedule {
+            base: self.momentum,
+            total_steps: self.total_steps,
+        }
+    }
+
+    /// The loader config of this run: ConMIM views at the model's image size, masks on
+    /// its patch grid, endless epochs, full batches only.
+    pub fn loader_config(&self) -> LoaderConfig {
+        LoaderConfig {
+            stream: StreamConfig {
+                seed: self.seed,
+                shuffle_buffer: self.shuffle_buffer,
+                epochs: None,
+                ..Default::default()
+            },
+            threads: if self.data_threads == 0 {
+                default_threads()
+            } else {
+                self.data_threads
+            },
+            batch_size: self.batch_size,
+            drop_last: true,
+            image_size: self.model.image_size as u32,
+            mask: MaskConfig {
+                kind: self.mask,
+                patch_size: self.model.patch_size as u32,
+                ratio: self.mask_ratio,
+                ..MaskConfig::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
+fn merge(base: &mut serde_json::Value, over: &serde_json::Value, path: &str) -> Result<()> {
+    use serde_json::Value;
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get_mut(k) {
+                    Some(slot) => merge(slot, v, &here)?,
+                    None => {
+                        let known: Vec<&String> = b.keys().collect();
+                        bail!("unknown config key `{here}` (known here: {known:?})")
+                    }
+                }
+            }
+            Ok(())
+        }
+        (slot, v) => {
+            *slot = v.clone();
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_follow_table_11() {
+        let s = PretrainConfig::preset("small").unwrap();
+        assert_eq!(s.model.embed_dim, 384);
+        assert_eq!(s.model.drop_path_rate, 0.1);
+        assert_eq!(s.clip_grad, Some(3.0));
+        assert_eq!(s.mask, MaskKind::Patch);
+        assert_eq!(
+            (s.optim.beta1, s.optim.beta2, s.optim.weight_decay),
+            (0.9, 0.98, 0.05)
+        );
+        let l = PretrainConfig::preset("large").unwrap();
+        assert_eq!(l.lr, 7.5e-4);
+        assert_eq!(l.clip_grad, Some(1.0));
+        assert_eq!(l.model.layer_scale_init, Some(1e-5));
+        assert_eq!(l.mask, MaskKind::Cell);
+        let b = PretrainConfig::preset("base").unwrap();
+        assert_eq!(b.model.drop_path_rate, 0.0);
+        assert_eq!(b.head.hidden_dim, 4096);
+        for p in PRESETS {
+            PretrainConfig::preset(p).unwrap().validate().unwrap();
+        }
+        let e = PretrainConfig::preset("huge").unwrap_err().to_string();
+        assert!(e.contains("unknown preset"), "{e}");
+    }
+
+    #[test]
+    fn lr_scales_linearly_with_batch() {
+        let mut c = PretrainConfig::preset("small").unwrap();
+        c.batch_size = 256;
+        assert!((c.scaled_lr() - 5e-4 / 8.0).abs() < 1e-18);
+        c.total_steps = 3000;
+        assert_eq!(c.warmup(), 100);
+        assert_eq!(c.lr_schedule().at(99), c.scaled_lr());
+    }
+
+    #[test]
+    fn overrides_merge_and_reject_unknown_keys() {
+        let c = PretrainConfig::preset("tiny").unwrap();
+        let o = serde_json::json!({"batch_size": 64, "model": {"image_size": 64}, "optim": {"eps": 1e-6}});
+        let c2 = c.clone().with_overrides(&o).unwrap();
+        assert_eq!(c2.batch_size, 64);
+        assert_eq!(c2.model.image_size, 64);
+        assert_eq!(c2.model.embed_dim, 192);
+        assert_eq!(c2.optim.eps, 1e-6);
+        let e = c
+            .clone()
+            .with_overrides(&serde_json::json!({"model": {"imagesize": 64}}))
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("unknown config key `model.imagesize`"), "{e}");
+        let e = c
+            .with_overrides(&serde_json::json!({"model": {"image_size": 65}}))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("multiple"), "{e:#}");
+    }
+}

@@ -1,0 +1,244 @@
+//! The ConMIM pretraining step: student (ViT + projection head) on the masked weak
+//! view, momentum teacher (same architecture, stop-gradient) on the full strong view,
+//! intra-image patch InfoNCE, AdamW with warmup + cosine lr and gradient clipping, EMA
+//! teacher update after every optimiser step.
+//!
+//! Determinism: the init draws from libtorch's RNG seeded with `cfg.seed`; every step
+//! reseeds it with `(seed, step)` before the forward pass (drop path), so a run
+//! resumed from a checkpoint continues bit for bit (on the CPU).
+//!
+//! Precision: fp32 everywhere.
+//! TODO(bf16): mixed precision on CUDA (bf16 autocast of the forward passes; tch's
+//! `autocast` picks fp16 and does not expose the dtype, so this needs a torch-sys
+//! call `at::autocast::set_autocast_dtype(kCUDA, kBFloat16)` or explicit casts).
+//!
+//! The teacher's backbone runs without drop path; its head normalises with batch
+//! statistics (train mode), as the spec says.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tch::{Device, Tensor, nn};
+
+use super::head::ProjectionHead;
+use super::input::{mask_from_u8, normalize_u8_nhwc};
+use super::loss::conmim_loss;
+use super::optim::{AdamW, trainable_named};
+use super::pretrain_config::PretrainConfig;
+use super::schedule::{CosineSchedule, MomentumSchedule};
+use super::teacher::EmaTeacher;
+use super::vit::VisionTransformer;
+use crate::loader::{Batch, Loader, LoaderState};
+use crate::stream::{SourceOptions, Stream};
+
+/// Name prefix of the projection head inside each VarStore (the official names).
+pub const HEAD_PREFIX: &str = "projectors";
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    /// The step index (0-based) this was.
+    pub step: u64,
+    pub loss: f64,
+    /// Fraction of masked positions whose nearest teacher patch is their own.
+    pub accuracy: f64,
+    pub lr: f64,
+    pub momentum: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub batch: usize,
+}
+
+/// One network (backbone + head) and its variables.
+pub struct Net {
+    pub vs: nn::VarStore,
+    pub vit: VisionTransformer,
+    pub head: ProjectionHead,
+}
+
+impl Net {
+    fn new(cfg: &PretrainConfig, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let vit = VisionTransformer::new(&cfg.model, vs.root())?;
+        let head = ProjectionHead::new(&cfg.head, vs.root() / HEAD_PREFIX)?;
+        Ok(Net { vs, vit, head })
+    }
+}
+
+/// Student, teacher, optimiser and schedules.
+pub struct Trainer {
+    pub cfg: PretrainConfig,
+    pub device: Device,
+    pub student: Net,
+    pub teacher: Net,
+    pub opt: AdamW,
+    pub ema: EmaTeacher,
+    pub lr: CosineSchedule,
+    pub momentum: MomentumSchedule,
+    /// The loader position after the last batch trained on (for checkpoints).
+    pub loader_state: Option<LoaderState>,
+    /// Samples trained on so far.
+    pub samples: u64,
+}
+
+fn seed_for(seed: u64, step: u64) -> i64 {
+    let mix = crate::seed::SplitMix64::new(seed, step).next_u64();
+    (mix >> 1) as i64
+}
+
+impl Trainer {
+    /// A fresh run: student initialised from `cfg.seed`, teacher = copy of the student.
+    pub fn new(cfg: PretrainConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        tch::manual_seed(seed_for(cfg.seed, u64::MAX));
+        let student = Net::new(&cfg, device).context("building the student")?;
+        let mut teacher = Net::new(&cfg, device).context("building the teacher")?;
+        let opt = AdamW::new(cfg.optim, trainable_named(&student.vs))?;
+        let mut ema = EmaTeacher::new(&mut teacher.vs, &opt)?;
+        ema.copy_from(&opt)?;
+        // Buffers too (BN running statistics, the relative position index).
+        tch::no_grad(|| -> Result<()> {
+            let sv = student.vs.variables();
+            for (name, mut t) in teacher.vs.variables() {
+                t.f_copy_(&sv[&name])?;
+            }
+            Ok(())
+        })?;
+        Ok(Trainer {
+            lr: cfg.lr_schedule(),
+            momentum: cfg.momentum_schedule(),
+            cfg,
+            device,
+            student,
+            teacher,
+            opt,
+            ema,
+            loader_state: None,
+            samples: 0,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.opt.step
+    }
+
+    /// Opens the training loader for this run on `data`, at `state` when resuming.
+    pub fn open_loader(
+        &self,
+        data: &str,
+        opts: &SourceOptions,
+        state: Option<&LoaderState>,
+    ) -> Result<Loader> {
+        let cfg = self.cfg.loader_config();
+        Ok(match state {
+            None => Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?,
+            Some(s) => {
+                let stream = Stream::open(data, opts, cfg.stream.clone())
+                    .with_context(|| format!("opening {data}"))?;
+                Loader::with_state(stream, cfg, s).context("resuming the loader")?
+            }
+        })
+    }
+
+    /// One training step on `batch`. A non-finite loss is an error and leaves the
+    /// weights, moments and step untouched.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
+        let step = self.opt.step;
+        let b = batch.len();
+        let size = batch.image_size() as usize;
+        if size as i64 != self.cfg.model.image_size {
+            bail!(
+                "batch views are {size} px, the model takes {} px",
+                self.cfg.model.image_size
+            );
+        }
+        let n = self.cfg.model.num_patches();
+        if batch.mask_len() as i64 != n {
+            bail!(
+                "batch masks have {} patches, the model {n}",
+                batch.mask_len()
+            );
+        }
+        let lr = self.lr.at(step);
+        let momentum = self.momentum.at(step);
+        tch::manual_seed(seed_for(self.cfg.seed, step));
+        let xw = normalize_u8_nhwc(batch.weak(), b, size, self.device)?;
+        let xs = normalize_u8_nhwc(batch.strong(), b, size, self.device)?;
+        let mask = mask_from_u8(batch.mask(), b, n as usize, self.device)?;
+        let target = tch::no_grad(|| -> Result<Tensor> {
+            let f = self.teacher.vit.forward_features(&xs, None, false)?;
+            Ok(self.teacher.head.forward_t(&f, true)?.narrow(1, 1, n))
+        })?;
+        let f = self.student.vit.forward_features(&xw, Some(&mask), true)?;
+        let proj = self.student.head.forward_t(&f, true)?.narrow(1, 1, n);
+        let out = conmim_loss(&proj, &target, &mask, self.cfg.temperature)?;
+        // One device sync for the checks that must precede the update.
+        let checks = Vec::<f64>::try_from(
+            &Tensor::stack(&[out.loss.detach(), out.masked.shallow_clone()], 0)
+                .to_kind(tch::Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        let (loss, masked) = (checks[0], checks[1]);
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {step}; stopping (no update made)");
+        }
+        if masked == 0.0 {
+            bail!("step {step}: the batch has no masked patch (mask plumbing bug)");
+        }
+        out.loss.backward();
+        let grad_norm = self.opt.step(lr, self.cfg.clip_grad)?;
+        self.ema.update(&self.opt, momentum)?;
+        let after = Vec::<f64>::try_from(
+            &Tensor::stack(&[grad_norm, out.accuracy.shallow_clone()], 0)
+                .to_kind(tch::Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        self.loader_state = Some(batch.state());
+        self.samples += b as u64;
+        Ok(StepStats {
+            step,
+            loss,
+            accuracy: after[1],
+            lr,
+            momentum,
+            grad_norm: after[0],
+            batch: b,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::testing::seeded;
+    use crate::train::train_data::{dataset, micro_config};
+
+    #[test]
+    fn loss_falls_on_a_tiny_dataset() {
+        let _rng = seeded(3);
+        let dir = tempfile::tempdir().unwrap();
+        dataset(dir.path(), &[8, 8]);
+        let mut cfg = micro_config(8, 40);
+        cfg.lr = 3e-3 * 2048.0 / 8.0;
+        cfg.warmup_steps = Some(3);
+        let mut t = Trainer::new(cfg, Device::Cpu).unwrap();
+        let loader = t
+            .open_loader(
+                dir.path().to_str().unwrap(),
+                &SourceOptions::default(),
+                None,
+            )
+            .unwrap();
+        let mut losses = Vec::new();
+        for batch in loader.take(40) {
+            let s = t.train_step(&batch.unwrap()).unwrap();
+            assert!(s.grad_norm.is_finite() && s.lr >= 0.0);
+            losses.push(s.loss);
+        }
+        assert_eq!(t.step(), 40);
+        let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+        let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
+        println!("losses {losses:?}");
+        assert!(last < first - 0.1, "loss did not fall: {first} -> {last}");
+    }
+}
