@@ -17,6 +17,7 @@
 
 pub mod pixels;
 pub mod resize;
+pub mod turbo;
 
 use std::io::Cursor;
 

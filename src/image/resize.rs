@@ -85,6 +85,43 @@ impl Resizer {
             .map_err(problem)
     }
 
+    /// Crop-then-resize of a fractional box: the integer box `view = (top, left, height,
+    /// width)` of the `src_w` x `src_h` image is the only input (the filter never reads
+    /// outside it, as in [`Resizer::crop_resize`]), and within it the fractional region
+    /// `(left, top, width, height)` (relative to the view) is resized to `out_w` x `out_h`.
+    /// With the region equal to the whole view this is exactly
+    /// [`Resizer::crop_resize`]`(view)`. Used to resize a crop box mapped onto a DCT-scaled
+    /// decode, where its edges fall between pixels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn crop_resize_frac(
+        &mut self,
+        src: &[u8],
+        src_w: u32,
+        src_h: u32,
+        view: CropBox,
+        region: (f64, f64, f64, f64),
+        out: &mut [u8],
+        out_w: u32,
+        out_h: u32,
+    ) -> Result<(), ImageProblem> {
+        let (top, left, height, width) = view;
+        let (rl, rt, rw, rh) = region;
+        check_len("source", src.len(), src_w, src_h)?;
+        check_len("output", out.len(), out_w, out_h)?;
+        if width == 0 || height == 0 || !(rw > 0.0 && rh > 0.0) || out_w == 0 || out_h == 0 {
+            return Err(problem(format!(
+                "empty view {width}x{height}, region {rw}x{rh} or output {out_w}x{out_h}"
+            )));
+        }
+        let src_img = ImageRef::new(src_w, src_h, src, PixelType::U8x3).map_err(problem)?;
+        let view = CroppedImage::new(&src_img, left, top, width, height).map_err(problem)?;
+        let mut dst = Image::from_slice_u8(out_w, out_h, out, PixelType::U8x3).map_err(problem)?;
+        let options = ResizeOptions::new().resize_alg(ALG).crop(rl, rt, rw, rh);
+        self.inner
+            .resize(&view, &mut dst, &options)
+            .map_err(problem)
+    }
+
     /// Resizes the fractional source region `(left, top, width, height)` (pixels, may be
     /// non-integer) to `out_w` x `out_h` with PIL `resize(box=...)` semantics: the filter
     /// also reads source pixels just outside the region (clamped to the image).
@@ -170,6 +207,46 @@ mod tests {
             let s = ((4 + row) * w as usize + 6) * 3;
             assert_eq!(&small[row * 30..row * 30 + 30], &src[s..s + 30]);
         }
+    }
+
+    #[test]
+    fn fractional_crop_of_a_whole_view_is_crop_resize() {
+        let (w, h) = (61u32, 47u32);
+        let src = testkit::photo_pixels(w, h, 5);
+        let mut r = Resizer::new();
+        let view = (3, 5, 40, 50);
+        let (mut a, mut b) = (vec![0u8; 19 * 23 * 3], vec![0u8; 19 * 23 * 3]);
+        r.crop_resize(&src, w, h, view, &mut a, 19, 23).unwrap();
+        r.crop_resize_frac(&src, w, h, view, (0.0, 0.0, 50.0, 40.0), &mut b, 19, 23)
+            .unwrap();
+        assert_eq!(a, b);
+        // A fractional region inside the view differs, and never reads outside the view:
+        // a view over a black half stays black whatever the region.
+        let mut half = vec![0u8; (w * h * 3) as usize];
+        for y in 0..h as usize {
+            for x in 30..w as usize {
+                half[(y * w as usize + x) * 3..][..3].copy_from_slice(&[255; 3]);
+            }
+        }
+        r.crop_resize_frac(
+            &half,
+            w,
+            h,
+            (0, 0, h, 30),
+            (0.5, 0.25, 29.25, 40.5),
+            &mut b,
+            19,
+            23,
+        )
+        .unwrap();
+        assert!(b.iter().all(|&v| v == 0));
+        r.crop_resize_frac(&src, w, h, view, (0.5, 0.25, 49.25, 39.5), &mut b, 19, 23)
+            .unwrap();
+        assert_ne!(a, b);
+        assert!(
+            r.crop_resize_frac(&src, w, h, view, (0.0, 0.0, 0.0, 39.5), &mut b, 19, 23)
+                .is_err()
+        );
     }
 
     #[test]
