@@ -1,0 +1,451 @@
+//! Numerical parity with torchvision / PIL on golden fixtures.
+//!
+//! The fixtures in `tests/fixtures/parity/` are written by `tools/parity/make_fixtures.py`
+//! (rerun: `source tools/env.sh && $CONMIM_PYTHON tools/parity/make_fixtures.py`; it
+//! records the torch / torchvision / Pillow versions in `index.json`). This test reads
+//! `index.json`, runs every case through the Rust implementation and compares bytes; it
+//! needs no Python. `PARITY_DUMP=DIR` also writes each Rust output to `DIR/<case>.rgb`.
+//!
+//! References: the colour ops are torchvision's uint8 *tensor* functions
+//! (`torchvision.transforms.functional` on CHW uint8 tensors); the blur is PIL's
+//! `ImageFilter.GaussianBlur(radius=sigma)` (the official ConMIM/BEiT code); crop +
+//! resize is `F.resized_crop(pil_image, ..., BICUBIC)` (what `RandomResizedCrop` calls);
+//! eval is `Resize(short, BICUBIC)` + `CenterCrop(crop)` on the PIL-decoded file; decode
+//! is PIL's RGB decoding of a baseline 4:2:0 quality-90 JPEG.
+//!
+//! Tolerances, with `d = |rust - reference|` per u8 value: every value must have
+//! `d <= max`, and at least `bulk %` of the values `d <= bulk d`. Measured: the worst
+//! case over the op's fixtures (torch 2.11.0, torchvision 0.26.0, Pillow 13.0.0).
+//!
+//! | op (cases)                                   | tolerance           | measured           |
+//! |----------------------------------------------|---------------------|--------------------|
+//! | `adjust_brightness`, `_contrast`, `_saturation` (10 each) | exact  | exact              |
+//! | `adjust_hue` (27; factors -0.5 .. 0.5, +-0.1) | exact              | exact              |
+//! | `grayscale` (3), `solarize(128)` (2), `hflip` (2) | exact          | exact              |
+//! | `color_jitter` (8; 4 op orders)              | exact               | exact              |
+//! | `gaussian_blur` (13; sigma 0.1 .. 6.5)       | exact               | exact              |
+//! | `apply_strong` (12)                          | exact               | exact              |
+//! | `crop_resize` (7; up/down, one 224x224)      | d<=1: 99.7 %, max 16 | 99.82 %, max 13   |
+//! | `eval`, PNG input (3)                        | d<=1: 99.9 %, max 4 | 99.94 %, max 3     |
+//! | `eval`, JPEG input (1)                       | d<=2: 99.5 %, max 4 | 99.61 %, max 3     |
+//! | `decode` (1 JPEG, 4:2:0, q90)                | d<=2: 99.9 %, max 4 | 99.97 %, max 3     |
+//!
+//! (`d<=1: 99.7 %` means at least 99.7 % of the values within 1; the JPEG rows have
+//! 94.7 % (eval) and 89.8 % (decode) within 1.)
+//!
+//! Known causes of the non-exact rows (not fixed here):
+//! * crop + resize and eval: `fast_image_resize` runs the vertical pass before the
+//!   horizontal one (each rounded to u8), PIL the horizontal first. About 20 % of the
+//!   values differ by 1; near clipped sharp edges the different intermediate rounding
+//!   and clamping gives up to 13 levels (0.05-0.1 % of values beyond 4). Done in two
+//!   PIL resizes, vertical first, PIL matches the Rust output exactly on 99.5-99.8 %
+//!   of the values and within 1 everywhere; horizontal first, the two PIL resizes
+//!   equal PIL's one-step resize exactly.
+//! * decode: the Rust JPEG decoder and libjpeg-turbo (PIL's) differ by up to 3 levels
+//!   (chroma upsampling / IDCT rounding; not analysed further).
+//!
+//! Every case whose parameters are not an identity must change its input (checked on
+//! the fixture and on the Rust output), so a broken op cannot pass by doing nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use conmim::augment::color;
+use conmim::augment::params::{ColorJitterParams, StrongParams};
+use conmim::augment::views::ViewMaker;
+use conmim::image::ImageLimits;
+use conmim::image::pixels::Decoder;
+use conmim::image::resize::Resizer;
+use serde_json::Value;
+
+/// `d <= max_d` everywhere and `d <= bulk_d` for at least `bulk_frac` of the values.
+#[derive(Debug, Clone, Copy)]
+struct Tolerance {
+    bulk_d: u8,
+    bulk_frac: f64,
+    max_d: u8,
+}
+
+const EXACT: Tolerance = Tolerance {
+    bulk_d: 0,
+    bulk_frac: 1.0,
+    max_d: 0,
+};
+
+/// The stated tolerance of each case (see the module doc for the measured numbers).
+fn tolerance(op: &str, jpeg_input: bool) -> Tolerance {
+    let t = |bulk_d, bulk_frac, max_d| Tolerance {
+        bulk_d,
+        bulk_frac,
+        max_d,
+    };
+    match op {
+        "adjust_brightness" | "adjust_contrast" | "adjust_saturation" | "adjust_hue"
+        | "grayscale" | "solarize" | "hflip" | "color_jitter" | "gaussian_blur"
+        | "apply_strong" => EXACT,
+        "crop_resize" => t(1, 0.997, 16),
+        "eval" if jpeg_input => t(2, 0.995, 4),
+        "eval" => t(1, 0.999, 4),
+        "decode" => t(2, 0.999, 4),
+        other => panic!("no tolerance stated for op {other:?}"),
+    }
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+struct Input {
+    width: usize,
+    height: usize,
+    rgb: Vec<u8>,
+    encoded: Option<Vec<u8>>,
+}
+
+impl Input {
+    fn is_jpeg(&self) -> bool {
+        self.encoded
+            .as_ref()
+            .is_some_and(|b| b.starts_with(&[0xFF, 0xD8, 0xFF]))
+    }
+}
+
+struct Case {
+    name: String,
+    op: String,
+    input: String,
+    params: Value,
+    width: usize,
+    height: usize,
+    expected: Vec<u8>,
+    identity: bool,
+}
+
+struct Fixtures {
+    inputs: BTreeMap<String, Input>,
+    cases: Vec<Case>,
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn uint(v: &Value, key: &str) -> usize {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not an unsigned integer in {v}")) as usize
+}
+
+fn float(v: &Value, key: &str) -> f32 {
+    // The fixtures hold the double of an f32, so this cast is exact.
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}")) as f32
+}
+
+fn load() -> Fixtures {
+    let dir = fixture_dir();
+    let index: Value = serde_json::from_slice(&read(&dir.join("index.json"))).expect("index.json");
+    let mut inputs = BTreeMap::new();
+    for (name, v) in index["inputs"].as_object().expect("inputs") {
+        let (width, height) = (uint(v, "width"), uint(v, "height"));
+        let rgb = read(&dir.join(v["file"].as_str().expect("file")));
+        assert_eq!(rgb.len(), width * height * 3, "input {name}");
+        let encoded = v["encoded"].as_str().map(|f| read(&dir.join(f)));
+        inputs.insert(
+            name.clone(),
+            Input {
+                width,
+                height,
+                rgb,
+                encoded,
+            },
+        );
+    }
+    let cases = index["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|v| {
+            let (width, height) = (uint(v, "width"), uint(v, "height"));
+            let expected = read(&dir.join(v["file"].as_str().expect("file")));
+            let name = v["name"].as_str().expect("name").to_string();
+            assert_eq!(expected.len(), width * height * 3, "case {name}");
+            let input = v["input"].as_str().expect("input").to_string();
+            assert!(inputs.contains_key(&input), "case {name}: no input {input}");
+            Case {
+                name,
+                op: v["op"].as_str().expect("op").to_string(),
+                input,
+                params: v["params"].clone(),
+                width,
+                height,
+                expected,
+                identity: v["identity"].as_bool().expect("identity"),
+            }
+        })
+        .collect();
+    Fixtures { inputs, cases }
+}
+
+fn jitter_params(p: &Value) -> ColorJitterParams {
+    let order: Vec<u8> = p["order"]
+        .as_array()
+        .expect("order")
+        .iter()
+        .map(|v| v.as_u64().expect("order entry") as u8)
+        .collect();
+    ColorJitterParams {
+        apply: true,
+        order: order.try_into().expect("four ops"),
+        brightness: float(p, "brightness"),
+        contrast: float(p, "contrast"),
+        saturation: float(p, "saturation"),
+        hue: float(p, "hue"),
+    }
+}
+
+/// The Rust output of one case.
+fn run(case: &Case, input: &Input) -> Vec<u8> {
+    let p = &case.params;
+    let (w, h) = (input.width, input.height);
+    let mut rgb = input.rgb.clone();
+    let mut scratch = Vec::new();
+    let limits = ImageLimits::default();
+    match case.op.as_str() {
+        "adjust_brightness" => color::adjust_brightness(&mut rgb, float(p, "factor")),
+        "adjust_contrast" => color::adjust_contrast(&mut rgb, float(p, "factor")),
+        "adjust_saturation" => color::adjust_saturation(&mut rgb, float(p, "factor")),
+        "adjust_hue" => color::adjust_hue(&mut rgb, float(p, "factor")),
+        "grayscale" => color::grayscale(&mut rgb),
+        "solarize" => color::solarize(&mut rgb, uint(p, "threshold") as u8),
+        "hflip" => color::hflip(&mut rgb, w, h),
+        "color_jitter" => color::color_jitter(&mut rgb, &jitter_params(p)),
+        "gaussian_blur" => color::gaussian_blur(&mut rgb, w, h, float(p, "sigma"), &mut scratch),
+        "apply_strong" => {
+            let params = StrongParams {
+                jitter: if p["jitter"].is_null() {
+                    ColorJitterParams::IDENTITY
+                } else {
+                    jitter_params(&p["jitter"])
+                },
+                grayscale: p["grayscale"].as_bool().expect("grayscale"),
+                blur: p["blur"].as_f64().map(|s| s as f32),
+                solarize: p["solarize"].as_bool().expect("solarize"),
+            };
+            color::apply_strong(&params, &mut rgb, w, h, &mut scratch);
+        }
+        "crop_resize" => {
+            let mut out = vec![0u8; case.width * case.height * 3];
+            let crop = (
+                uint(p, "top") as u32,
+                uint(p, "left") as u32,
+                uint(p, "height") as u32,
+                uint(p, "width") as u32,
+            );
+            assert_eq!(
+                (uint(p, "out_width"), uint(p, "out_height")),
+                (case.width, case.height)
+            );
+            Resizer::new()
+                .crop_resize(
+                    &rgb,
+                    w as u32,
+                    h as u32,
+                    crop,
+                    &mut out,
+                    case.width as u32,
+                    case.height as u32,
+                )
+                .expect("crop_resize");
+            return out;
+        }
+        "eval" => {
+            let (short, crop) = (uint(p, "resize_short") as u32, uint(p, "crop") as u32);
+            assert_eq!((case.width, case.height), (crop as usize, crop as usize));
+            let mut out = vec![0u8; case.width * case.height * 3];
+            let bytes = input.encoded.as_ref().expect("eval needs an encoded input");
+            ViewMaker::new()
+                .eval_view(bytes, &limits, short, crop, &mut out)
+                .expect("eval_view");
+            return out;
+        }
+        "decode" => {
+            let bytes = input
+                .encoded
+                .as_ref()
+                .expect("decode needs an encoded input");
+            let mut d = Decoder::new();
+            let (dw, dh) = d.decode_rgb(bytes, &limits).expect("decode");
+            assert_eq!((dw as usize, dh as usize), (case.width, case.height));
+            return d.rgb().to_vec();
+        }
+        other => panic!("unknown op {other:?} in case {}", case.name),
+    }
+    assert_eq!((w, h), (case.width, case.height), "case {}", case.name);
+    rgb
+}
+
+/// Per-case comparison: the largest difference and how many values exceed `bulk_d`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Diff {
+    max: u8,
+    over_bulk: usize,
+    values: usize,
+}
+
+fn diff(a: &[u8], b: &[u8], bulk_d: u8) -> Diff {
+    assert_eq!(a.len(), b.len());
+    let mut d = Diff {
+        values: a.len(),
+        ..Diff::default()
+    };
+    for (x, y) in a.iter().zip(b) {
+        let e = x.abs_diff(*y);
+        d.max = d.max.max(e);
+        d.over_bulk += usize::from(e > bulk_d);
+    }
+    d
+}
+
+/// Runs every case of the ops in `ops`, prints a summary and asserts the tolerances.
+fn check(ops: &[&str]) {
+    let fx = load();
+    let mut failures = String::new();
+    let mut seen = 0;
+    for case in fx.cases.iter().filter(|c| ops.contains(&c.op.as_str())) {
+        seen += 1;
+        let input = &fx.inputs[&case.input];
+        let tol = tolerance(&case.op, input.is_jpeg());
+        let got = run(case, input);
+        if let Some(dir) = std::env::var_os("PARITY_DUMP") {
+            let path = Path::new(&dir).join(format!("{}.rgb", case.name));
+            std::fs::write(&path, &got).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        let d = diff(&got, &case.expected, tol.bulk_d);
+        let frac_ok = 1.0 - d.over_bulk as f64 / d.values as f64;
+        println!(
+            "{:<52} max |d| {:>3}, {:>5} of {:>6} values > {} ({:.4}% within)",
+            case.name,
+            d.max,
+            d.over_bulk,
+            d.values,
+            tol.bulk_d,
+            100.0 * frac_ok
+        );
+        if d.max > tol.max_d || frac_ok < tol.bulk_frac {
+            writeln!(
+                failures,
+                "{}: max |d| {} (allowed {}), {:.4}% within {} (need {:.4}%)",
+                case.name,
+                d.max,
+                tol.max_d,
+                100.0 * frac_ok,
+                tol.bulk_d,
+                100.0 * tol.bulk_frac
+            )
+            .unwrap();
+        }
+        if !case.identity && case.expected.len() == input.rgb.len() {
+            if case.expected == input.rgb {
+                writeln!(failures, "{}: fixture output equals its input", case.name).unwrap();
+            }
+            if got == input.rgb {
+                writeln!(failures, "{}: Rust output equals its input", case.name).unwrap();
+            }
+        }
+    }
+    assert!(seen > 0, "no fixture cases for {ops:?}");
+    assert!(failures.is_empty(), "parity failures:\n{failures}");
+}
+
+#[test]
+fn brightness_contrast_saturation() {
+    check(&["adjust_brightness", "adjust_contrast", "adjust_saturation"]);
+}
+
+#[test]
+fn hue() {
+    check(&["adjust_hue"]);
+}
+
+#[test]
+fn grayscale_solarize_hflip() {
+    check(&["grayscale", "solarize", "hflip"]);
+}
+
+#[test]
+fn color_jitter() {
+    check(&["color_jitter"]);
+}
+
+#[test]
+fn gaussian_blur() {
+    check(&["gaussian_blur"]);
+}
+
+#[test]
+fn apply_strong() {
+    check(&["apply_strong"]);
+}
+
+#[test]
+fn crop_resize() {
+    check(&["crop_resize"]);
+}
+
+#[test]
+fn eval_transform() {
+    check(&["eval"]);
+}
+
+#[test]
+fn jpeg_decode() {
+    check(&["decode"]);
+}
+
+/// Every op in the index has a stated tolerance and a test above; the index is complete.
+#[test]
+fn index_is_covered() {
+    let fx = load();
+    let tested = [
+        "adjust_brightness",
+        "adjust_contrast",
+        "adjust_saturation",
+        "adjust_hue",
+        "grayscale",
+        "solarize",
+        "hflip",
+        "color_jitter",
+        "gaussian_blur",
+        "apply_strong",
+        "crop_resize",
+        "eval",
+        "decode",
+    ];
+    for case in &fx.cases {
+        assert!(
+            tested.contains(&case.op.as_str()),
+            "untested op {}",
+            case.op
+        );
+        tolerance(&case.op, fx.inputs[&case.input].is_jpeg());
+    }
+    for op in tested {
+        assert!(
+            fx.cases.iter().any(|c| c.op == op),
+            "no fixture for op {op}"
+        );
+    }
+    // Negative and extreme hue factors are covered.
+    let hues: Vec<f32> = fx
+        .cases
+        .iter()
+        .filter(|c| c.op == "adjust_hue")
+        .map(|c| float(&c.params, "factor"))
+        .collect();
+    for want in [-0.5f32, -0.1, 0.1, 0.5] {
+        assert!(hues.contains(&want), "no hue case with factor {want}");
+    }
+}
