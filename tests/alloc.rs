@@ -1,0 +1,99 @@
+//! Issue 3: the per-sample hot path allocates (almost) nothing in steady state. A
+//! counting global allocator (this test binary only) counts Rust heap allocations while
+//! a warmed-up `ViewMaker` builds ConMIM pairs and masks into caller-owned buffers.
+//! (libjpeg-turbo's own working memory is C `malloc`, outside this count.)
+//!
+//! Known exception: `fast_image_resize` builds its filter coefficient tables per call
+//! (about two small allocations per output row and column, ~450 for a 224x224 view,
+//! ~10 us). Decoding, the strong ops and the mask allocate nothing.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use conmim::augment::color;
+use conmim::augment::params::{StrongConfig, StrongParams};
+use conmim::augment::views::ViewMaker;
+use conmim::image::ImageLimits;
+use conmim::loader::{MaskConfig, mask_rng};
+use conmim::testkit::{self, JpegSpec};
+
+struct Counting;
+
+static COUNT: AtomicU64 = AtomicU64::new(0);
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn issue_3_view_pairs_and_masks_allocate_nothing_per_sample() {
+    let images: Vec<Vec<u8>> = (0..4)
+        .map(|i| testkit::jpeg(&JpegSpec::rgb(500 - i * 40, 375, i as u64)))
+        .collect();
+    let limits = ImageLimits::default();
+    let n = 224 * 224 * 3;
+    let (mut weak, mut strong, mut mask) = (vec![0u8; n], vec![0u8; n], vec![0u8; 196]);
+    let masker = MaskConfig::default().build(224).unwrap();
+    let mut vm = ViewMaker::new();
+    let run =
+        |vm: &mut ViewMaker, weak: &mut [u8], strong: &mut [u8], mask: &mut [u8], sample: u64| {
+            let bytes = &images[(sample % 4) as usize];
+            vm.conmim_pair(bytes, &limits, 5, 0, sample, 224, weak, strong)
+                .unwrap();
+            masker.generate(&mut mask_rng(5, 0, sample), mask);
+        };
+    // Warm up: buffers grow to the largest image and crop seen.
+    for sample in 0..40 {
+        run(&mut vm, &mut weak, &mut strong, &mut mask, sample);
+    }
+    COUNT.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    for sample in 40..60 {
+        run(&mut vm, &mut weak, &mut strong, &mut mask, sample);
+    }
+    ARMED.store(false, Ordering::Relaxed);
+    let allocs = COUNT.load(Ordering::Relaxed);
+    assert!(
+        allocs <= 20 * RESIZE_ALLOCS,
+        "{allocs} allocations in 20 samples"
+    );
+
+    // Everything but the resize: none at all.
+    let mut rng = conmim::augment::params::sample_rng(5, 0, 0);
+    let params: Vec<StrongParams> = (0..20)
+        .map(|_| StrongParams::sample_from(&mut rng, &StrongConfig::default()))
+        .collect();
+    let mut scratch = Vec::new();
+    for p in &params {
+        color::apply_strong(p, &mut strong, 224, 224, &mut scratch);
+    }
+    COUNT.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    for (i, p) in params.iter().enumerate() {
+        color::apply_strong(p, &mut strong, 224, 224, &mut scratch);
+        masker.generate(&mut mask_rng(5, 1, i as u64), &mut mask);
+    }
+    ARMED.store(false, Ordering::Relaxed);
+    assert_eq!(COUNT.load(Ordering::Relaxed), 0, "strong ops and masks");
+}
+
+/// Upper bound on `fast_image_resize`'s per-call allocations for a 224x224 view.
+const RESIZE_ALLOCS: u64 = 2 * 224 + 64;
