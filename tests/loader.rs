@@ -36,7 +36,10 @@ fn dataset(dir: &Path, sizes: &[u64], corrupt: &[&str]) -> BTreeMap<String, Vec<
             images.insert(key.clone(), bytes.clone());
             let members = vec![
                 ("jpg".to_owned(), bytes),
-                ("cls".to_owned(), format!("{}", i * 10 + j as usize).into_bytes()),
+                (
+                    "cls".to_owned(),
+                    format!("{}", i * 10 + j as usize).into_bytes(),
+                ),
             ];
             w.append(&key, &members).unwrap();
         }
@@ -387,7 +390,10 @@ fn a_stalled_source_ends_the_stream_with_an_error() {
     assert!(matches!(r, Err(Error::Stalled { .. })), "{r:?}");
     assert!(l.next().is_none());
     drop(l);
-    assert!(t.elapsed().as_secs() < 10, "dropping the loader must not wait");
+    assert!(
+        t.elapsed().as_secs() < 10,
+        "dropping the loader must not wait"
+    );
 }
 
 #[test]

@@ -16,7 +16,11 @@ use conmim::loader::{Loader, LoaderConfig, LoaderStats, MaskConfig, MaskKind, Ta
 use conmim::stream::{Mode, SourceOptions, Stream, StreamConfig};
 
 #[derive(Parser)]
-#[command(name = "conmim-bench", version, about = "Benchmarks of the conmim data path")]
+#[command(
+    name = "conmim-bench",
+    version,
+    about = "Benchmarks of the conmim data path"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -231,18 +235,22 @@ fn loader_config(a: &LoaderArgs) -> LoaderConfig {
 
 /// (user + system CPU seconds of this process, peak RSS in MiB), from /proc.
 fn proc_usage() -> (Option<f64>, Option<f64>) {
-    let cpu = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / 100.0) // USER_HZ is 100 on Linux
-    });
-    let rss = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    });
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0) // USER_HZ is 100 on Linux
+        });
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb / 1024.0)
+        });
     (cpu, rss)
 }
 
@@ -289,8 +297,8 @@ fn bench_loader(a: &LoaderArgs) -> Result<Report> {
         "warming up ({} batches of {})",
         a.warmup_batches, a.batch
     ));
-    let mut loader = Loader::open(&a.data, &opts, cfg)
-        .with_context(|| format!("cannot open {}", a.data))?;
+    let mut loader =
+        Loader::open(&a.data, &opts, cfg).with_context(|| format!("cannot open {}", a.data))?;
     for _ in 0..a.warmup_batches {
         match loader.next() {
             Some(b) => drop(b.context("loader failed during warm-up")?),
@@ -491,7 +499,10 @@ fn compare(c: &CompareArgs) -> Result<()> {
     let data = if std::path::Path::new(&a.data).is_dir() {
         a.data.clone()
     } else {
-        bail!("compare needs a dataset directory for the peer script, got {}", a.data);
+        bail!(
+            "compare needs a dataset directory for the peer script, got {}",
+            a.data
+        );
     };
     eprintln!(
         "running the PyTorch peer: {} {} ({} s)",
@@ -637,7 +648,10 @@ fn make_data(m: &MakeDataArgs) -> Result<()> {
         params: serde_json::json!({"seed": m.seed, "classes": m.classes}),
     };
     let manifest = Manifest::new(&m.split, list, info);
-    conmim::format::atomic_write_json(&m.out.join(conmim::format::manifest_name(&m.split)), &manifest)?;
+    conmim::format::atomic_write_json(
+        &m.out.join(conmim::format::manifest_name(&m.split)),
+        &manifest,
+    )?;
     eprintln!(
         "wrote {} images ({:.1} MB, {:.0} KB mean) in {nshards} shards to {}",
         m.images,

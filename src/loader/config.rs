@@ -305,17 +305,21 @@ mod tests {
         assert!(with(|c| c.mask.ratio = 1.5).is_err());
         assert!(with(|c| c.prefetch = 0).is_err());
         assert!(with(|c| c.stall_timeout_s = 0.0).is_err());
-        assert!(with(|c| {
-            c.task = Task::ClassifyEval;
-            c.eval_resize = 200;
-        })
-        .is_err());
+        assert!(
+            with(|c| {
+                c.task = Task::ClassifyEval;
+                c.eval_resize = 200;
+            })
+            .is_err()
+        );
         // Classification views need no patch grid.
-        assert!(with(|c| {
-            c.task = Task::ClassifyTrain;
-            c.image_size = 230;
-        })
-        .is_ok());
+        assert!(
+            with(|c| {
+                c.task = Task::ClassifyTrain;
+                c.image_size = 230;
+            })
+            .is_ok()
+        );
     }
 
     #[test]

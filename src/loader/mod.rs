@@ -54,11 +54,10 @@ use serde::Serialize;
 
 pub use batch::{Batch, LoaderState};
 pub use config::{
-    DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_MIN_ASPECT, DEFAULT_BLOCK_MIN_PATCHES,
-    DEFAULT_BLOCK_PATCHES, DEFAULT_EVAL_RESIZE, DEFAULT_IMAGE_SIZE, DEFAULT_LABEL_EXT,
-    DEFAULT_MASK_CELL, DEFAULT_MASK_RATIO, DEFAULT_PATCH_SIZE, DEFAULT_PREFETCH,
-    DEFAULT_STALL_TIMEOUT_S, IMAGE_EXTS, LoaderConfig, MAX_ERROR_RECORDS, MaskConfig, MaskKind,
-    Task, default_threads,
+    DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_MIN_ASPECT, DEFAULT_BLOCK_MIN_PATCHES, DEFAULT_BLOCK_PATCHES,
+    DEFAULT_EVAL_RESIZE, DEFAULT_IMAGE_SIZE, DEFAULT_LABEL_EXT, DEFAULT_MASK_CELL,
+    DEFAULT_MASK_RATIO, DEFAULT_PATCH_SIZE, DEFAULT_PREFETCH, DEFAULT_STALL_TIMEOUT_S, IMAGE_EXTS,
+    LoaderConfig, MAX_ERROR_RECORDS, MaskConfig, MaskKind, Task, default_threads,
 };
 
 use crate::augment::params::sample_rng;
@@ -855,7 +854,11 @@ impl Collator {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if progress.elapsed() >= self.stall {
-                        let shard = self.last_shard.lock().map(|s| s.clone()).unwrap_or_default();
+                        let shard = self
+                            .last_shard
+                            .lock()
+                            .map(|s| s.clone())
+                            .unwrap_or_default();
                         self.fail(Error::Stalled {
                             seconds: progress.elapsed().as_secs_f64(),
                             waiting_for: format!(

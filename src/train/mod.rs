@@ -24,9 +24,9 @@ pub mod pretrain_config;
 pub mod run;
 pub mod schedule;
 pub mod teacher;
-pub mod trainer;
 #[cfg(test)]
 mod train_data;
+pub mod trainer;
 
 #[cfg(test)]
 mod pretrain_tests;
