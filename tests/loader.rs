@@ -7,8 +7,6 @@ use std::path::Path;
 
 use conmim::Error;
 use conmim::augment::views::ViewMaker;
-use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
-use conmim::format::tar::ShardWriter;
 use conmim::image::ImageLimits;
 use conmim::loader::{Batch, Loader, LoaderConfig, MaskConfig, MaskKind, Task, mask_rng};
 use conmim::stream::{SourceOptions, Stream, StreamConfig};
@@ -20,56 +18,26 @@ const PATCH: u32 = 8;
 /// Shards of small JPEGs keyed `s{i}_{j}` with label `i * 10 + j`; `corrupt` keys get
 /// garbage bytes instead. Returns key -> image bytes.
 fn dataset(dir: &Path, sizes: &[u64], corrupt: &[&str]) -> BTreeMap<String, Vec<u8>> {
-    let mut list = Vec::new();
     let mut images = BTreeMap::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let name = conmim::format::shard_name("train", i);
-        let mut w = ShardWriter::create(&dir.join(&name)).unwrap();
-        for j in 0..n {
-            let key = format!("s{i}_{j}");
-            let seed = (i * 1000) as u64 + j;
-            let bytes = if corrupt.contains(&key.as_str()) {
-                b"\xff\xd8\xff\xe0 this is not really a jpeg".to_vec()
-            } else {
-                testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 8, 36, seed))
-            };
-            images.insert(key.clone(), bytes.clone());
-            let members = vec![
-                ("jpg".to_owned(), bytes),
-                (
-                    "cls".to_owned(),
-                    format!("{}", i * 10 + j as usize).into_bytes(),
-                ),
-            ];
-            w.append(&key, &members).unwrap();
-        }
-        let f = w.finish().unwrap();
-        list.push(ShardEntry {
-            url: name,
-            nsamples: n,
-            filesize: f.filesize,
-            md5sum: f.md5sum,
-        });
-    }
-    let info = DatasetInfo {
-        schema_version: conmim::format::SCHEMA_VERSION,
-        tool: "test".into(),
-        dataset: "files".into(),
-        split: "train".into(),
-        num_samples: sizes.iter().sum(),
-        num_rejected: 0,
-        num_inputs: sizes.iter().sum(),
-        num_shards: sizes.len() as u64,
-        total_bytes: 0,
-        rejected_by_reason: BTreeMap::new(),
-        classes: None,
-        wnids: None,
-        categories: None,
-        params: serde_json::Value::Null,
-    };
-    let m = Manifest::new("train", list, info);
-    conmim::format::atomic_write_json(&dir.join(conmim::format::manifest_name("train")), &m)
-        .unwrap();
+    testkit::write_sharded(dir, "train", sizes, |i, j| {
+        let key = format!("s{i}_{j}");
+        let seed = (i * 1000) as u64 + j;
+        let bytes = if corrupt.contains(&key.as_str()) {
+            b"\xff\xd8\xff\xe0 this is not really a jpeg".to_vec()
+        } else {
+            testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 8, 36, seed))
+        };
+        images.insert(key.clone(), bytes.clone());
+        let members = vec![
+            ("jpg".to_owned(), bytes),
+            (
+                "cls".to_owned(),
+                format!("{}", i * 10 + j as usize).into_bytes(),
+            ),
+        ];
+        (key, members)
+    })
+    .unwrap();
     images
 }
 

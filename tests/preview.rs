@@ -1,13 +1,10 @@
 //! `conmim preview` and the `preview` module: the documented layout, tiles equal to the
 //! loader's views and masks, skipped samples, clean failures.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use conmim::augment::views::ViewMaker;
-use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
-use conmim::format::tar::ShardWriter;
 use conmim::loader::{Loader, LoaderConfig, MaskConfig, MaskKind, image_member, mask_rng};
 use conmim::preview::{self, BACKGROUND, GAP, GridLayout, PreviewRow, Tile};
 use conmim::stream::{SourceOptions, Stream, StreamConfig};
@@ -21,60 +18,29 @@ const GRID: usize = (SIZE / PATCH) as usize;
 /// Shards of small images keyed `s{i}_{j}` (label `i * 10 + j`); `s{i}_1` is a PNG,
 /// the others JPEGs; `corrupt` keys get garbage JPEG bytes.
 fn dataset(dir: &Path, sizes: &[u64], corrupt: &[&str]) {
-    let mut list = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let name = conmim::format::shard_name("train", i);
-        let mut w = ShardWriter::create(&dir.join(&name)).unwrap();
-        for j in 0..n {
-            let key = format!("s{i}_{j}");
-            let seed = (i * 1000) as u64 + j;
-            let (ext, bytes) = if corrupt.contains(&key.as_str()) {
-                ("jpg", b"\xff\xd8\xff\xe0 not really a jpeg".to_vec())
-            } else if j == 1 {
-                ("png", testkit::png(50, 40, seed))
-            } else {
-                (
-                    "jpg",
-                    testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 12, 36, seed)),
-                )
-            };
-            let members = vec![
-                (ext.to_owned(), bytes),
-                (
-                    "cls".to_owned(),
-                    format!("{}", i * 10 + j as usize).into_bytes(),
-                ),
-            ];
-            w.append(&key, &members).unwrap();
-        }
-        let f = w.finish().unwrap();
-        list.push(ShardEntry {
-            url: name,
-            nsamples: n,
-            filesize: f.filesize,
-            md5sum: f.md5sum,
-        });
-    }
-    let total = sizes.iter().sum();
-    let info = DatasetInfo {
-        schema_version: conmim::format::SCHEMA_VERSION,
-        tool: "test".into(),
-        dataset: "files".into(),
-        split: "train".into(),
-        num_samples: total,
-        num_rejected: 0,
-        num_inputs: total,
-        num_shards: sizes.len() as u64,
-        total_bytes: 0,
-        rejected_by_reason: BTreeMap::new(),
-        classes: None,
-        wnids: None,
-        categories: None,
-        params: serde_json::Value::Null,
-    };
-    let m = Manifest::new("train", list, info);
-    conmim::format::atomic_write_json(&dir.join(conmim::format::manifest_name("train")), &m)
-        .unwrap();
+    testkit::write_sharded(dir, "train", sizes, |i, j| {
+        let key = format!("s{i}_{j}");
+        let seed = (i * 1000) as u64 + j;
+        let (ext, bytes) = if corrupt.contains(&key.as_str()) {
+            ("jpg", b"\xff\xd8\xff\xe0 not really a jpeg".to_vec())
+        } else if j == 1 {
+            ("png", testkit::png(50, 40, seed))
+        } else {
+            (
+                "jpg",
+                testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 12, 36, seed)),
+            )
+        };
+        let members = vec![
+            (ext.to_owned(), bytes),
+            (
+                "cls".to_owned(),
+                format!("{}", i * 10 + j as usize).into_bytes(),
+            ),
+        ];
+        (key, members)
+    })
+    .unwrap();
 }
 
 fn conmim(args: &[&str]) -> Output {

@@ -1,11 +1,8 @@
 //! The streaming data source: resolution, rank split, order, resume, damage, pipes.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use conmim::format::manifest::{DatasetInfo, Manifest, ShardEntry};
-use conmim::format::tar::ShardWriter;
 use conmim::stream::{
     DefaultOpener, Event, HttpOpener, Mode, Opener, Remainder, ShardList, SourceOptions, Stream,
     StreamConfig, StreamState,
@@ -14,48 +11,18 @@ use conmim::stream::{
 /// Writes `sizes.len()` shards `train-NNNNNN.tar` (shard i holds `sizes[i]` samples
 /// keyed `s{i}_{j}`) and a manifest listing them.
 fn dataset(dir: &Path, sizes: &[u64]) {
-    let mut list = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let name = conmim::format::shard_name("train", i);
-        let mut w = ShardWriter::create(&dir.join(&name)).unwrap();
-        for j in 0..n {
-            let key = format!("s{i}_{j}");
-            let members = vec![
-                (
-                    "jpg".to_owned(),
-                    format!("pixels of {key}").repeat(20).into_bytes(),
-                ),
-                ("cls".to_owned(), format!("{}", i + j as usize).into_bytes()),
-            ];
-            w.append(&key, &members).unwrap();
-        }
-        let f = w.finish().unwrap();
-        list.push(ShardEntry {
-            url: name,
-            nsamples: n,
-            filesize: f.filesize,
-            md5sum: f.md5sum,
-        });
-    }
-    let info = DatasetInfo {
-        schema_version: conmim::format::SCHEMA_VERSION,
-        tool: "test".into(),
-        dataset: "files".into(),
-        split: "train".into(),
-        num_samples: sizes.iter().sum(),
-        num_rejected: 0,
-        num_inputs: sizes.iter().sum(),
-        num_shards: sizes.len() as u64,
-        total_bytes: 0,
-        rejected_by_reason: BTreeMap::new(),
-        classes: None,
-        wnids: None,
-        categories: None,
-        params: serde_json::Value::Null,
-    };
-    let m = Manifest::new("train", list, info);
-    conmim::format::atomic_write_json(&dir.join(conmim::format::manifest_name("train")), &m)
-        .unwrap();
+    conmim::testkit::write_sharded(dir, "train", sizes, |i, j| {
+        let key = format!("s{i}_{j}");
+        let members = vec![
+            (
+                "jpg".to_owned(),
+                format!("pixels of {key}").repeat(20).into_bytes(),
+            ),
+            ("cls".to_owned(), format!("{}", i + j as usize).into_bytes()),
+        ];
+        (key, members)
+    })
+    .unwrap();
 }
 
 fn cfg(seed: u64, rank: usize, world: usize) -> StreamConfig {
