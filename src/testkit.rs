@@ -610,6 +610,58 @@ pub fn add_nasty_imagenet_files(root: &Path) -> io::Result<Vec<(String, &'static
     Ok(written)
 }
 
+/// A sample for [`write_sharded`]: key and `(extension, bytes)` members.
+pub type TestSample = (String, Vec<(String, Vec<u8>)>);
+
+/// Writes a small sharded dataset: `sizes.len()` shards `{split}-NNNNNN.tar`, shard `i`
+/// holding `sizes[i]` samples made by `sample(i, j)`, and `{split}.manifest.json`
+/// listing them (no index). For tests of the stream, loader and trainer.
+pub fn write_sharded(
+    dir: &Path,
+    split: &str,
+    sizes: &[u64],
+    mut sample: impl FnMut(usize, u64) -> TestSample,
+) -> crate::Result<()> {
+    use crate::format::manifest::{DatasetInfo, Manifest, ShardEntry};
+    use crate::format::tar::ShardWriter;
+
+    let mut list = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let name = crate::format::shard_name(split, i);
+        let mut w = ShardWriter::create(&dir.join(&name))?;
+        for j in 0..n {
+            let (key, members) = sample(i, j);
+            w.append(&key, &members)?;
+        }
+        let f = w.finish()?;
+        list.push(ShardEntry {
+            url: name,
+            nsamples: n,
+            filesize: f.filesize,
+            md5sum: f.md5sum,
+        });
+    }
+    let total = sizes.iter().sum();
+    let info = DatasetInfo {
+        schema_version: crate::format::SCHEMA_VERSION,
+        tool: "test".into(),
+        dataset: "files".into(),
+        split: split.into(),
+        num_samples: total,
+        num_rejected: 0,
+        num_inputs: total,
+        num_shards: sizes.len() as u64,
+        total_bytes: 0,
+        rejected_by_reason: Default::default(),
+        classes: None,
+        wnids: None,
+        categories: None,
+        params: serde_json::Value::Null,
+    };
+    let m = Manifest::new(split, list, info);
+    crate::format::atomic_write_json(&dir.join(crate::format::manifest_name(split)), &m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -819,56 +871,4 @@ mod tests {
         let all = files_under(&dir.path().join("train"));
         assert_eq!(all.len(), 4 + 10);
     }
-}
-
-/// A sample for [`write_sharded`]: key and `(extension, bytes)` members.
-pub type TestSample = (String, Vec<(String, Vec<u8>)>);
-
-/// Writes a small sharded dataset: `sizes.len()` shards `{split}-NNNNNN.tar`, shard `i`
-/// holding `sizes[i]` samples made by `sample(i, j)`, and `{split}.manifest.json`
-/// listing them (no index). For tests of the stream, loader and trainer.
-pub fn write_sharded(
-    dir: &Path,
-    split: &str,
-    sizes: &[u64],
-    mut sample: impl FnMut(usize, u64) -> TestSample,
-) -> crate::Result<()> {
-    use crate::format::manifest::{DatasetInfo, Manifest, ShardEntry};
-    use crate::format::tar::ShardWriter;
-
-    let mut list = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let name = crate::format::shard_name(split, i);
-        let mut w = ShardWriter::create(&dir.join(&name))?;
-        for j in 0..n {
-            let (key, members) = sample(i, j);
-            w.append(&key, &members)?;
-        }
-        let f = w.finish()?;
-        list.push(ShardEntry {
-            url: name,
-            nsamples: n,
-            filesize: f.filesize,
-            md5sum: f.md5sum,
-        });
-    }
-    let total = sizes.iter().sum();
-    let info = DatasetInfo {
-        schema_version: crate::format::SCHEMA_VERSION,
-        tool: "test".into(),
-        dataset: "files".into(),
-        split: split.into(),
-        num_samples: total,
-        num_rejected: 0,
-        num_inputs: total,
-        num_shards: sizes.len() as u64,
-        total_bytes: 0,
-        rejected_by_reason: Default::default(),
-        classes: None,
-        wnids: None,
-        categories: None,
-        params: serde_json::Value::Null,
-    };
-    let m = Manifest::new(split, list, info);
-    crate::format::atomic_write_json(&dir.join(crate::format::manifest_name(split)), &m)
 }

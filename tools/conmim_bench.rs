@@ -273,7 +273,7 @@ fn sub(a: &LoaderStats, b: &LoaderStats) -> LoaderStats {
 }
 
 fn bench_loader(a: &LoaderArgs) -> Result<Report> {
-    if !(a.seconds > 0.0) {
+    if a.seconds.is_nan() || a.seconds <= 0.0 {
         bail!("--seconds must be positive");
     }
     let opts = SourceOptions {
