@@ -19,6 +19,7 @@ pub mod loss;
 pub mod vit;
 
 pub mod checkpoint;
+pub mod cuda;
 pub mod optim;
 pub mod pretrain_config;
 pub mod run;
