@@ -5,6 +5,8 @@
 //!   same `(seed, epoch, sample)`.
 //! * `pretrain` (feature `train`) — ConMIM pretraining with presets after the paper's
 //!   Table 11, checkpoints and exact resume.
+//! * `export` (feature `train`) — a run's backbone (the teacher's, by default) as a
+//!   safetensors state dict that timm loads strictly.
 //!
 //! Thin layer: parse -> validated config -> library calls -> summary / exit status.
 
@@ -52,7 +54,7 @@ enum Cmd {
     /// ConMIM pretraining (student ViT + momentum teacher, patch-level InfoNCE).
     ///
     /// Config: --preset (tiny, small, base, large: the paper's Table 11), then
-    /// --config FILE.json, then --set KEY=VALUE, then the flags. --lr is given as in
+    /// --config FILE (.json/.toml), then --set KEY=VALUE, then the flags. --lr is given as in
     /// the paper, for a batch of 2048, and scaled linearly to --batch (lr * batch /
     /// 2048; min_lr likewise). Writes OUT/config.json, OUT/metrics.jsonl (one line per
     /// step), atomic checkpoints in OUT/checkpoints/step-N (the last --keep), and
@@ -60,6 +62,83 @@ enum Cmd {
     /// exactly (same batches, same random draws).
     #[cfg(feature = "train")]
     Pretrain(PretrainArgs),
+    /// Export a run's backbone for fine-tuning elsewhere.
+    ///
+    /// Reads the newest complete checkpoint of RUN (or the checkpoint directory given)
+    /// and writes the TEACHER's backbone (the official fine-tuning starts from it;
+    /// --weights student for the student's) as a safetensors state dict that timm
+    /// loads with strict=True: BEiT-style runs into timm's Beit (the shared relative
+    /// position bias table copied into every block), timm-style runs into timm's
+    /// VisionTransformer. The mask token and the projection head are dropped. Prints
+    /// what was written and the Python line that loads it (also stored in the file's
+    /// metadata).
+    #[cfg(feature = "train")]
+    Export(ExportArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    /// timm's state dict (`timm.create_model(...).load_state_dict(..., strict=True)`).
+    Timm,
+}
+
+#[cfg(feature = "train")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WeightsArg {
+    /// The momentum teacher.
+    Teacher,
+    /// The student.
+    Student,
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct ExportArgs {
+    /// Run directory (its newest complete checkpoint) or a checkpoint directory.
+    run: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Timm)]
+    format: ExportFormat,
+    /// Output file (.safetensors; written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Which network's backbone.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Teacher)]
+    weights: WeightsArg,
+}
+
+#[cfg(feature = "train")]
+fn export_cmd(a: &ExportArgs) -> Result<()> {
+    use conmim::train::export::{ExportOptions, Weights, export_timm};
+    let opts = ExportOptions {
+        weights: match a.weights {
+            WeightsArg::Teacher => Weights::Teacher,
+            WeightsArg::Student => Weights::Student,
+        },
+    };
+    let s = match a.format {
+        ExportFormat::Timm => export_timm(&a.run, &a.out, &opts)?,
+    };
+    println!(
+        "export: {} tensors ({} values, {} bytes) of the {} backbone ({:?} variant) from {} (step {}) -> {}",
+        s.tensors,
+        s.numel,
+        s.bytes,
+        opts.weights.prefix(),
+        s.variant,
+        s.checkpoint.display(),
+        s.step,
+        s.out.display()
+    );
+    for e in &s.expanded {
+        println!("  expanded: {e}");
+    }
+    for d in &s.dropped {
+        println!("  dropped:  {d}");
+    }
+    println!("load it with:\n{}", s.python);
+    Ok(())
 }
 
 #[cfg(feature = "train")]
@@ -68,7 +147,8 @@ struct PretrainArgs {
     /// Model preset: tiny, small, base, large.
     #[arg(long, default_value = "small")]
     preset: String,
-    /// JSON file of config overrides (keys as in OUT/config.json).
+    /// JSON or TOML file of config overrides (keys as in OUT/config.json), e.g.
+    /// configs/pretrain-small.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Config override KEY=VALUE (dotted keys, JSON values), e.g.
@@ -393,6 +473,8 @@ fn main() -> ExitCode {
         Cmd::Preview(a) => preview_cmd(a),
         #[cfg(feature = "train")]
         Cmd::Pretrain(a) => pretrain_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Export(a) => export_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

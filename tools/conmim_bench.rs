@@ -40,6 +40,92 @@ enum Cmd {
     /// sizes (500x375, 375x500, 500x333, 640x480, ...) at quality 75-96, in shards with
     /// a manifest (no Parquet index; the loader needs none).
     MakeData(MakeDataArgs),
+    /// Training throughput of the ConMIM step (feature `train`): img/s for a preset on
+    /// synthetic device-side input, or on the real loader with the fraction of time
+    /// waiting for data. Compare with tools/bench/torch_train.py on the same GPU.
+    #[cfg(feature = "train")]
+    Train(TrainArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct TrainArgs {
+    /// Model preset: tiny, small, base, large.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// timm-style backbone (absolute position embedding) instead of BEiT-style.
+    #[arg(long)]
+    timm_style: bool,
+    /// Images per step.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Measured steps.
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    /// Steps before measuring.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// cpu, cuda or cuda:N (default: CUDA when available).
+    #[arg(long)]
+    device: Option<String>,
+    /// fp32 instead of bf16 autocast on CUDA.
+    #[arg(long)]
+    no_amp: bool,
+    /// Train on this dataset through the loader (default: synthetic input on the device).
+    #[arg(long)]
+    data: Option<String>,
+    /// Split to read from a dataset directory.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Loader threads (0: all cores but two).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// View side (default: the preset's 224).
+    #[arg(long)]
+    image_size: Option<i64>,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+#[cfg(feature = "train")]
+fn bench_train(a: &TrainArgs) -> Result<()> {
+    use conmim::train::bench::{TrainBenchOptions, bench_train};
+    let device = conmim::train::run::parse_device(a.device.as_deref())?;
+    let r = bench_train(&TrainBenchOptions {
+        preset: a.preset.clone(),
+        timm_style: a.timm_style,
+        batch: a.batch,
+        steps: a.steps,
+        warmup: a.warmup,
+        device,
+        amp: !a.no_amp,
+        data: a.data.clone(),
+        split: a.split.clone(),
+        threads: a.threads,
+        image_size: a.image_size,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} ({}, {}): {:.1} img/s, {:.1} ms/step, batch {}, waiting for data {:.1}%, \
+             peak GPU memory {}, loss {:.4} -> {:.4}",
+            r.model,
+            r.variant,
+            r.input,
+            r.img_per_s,
+            r.step_ms,
+            r.batch,
+            100.0 * r.data_wait_frac,
+            r.peak_mem_bytes
+                .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_else(|| "n/a".into()),
+            r.loss_first,
+            r.loss_last
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -204,6 +290,8 @@ fn main() -> Result<()> {
         }
         Cmd::Compare(c) => compare(&c)?,
         Cmd::MakeData(m) => make_data(&m)?,
+        #[cfg(feature = "train")]
+        Cmd::Train(t) => bench_train(&t)?,
     }
     Ok(())
 }

@@ -1,8 +1,51 @@
 //! What tch does not expose, reached through a small C++ shim (`src/train/shim.cpp`,
-//! compiled by `build.rs` against the same libtorch headers): bf16 autocast, TF32,
-//! allocator statistics.
+//! compiled by `build.rs` against the same libtorch headers): bf16 autocast on CUDA,
+//! TF32, CUDA allocator statistics.
 
-use tch::Device;
+use std::ffi::{CStr, c_char, c_int};
+
+use tch::{Device, TchError};
+
+unsafe extern "C" {
+    fn conmim_autocast_cuda_bf16_enter(
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_autocast_cuda_exit(
+        prev_enabled: c_int,
+        prev_dtype: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_set_tf32(enabled: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_cuda_memory_stats(
+        device: c_int,
+        out: *mut u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_upload_async(
+        host: *const torch_sys::C_tensor,
+        device: c_int,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Runs one shim call with an error buffer; a non-zero return becomes `TchError::Torch`.
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
+    let mut buf = [0 as c_char; 1024];
+    if f(buf.as_mut_ptr(), buf.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates within the buffer on error.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    Err(TchError::Torch(format!("{what}: {msg}")))
+}
 
 /// CUDA caching-allocator statistics of one device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -15,8 +58,125 @@ pub struct MemoryStats {
     pub reserved: u64,
 }
 
-/// Allocator statistics of `device`; `None` on the CPU.
+/// Allocator statistics of `device`; `None` on the CPU (or when CUDA cannot say).
 pub fn memory_stats(device: Device) -> Option<MemoryStats> {
-    let _ = device;
-    None
+    let Device::Cuda(i) = device else {
+        return None;
+    };
+    let mut out = [0u64; 3];
+    // SAFETY: `out` has the 3 slots the shim writes.
+    call("memory stats", |e, n| unsafe {
+        conmim_cuda_memory_stats(i as c_int, out.as_mut_ptr(), e, n)
+    })
+    .ok()?;
+    Some(MemoryStats {
+        allocated: out[0],
+        peak_allocated: out[1],
+        reserved: out[2],
+    })
+}
+
+/// Resets the peak of [`memory_stats`] on `device` (no-op on the CPU).
+pub fn reset_peak_memory(device: Device) -> Result<(), TchError> {
+    match device {
+        // SAFETY: plain call, errors come back through the buffer.
+        Device::Cuda(i) => call("reset peak", |e, n| unsafe {
+            conmim_cuda_reset_peak(i as c_int, e, n)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// TF32 for fp32 matmuls and cuDNN convolutions (`torch.set_float32_matmul_precision
+/// ("high")` + `cudnn.allow_tf32`); process-wide.
+pub fn set_tf32(enabled: bool) -> Result<(), TchError> {
+    // SAFETY: plain call, errors come back through the buffer.
+    call("set tf32", |e, n| unsafe {
+        conmim_set_tf32(enabled as c_int, e, n)
+    })
+}
+
+/// Copies the CPU tensor `host` to `device`. On CUDA: through pinned memory,
+/// non-blocking on a side stream, so the copy overlaps the compute already queued on the
+/// current stream; later work on the current stream waits for it. On the CPU: a plain
+/// (synchronous) copy. The caller may free `host` as soon as this returns.
+pub fn upload(host: &tch::Tensor, device: Device) -> Result<tch::Tensor, TchError> {
+    let Device::Cuda(i) = device else {
+        let mut out = host.f_empty_like()?.f_to_device(device)?;
+        out.f_copy_(host)?;
+        return Ok(out);
+    };
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: `host` is a live tensor handle; on success the shim stores a new handle,
+    // which `Tensor::from_ptr` takes ownership of.
+    call("upload", |e, n| unsafe {
+        conmim_upload_async(host.as_ptr(), i as c_int, &mut out, e, n)
+    })?;
+    Ok(unsafe { tch::Tensor::from_ptr(out) })
+}
+
+/// Runs `f` under CUDA bf16 autocast when `enabled` (as `torch.autocast("cuda",
+/// dtype=torch.bfloat16)`), otherwise just runs it. Autocast is thread-local state:
+/// it covers what `f` runs on this thread. Restores the previous state afterwards,
+/// also when `f` panics.
+pub fn autocast_bf16<T>(enabled: bool, f: impl FnOnce() -> T) -> Result<T, TchError> {
+    if !enabled {
+        return Ok(f());
+    }
+    struct Guard(c_int, c_int);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: restores what enter saved; an error here can only be reported.
+            if let Err(e) = call("autocast exit", |e, n| unsafe {
+                conmim_autocast_cuda_exit(self.0, self.1, e, n)
+            }) {
+                eprintln!("conmim: {e}");
+            }
+        }
+    }
+    let (mut en, mut dt) = (0, 0);
+    // SAFETY: the shim writes the two ints it is given.
+    call("autocast enter", |e, n| unsafe {
+        conmim_autocast_cuda_bf16_enter(&mut en, &mut dt, e, n)
+    })?;
+    let _guard = Guard(en, dt);
+    Ok(f())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn shim_links_and_reports_cpu_state() {
+        assert_eq!(memory_stats(Device::Cpu), None);
+        reset_peak_memory(Device::Cpu).unwrap();
+        set_tf32(true).unwrap();
+        set_tf32(false).unwrap();
+        // Autocast on CUDA leaves CPU math alone; nesting restores the state.
+        let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
+        let y = autocast_bf16(true, || {
+            autocast_bf16(true, || a.matmul(&a)).unwrap()
+        })
+        .unwrap();
+        assert_eq!(y.kind(), Kind::Float);
+        assert_eq!(y.sum(Kind::Float).double_value(&[]), 64.0);
+    }
+
+    #[test]
+    fn autocast_bf16_casts_cuda_matmuls() {
+        if !tch::Cuda::is_available() {
+            eprintln!("NOTICE: no CUDA device; the bf16 autocast check runs on GPU machines");
+            return;
+        }
+        let d = Device::Cuda(0);
+        let a = Tensor::ones([8, 8], (Kind::Float, d));
+        let y = autocast_bf16(true, || a.matmul(&a)).unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let z = a.matmul(&a);
+        assert_eq!(z.kind(), Kind::Float, "autocast is off again after the closure");
+        let m = memory_stats(d).unwrap();
+        assert!(m.peak_allocated >= m.allocated && m.allocated > 0);
+    }
 }

@@ -18,13 +18,16 @@ pub mod input;
 pub mod loss;
 pub mod vit;
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
+pub mod export;
 pub mod optim;
 pub mod pretrain_config;
 pub mod run;
 pub mod schedule;
 pub mod teacher;
+pub mod tensorboard;
 #[cfg(test)]
 mod train_data;
 pub mod trainer;

@@ -114,6 +114,14 @@ impl FlatGroup {
     }
 }
 
+/// Flat per-group gradients and their global norm ([`AdamW::gradients`]).
+#[derive(Debug)]
+pub struct FlatGrads {
+    grads: Vec<Tensor>,
+    /// The global L2 norm of all gradients (a scalar f32 tensor on the device).
+    pub norm: Tensor,
+}
+
 /// AdamW hyper-parameters (the learning rate comes per step).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,8 +196,18 @@ impl AdamW {
     /// One update with learning rate `lr`, after clipping the global gradient norm to
     /// `max_grad_norm` (`None` or <= 0: no clipping). Zeroes the gradients afterwards.
     /// Returns the global gradient norm before clipping (a scalar tensor; reading it
-    /// syncs the device).
+    /// syncs the device). Same as [`AdamW::gradients`] then [`AdamW::apply`].
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Tensor> {
+        let grads = self.gradients()?;
+        let norm = grads.norm.shallow_clone();
+        self.apply(grads, lr, max_grad_norm)?;
+        Ok(norm)
+    }
+
+    /// The gradients as one flat f32 tensor per group, and their global L2 norm (no
+    /// host sync): the first half of [`AdamW::step`], so a caller can inspect the norm
+    /// (and the loss) in the same device sync before deciding to [`AdamW::apply`].
+    pub fn gradients(&self) -> Result<FlatGrads> {
         tch::no_grad(|| {
             let mut grads = Vec::with_capacity(self.groups.len());
             for g in &self.groups {
@@ -201,6 +219,22 @@ impl AdamW {
                 .map(|g| g.square().sum(Kind::Float).reshape([1]))
                 .collect();
             let norm = Tensor::f_cat(&sq, 0)?.sum(Kind::Float).sqrt();
+            Ok(FlatGrads { grads, norm })
+        })
+    }
+
+    /// Zeroes the gradients without updating (a step that is abandoned).
+    pub fn zero_grad(&mut self) {
+        for g in &mut self.groups {
+            g.params.zero_grad();
+        }
+    }
+
+    /// The second half of [`AdamW::step`]: clip `grads` to `max_grad_norm`, update
+    /// moments and parameters, count the step, zero the gradients.
+    pub fn apply(&mut self, grads: FlatGrads, lr: f64, max_grad_norm: Option<f64>) -> Result<()> {
+        let FlatGrads { mut grads, norm } = grads;
+        tch::no_grad(|| {
             if let Some(max) = max_grad_norm.filter(|m| *m > 0.0) {
                 // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped to 1;
                 // no host sync.
@@ -231,7 +265,7 @@ impl AdamW {
                 let _ = p.f_addcdiv_(&(&group.exp_avg * (-step_size)), &denom)?;
                 group.params.zero_grad();
             }
-            Ok(norm)
+            Ok(())
         })
     }
 

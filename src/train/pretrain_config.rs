@@ -1,6 +1,6 @@
-//! The pretraining run's configuration: presets after the paper's Table 11, a JSON
-//! config file of overrides (every key must exist: a typo is an error), and the
-//! derived schedules and loader config.
+//! The pretraining run's configuration: presets after the paper's Table 11, a JSON or
+//! TOML config file of overrides (every key must exist: a typo is an error; see
+//! `configs/pretrain-small.toml`), and the derived schedules and loader config.
 //!
 //! Learning rate: `lr` is given as in the paper, for a total batch of 2048, and scaled
 //! linearly for the actual batch: `lr * batch_size / 2048` (the same for `min_lr`).
@@ -114,23 +114,34 @@ impl PretrainConfig {
         Ok(cfg)
     }
 
-    /// Reads a JSON config file of overrides.
+    /// Reads a config file of overrides: `.json` or `.toml` (by extension; the same
+    /// keys and nesting as `OUT/config.json`, TOML tables for the nested objects).
+    /// TOML has no null: set an optional key to "off" (e.g. `clip_grad`) in a JSON file
+    /// or with `--set clip_grad=null`.
     pub fn read_overrides(path: &std::path::Path) -> Result<serde_json::Value> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if ext != "json" {
-            // TODO: TOML / YAML configs need the `toml` / `serde_yaml` crates (not yet a
-            // dependency); the overrides are the same keys.
+        let v: serde_json::Value = match ext.to_ascii_lowercase().as_str() {
+            "json" => serde_json::from_str(&text)
+                .with_context(|| format!("parsing config {}", path.display()))?,
+            "toml" => toml::from_str(&text)
+                .with_context(|| format!("parsing config {}", path.display()))?,
+            _ => bail!(
+                "config {}: unsupported config file type `.{ext}` (use .json or .toml)",
+                path.display()
+            ),
+        };
+        if !v.is_object() {
             bail!(
-                "config {}: only JSON config files are supported so far (got .{ext})",
+                "config {}: expected an object of overrides at the top level",
                 path.display()
             );
         }
-        serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+        Ok(v)
     }
 
-    /// Reads a JSON config file of overrides over `self`.
+    /// Reads a JSON or TOML config file of overrides over `self`.
     pub fn with_file(self, path: &std::path::Path) -> Result<Self> {
         let v = Self::read_overrides(path)?;
         self.with_all_overrides(&[(format!("config {}", path.display()), v)])
@@ -322,5 +333,75 @@ mod tests {
             .with_overrides(&serde_json::json!({"model": {"image_size": 65}}))
             .unwrap_err();
         assert!(format!("{e:#}").contains("multiple"), "{e:#}");
+    }
+
+    fn repo_file(rel: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    #[test]
+    fn sample_toml_config_is_small_with_the_paper_schedule() {
+        let path = repo_file("configs/pretrain-small.toml");
+        let got = PretrainConfig::preset("small")
+            .unwrap()
+            .with_file(&path)
+            .unwrap();
+        let mut want = PretrainConfig::preset("small").unwrap();
+        want.batch_size = 2048;
+        want.total_steps = 187_671;
+        want.lr = 5e-4;
+        want.min_lr = 1e-5;
+        want.model.drop_path_rate = 0.1;
+        want.optim.weight_decay = 0.05;
+        assert_eq!(got, want);
+        // The file holds only overrides (a partial config), not a whole one.
+        let v = PretrainConfig::read_overrides(&path).unwrap();
+        assert!(v.get("head").is_none() && v.get("seed").is_none(), "{v}");
+        assert_eq!(v["total_steps"], 187_671);
+    }
+
+    #[test]
+    fn toml_and_json_files_override_alike_and_reject_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_path = dir.path().join("o.toml");
+        std::fs::write(
+            &toml_path,
+            "batch_size = 64\nmask = \"cell\"\n[model]\nimage_size = 64\n[optim]\neps = 1e-6\n",
+        )
+        .unwrap();
+        let json_path = dir.path().join("o.json");
+        std::fs::write(
+            &json_path,
+            r#"{"batch_size": 64, "mask": "cell", "model": {"image_size": 64}, "optim": {"eps": 1e-6}}"#,
+        )
+        .unwrap();
+        let tiny = PretrainConfig::preset("tiny").unwrap();
+        let a = tiny.clone().with_file(&toml_path).unwrap();
+        let b = tiny.clone().with_file(&json_path).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            (a.batch_size, a.model.image_size, a.optim.eps),
+            (64, 64, 1e-6)
+        );
+        assert_eq!(a.mask, MaskKind::Cell);
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[model]\ndepht = 3\n").unwrap();
+        let e = format!("{:#}", tiny.clone().with_file(&bad).unwrap_err());
+        assert!(e.contains("unknown config key `model.depht`"), "{e}");
+        assert!(e.contains("bad.toml"), "{e}");
+
+        let broken = dir.path().join("broken.toml");
+        std::fs::write(&broken, "batch_size = = 3\n").unwrap();
+        let e = format!("{:#}", tiny.clone().with_file(&broken).unwrap_err());
+        assert!(
+            e.contains("parsing config") && e.contains("broken.toml"),
+            "{e}"
+        );
+
+        let yaml = dir.path().join("c.yaml");
+        std::fs::write(&yaml, "batch_size: 3\n").unwrap();
+        let e = format!("{:#}", tiny.with_file(&yaml).unwrap_err());
+        assert!(e.contains("unsupported config file type `.yaml`"), "{e}");
     }
 }

@@ -1,19 +1,28 @@
-//! `conmim pretrain`: a whole run — config (preset, JSON file, overrides), resume,
-//! the training loop with a progress bar, JSONL metrics, periodic atomic checkpoints and
-//! a final summary.
+//! `conmim pretrain`: a whole run — config (preset, JSON or TOML file, overrides),
+//! resume, the training loop with a progress bar, JSONL metrics and TensorBoard
+//! scalars, periodic atomic checkpoints and a final summary.
 //!
 //! Run directory `OUT`:
 //!
 //! ```text
 //! OUT/config.json      the effective config of the (latest) invocation
 //! OUT/metrics.jsonl    one line per step: step, loss, accuracy, lr, momentum,
-//!                      grad_norm, img_s, data_wait_frac, gpu_mem_bytes (null: TODO)
+//!                      grad_norm, img_s, data_wait_frac, gpu_mem_bytes (the CUDA
+//!                      allocator's peak bytes; null on the CPU)
+//! OUT/tb/events.out.tfevents.<secs>.<host>
+//!                      TensorBoard scalars of the same metrics at each step, tagged
+//!                      `train/<key>` (`tensorboard --logdir OUT/tb`); flushed at each
+//!                      checkpoint and at the end
 //! OUT/checkpoints/     see `checkpoint`
 //! OUT/summary.json     written at the end of a successful run
 //! ```
 //!
 //! On resume, metric lines of steps at or after the resumed step are dropped first, so
-//! the file reads like one uninterrupted run.
+//! the file reads like one uninterrupted run. TensorBoard gets a new event file per
+//! invocation (TensorBoard merges the files of a directory); it begins with a
+//! `SessionLog START` at the resumed step, which makes TensorBoard drop the older
+//! files' points from that step on. Where a reader does not, the steps between the
+//! checkpoint and the interruption show twice, which is harmless.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +35,7 @@ use tch::Device;
 
 use super::checkpoint;
 use super::pretrain_config::PretrainConfig;
+use super::tensorboard::EventWriter;
 use super::trainer::Trainer;
 use crate::stream::SourceOptions;
 
@@ -94,8 +104,28 @@ struct MetricLine {
     grad_norm: f64,
     img_s: f64,
     data_wait_frac: f64,
-    /// TODO: CUDA memory (tch exposes no allocator statistics).
+    /// Peak bytes of the CUDA caching allocator (`None` on the CPU).
     gpu_mem_bytes: Option<u64>,
+}
+
+impl MetricLine {
+    /// The TensorBoard scalars of this line: every metric but `step`, tagged
+    /// `train/<key>`; `gpu_mem_bytes` only when known.
+    fn scalars(&self) -> Vec<(&'static str, f64)> {
+        let mut v = vec![
+            ("train/loss", self.loss),
+            ("train/accuracy", self.accuracy),
+            ("train/lr", self.lr),
+            ("train/momentum", self.momentum),
+            ("train/grad_norm", self.grad_norm),
+            ("train/img_s", self.img_s),
+            ("train/data_wait_frac", self.data_wait_frac),
+        ];
+        if let Some(b) = self.gpu_mem_bytes {
+            v.push(("train/gpu_mem_bytes", b as f64));
+        }
+        v
+    }
 }
 
 /// Parses `--device`.
@@ -250,6 +280,8 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
     let start_step = trainer.step();
+    let mut tb = EventWriter::create(&o.out.join("tb"))?;
+    tb.session_start(start_step)?;
     let total = cfg.total_steps;
     let opts = SourceOptions {
         split: o.split.clone(),
@@ -307,10 +339,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             grad_norm: stats.grad_norm,
             img_s: stats.batch as f64 / dt,
             data_wait_frac: (wait / dt).min(1.0),
-            gpu_mem_bytes: None,
+            gpu_mem_bytes: super::cuda::memory_stats(device).map(|m| m.peak_allocated),
         };
         writeln!(metrics, "{}", serde_json::to_string(&line)?)
             .with_context(|| format!("writing {}", metrics_path.display()))?;
+        tb.add_scalars(line.step, &line.scalars())?;
         recent.push(stats.loss);
         if recent.len() > 10 {
             recent.remove(0);
@@ -323,12 +356,14 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         let step = trainer.step();
         if step % o.save_every.max(1) == 0 || step == total {
             metrics.flush()?;
+            tb.flush()?;
             let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
             last_ck = Some(p);
         }
     }
     pb.finish();
     metrics.flush()?;
+    tb.flush()?;
     let wall = t0.elapsed().as_secs_f64();
     let summary = Summary {
         preset: cfg.preset.clone(),
@@ -420,6 +455,33 @@ mod tests {
             .map(|(s, _)| s)
             .collect();
         assert_eq!(cks, vec![4, 6]);
+        // TensorBoard: one event file, the same losses as metrics.jsonl.
+        let tb = crate::train::tensorboard::read::event_files(&full.join("tb"));
+        assert_eq!(tb.len(), 1, "{tb:?}");
+        let ev = crate::train::tensorboard::read::events(&tb[0]);
+        assert_eq!(ev[0].file_version.as_deref(), Some("brain.Event:2"));
+        assert_eq!((ev[1].step, ev[1].session_status), (0, Some(1)));
+        let tb_losses: Vec<(u64, f32)> = ev[2..]
+            .iter()
+            .map(|e| {
+                let tags: Vec<&str> = e.scalars.iter().map(|(t, _)| t.as_str()).collect();
+                assert_eq!(
+                    tags,
+                    [
+                        "train/loss",
+                        "train/accuracy",
+                        "train/lr",
+                        "train/momentum",
+                        "train/grad_norm",
+                        "train/img_s",
+                        "train/data_wait_frac"
+                    ]
+                );
+                (e.step, e.scalars[0].1)
+            })
+            .collect();
+        let want_f32: Vec<(u64, f32)> = want.iter().map(|&(s, l)| (s, l as f32)).collect();
+        assert_eq!(tb_losses, want_f32);
 
         // 4 steps, then a run to 6 with --resume auto (as after a kill).
         let part = dir.path().join("part");
@@ -432,6 +494,19 @@ mod tests {
         std::fs::remove_dir_all(checkpoint::dir_of(&part).join("step-00000006")).unwrap();
         let s2 = pretrain(&o).unwrap();
         assert_eq!(s2.start_step, 4);
+        // The resumed invocation: a second event file, starting a session at step 4.
+        let tb = crate::train::tensorboard::read::event_files(&part.join("tb"));
+        assert_eq!(tb.len(), 2, "{tb:?}");
+        let resumed = tb
+            .iter()
+            .map(|p| crate::train::tensorboard::read::events(p))
+            .find(|ev| ev[1].step == 4)
+            .expect("an event file of the resumed run");
+        assert_eq!(resumed[1].session_status, Some(1));
+        assert_eq!(
+            resumed[2..].iter().map(|e| e.step).collect::<Vec<_>>(),
+            [4, 5]
+        );
         assert_eq!(
             losses(&part),
             want,

@@ -7,20 +7,26 @@
 //! reseeds it with `(seed, step)` before the forward pass (drop path), so a run
 //! resumed from a checkpoint continues bit for bit (on the CPU).
 //!
-//! Precision: fp32 everywhere.
-//! TODO(bf16): mixed precision on CUDA (bf16 autocast of the forward passes; tch's
-//! `autocast` picks fp16 and does not expose the dtype, so this needs a torch-sys
-//! call `at::autocast::set_autocast_dtype(kCUDA, kBFloat16)` or explicit casts).
+//! Precision: on CUDA the forward passes run under bf16 autocast (as
+//! `torch.autocast("cuda", dtype=torch.bfloat16)`, through the C++ shim in
+//! [`super::cuda`]) with TF32 matmuls; the loss, the gradients' reduction, AdamW and
+//! the EMA stay fp32 (the parameters are fp32 masters). On the CPU: fp32 everywhere.
+//!
+//! Device syncs: one per step, after the backward pass is queued: loss, masked count,
+//! gradient norm and accuracy come back together, and only then is the update applied
+//! (a non-finite loss abandons the step with weights and moments untouched). The
+//! caller's `between` hook runs just before that sync, while the GPU works: the
+//! training loop uploads the next batch there ([`DeviceBatch::upload`]).
 //!
 //! The teacher's backbone runs without drop path; its head normalises with batch
 //! statistics (train mode), as the spec says.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use super::head::ProjectionHead;
-use super::input::{mask_from_u8, normalize_u8_nhwc};
+use super::input::{DeviceBatch, IMAGENET_MEAN, IMAGENET_STD, normalize_nhwc};
 use super::loss::conmim_loss;
 use super::optim::{AdamW, trainable_named};
 use super::pretrain_config::PretrainConfig;
@@ -78,6 +84,8 @@ pub struct Trainer {
     pub loader_state: Option<LoaderState>,
     /// Samples trained on so far.
     pub samples: u64,
+    /// bf16 autocast of the forward passes (on by default on CUDA, off on the CPU).
+    pub amp: bool,
 }
 
 fn seed_for(seed: u64, step: u64) -> i64 {
@@ -103,7 +111,12 @@ impl Trainer {
             }
             Ok(())
         })?;
+        let amp = device.is_cuda();
+        if amp {
+            super::cuda::set_tf32(true)?;
+        }
         Ok(Trainer {
+            amp,
             lr: cfg.lr_schedule(),
             momentum: cfg.momentum_schedule(),
             cfg,
@@ -140,12 +153,25 @@ impl Trainer {
         })
     }
 
-    /// One training step on `batch`. A non-finite loss is an error and leaves the
-    /// weights, moments and step untouched.
+    /// One training step on `batch` (uploads it, then [`Trainer::train_step_device`]).
+    /// A non-finite loss is an error and leaves the weights, moments and step untouched.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
+        let x = DeviceBatch::upload(batch, self.device).context("uploading the batch")?;
+        self.train_step_device(&x, || Ok(()))
+    }
+
+    /// One training step on a batch already on the device. `between` runs after the
+    /// forward and backward passes are queued and before the step's one device sync
+    /// (the loop uploads the next batch there, overlapping the GPU's work). A
+    /// non-finite loss is an error and leaves the weights, moments and step untouched.
+    pub fn train_step_device(
+        &mut self,
+        x: &DeviceBatch,
+        between: impl FnOnce() -> Result<()>,
+    ) -> Result<StepStats> {
         let step = self.opt.step;
-        let b = batch.len();
-        let size = batch.image_size() as usize;
+        let b = x.len();
+        let size = x.image_size();
         if size as i64 != self.cfg.model.image_size {
             bail!(
                 "batch views are {size} px, the model takes {} px",
@@ -153,55 +179,58 @@ impl Trainer {
             );
         }
         let n = self.cfg.model.num_patches();
-        if batch.mask_len() as i64 != n {
-            bail!(
-                "batch masks have {} patches, the model {n}",
-                batch.mask_len()
-            );
+        if x.mask_len() as i64 != n {
+            bail!("batch masks have {} patches, the model {n}", x.mask_len());
         }
         let lr = self.lr.at(step);
         let momentum = self.momentum.at(step);
         tch::manual_seed(seed_for(self.cfg.seed, step));
-        let xw = normalize_u8_nhwc(batch.weak(), b, size, self.device)?;
-        let xs = normalize_u8_nhwc(batch.strong(), b, size, self.device)?;
-        let mask = mask_from_u8(batch.mask(), b, n as usize, self.device)?;
-        let target = tch::no_grad(|| -> Result<Tensor> {
-            let f = self.teacher.vit.forward_features(&xs, None, false)?;
-            Ok(self.teacher.head.forward_t(&f, true)?.narrow(1, 1, n))
-        })?;
-        let f = self.student.vit.forward_features(&xw, Some(&mask), true)?;
-        let proj = self.student.head.forward_t(&f, true)?.narrow(1, 1, n);
-        let out = conmim_loss(&proj, &target, &mask, self.cfg.temperature)?;
-        // One device sync for the checks that must precede the update.
-        let checks = Vec::<f64>::try_from(
-            &Tensor::stack(&[out.loss.detach(), out.masked.shallow_clone()], 0)
-                .to_kind(tch::Kind::Double)
-                .to_device(Device::Cpu),
-        )?;
-        let (loss, masked) = (checks[0], checks[1]);
+        let xw = normalize_nhwc(&x.weak, IMAGENET_MEAN, IMAGENET_STD)?;
+        let xs = normalize_nhwc(&x.strong, IMAGENET_MEAN, IMAGENET_STD)?;
+        let mask = &x.mask;
+        let (proj, target) = super::cuda::autocast_bf16(self.amp, || -> Result<_> {
+            let target = tch::no_grad(|| -> Result<Tensor> {
+                let f = self.teacher.vit.forward_features(&xs, None, false)?;
+                Ok(self.teacher.head.forward_t(&f, true)?.narrow(1, 1, n))
+            })?;
+            let f = self.student.vit.forward_features(&xw, Some(mask), true)?;
+            let proj = self.student.head.forward_t(&f, true)?.narrow(1, 1, n);
+            Ok((proj, target))
+        })??;
+        // The loss in fp32 (a no-op cast on the CPU).
+        let (proj, target) = (proj.to_kind(Kind::Float), target.to_kind(Kind::Float));
+        let out = conmim_loss(&proj, &target, mask, self.cfg.temperature)?;
+        out.loss.backward();
+        let grads = self.opt.gradients()?;
+        between()?;
+        // The step's one device sync.
+        let parts: Vec<Tensor> = [&out.loss.detach(), &out.masked, &grads.norm, &out.accuracy]
+            .iter()
+            .map(|t| t.to_kind(Kind::Double).reshape([1]))
+            .collect();
+        let got = Vec::<f64>::try_from(&Tensor::cat(&parts, 0).to_device(Device::Cpu))?;
+        let (loss, masked, grad_norm, accuracy) = (got[0], got[1], got[2], got[3]);
         if !loss.is_finite() {
+            self.opt.zero_grad();
             bail!("the loss is {loss} at step {step}; stopping (no update made)");
         }
         if masked == 0.0 {
+            self.opt.zero_grad();
             bail!("step {step}: the batch has no masked patch (mask plumbing bug)");
         }
-        out.loss.backward();
-        let grad_norm = self.opt.step(lr, self.cfg.clip_grad)?;
+        self.opt.apply(grads, lr, self.cfg.clip_grad)?;
         self.ema.update(&self.opt, momentum)?;
-        let after = Vec::<f64>::try_from(
-            &Tensor::stack(&[grad_norm, out.accuracy.shallow_clone()], 0)
-                .to_kind(tch::Kind::Double)
-                .to_device(Device::Cpu),
-        )?;
-        self.loader_state = Some(batch.state());
+        if let Some(state) = x.state {
+            self.loader_state = Some(state);
+        }
         self.samples += b as u64;
         Ok(StepStats {
             step,
             loss,
-            accuracy: after[1],
+            accuracy,
             lr,
             momentum,
-            grad_norm: after[0],
+            grad_norm,
             batch: b,
         })
     }
