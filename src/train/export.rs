@@ -201,13 +201,20 @@ pub fn python_line(target: &TimmTarget, file: &Path) -> String {
     )
 }
 
+/// A backbone under timm's names.
+#[derive(Debug)]
+pub struct TimmStateDict {
+    /// The tensors, sorted by name.
+    pub tensors: Vec<(String, Tensor)>,
+    /// Checkpoint tensors not written, each with why.
+    pub dropped: Vec<String>,
+    /// Tensors written several times.
+    pub expanded: Vec<String>,
+}
+
 /// The timm state dict of backbone `cfg` from its own variables `backbone` (names as
-/// [`super::vit`] gives them, the network's prefix removed). Returns the tensors (sorted
-/// by name), what was dropped and what was expanded.
-pub fn timm_state_dict(
-    cfg: &Config,
-    backbone: BTreeMap<String, Tensor>,
-) -> Result<(Vec<(String, Tensor)>, Vec<String>, Vec<String>)> {
+/// [`super::vit`] gives them, the network's prefix removed).
+pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Result<TimmStateDict> {
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut dropped = Vec::new();
     let mut expanded = Vec::new();
@@ -268,11 +275,16 @@ pub fn timm_state_dict(
             bail!("the checkpoint has no `{need}`: not a backbone of this config");
         }
     }
-    if cfg.variant == Variant::Beit && !out.contains_key("blocks.0.attn.relative_position_bias_table")
+    if cfg.variant == Variant::Beit
+        && !out.contains_key("blocks.0.attn.relative_position_bias_table")
     {
         bail!("the checkpoint has no `rel_pos_bias.relative_position_bias_table`");
     }
-    Ok((out.into_iter().collect(), dropped, expanded))
+    Ok(TimmStateDict {
+        tensors: out.into_iter().collect(),
+        dropped,
+        expanded,
+    })
 }
 
 /// Serialises f32 `tensors` (in the given order) as safetensors with `metadata`.
@@ -363,7 +375,11 @@ pub fn export_timm(
             model_file.display()
         );
     }
-    let (tensors, dropped, expanded) = timm_state_dict(cfg, backbone)
+    let TimmStateDict {
+        tensors,
+        dropped,
+        expanded,
+    } = timm_state_dict(cfg, backbone)
         .with_context(|| format!("mapping {} to timm names", model_file.display()))?;
     let python = python_line(&target, out);
     let kwargs_json: serde_json::Map<String, serde_json::Value> = target
@@ -397,7 +413,8 @@ pub fn export_timm(
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let bytes = safetensors_bytes(&tensors, &metadata)?;
-    crate::format::atomic_write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    crate::format::atomic_write(out, &bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(ExportSummary {
         checkpoint: dir,
         step: state.step,
@@ -477,8 +494,7 @@ mod tests {
     fn export_loads_strictly_in_timm_and_matches() {
         let _rng = seeded(11);
         let python = python();
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
         for (label, model) in variants() {
             let dir = tempfile::tempdir().unwrap();
             let run = dir.path().join("run");
@@ -533,12 +549,16 @@ mod tests {
         let t = checkpointed(micro(Variant::Beit), &run);
         let out = dir.path().join("b.safetensors");
         // A checkpoint directory works as well as the run directory.
-        let ck = checkpoint::latest(&checkpoint::dir_of(&run)).unwrap().unwrap();
+        let ck = checkpoint::latest(&checkpoint::dir_of(&run))
+            .unwrap()
+            .unwrap();
         let s = export_timm(&ck, &out, &ExportOptions::default()).unwrap();
         assert_eq!(s.checkpoint, ck);
         assert!(!crate::format::tmp_path(&out).exists());
-        let got: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+        let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out)
+            .unwrap()
+            .into_iter()
+            .collect();
         let v = t.teacher.vs.variables();
         let table = &v["rel_pos_bias.relative_position_bias_table"];
         for i in 0..2 {
@@ -585,8 +605,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.weights, Weights::Student);
-        let got: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+        let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert!(got["norm.weight"].equal(&t.student.vs.variables()["norm.weight"]));
     }
 
@@ -595,13 +617,27 @@ mod tests {
         let name = |c: Config| timm_target(&c).unwrap().model;
         assert_eq!(name(Config::vit_small()), "beit_base_patch16_224");
         assert_eq!(name(Config::vit_large()), "beit_large_patch16_224");
-        assert_eq!(name(Config::vit_tiny().timm_style()), "vit_tiny_patch16_224");
-        assert_eq!(name(Config::vit_small().timm_style()), "vit_small_patch16_224");
-        assert_eq!(name(Config::vit_base().timm_style()), "vit_base_patch16_224");
-        assert_eq!(name(Config::vit_large().timm_style()), "vit_large_patch16_224");
+        assert_eq!(
+            name(Config::vit_tiny().timm_style()),
+            "vit_tiny_patch16_224"
+        );
+        assert_eq!(
+            name(Config::vit_small().timm_style()),
+            "vit_small_patch16_224"
+        );
+        assert_eq!(
+            name(Config::vit_base().timm_style()),
+            "vit_base_patch16_224"
+        );
+        assert_eq!(
+            name(Config::vit_large().timm_style()),
+            "vit_large_patch16_224"
+        );
         let k = timm_target(&Config::vit_large()).unwrap().kwargs;
         assert!(k.contains(&("init_values".into(), "1e-5".into())), "{k:?}");
-        let k = timm_target(&Config::vit_small().timm_style()).unwrap().kwargs;
+        let k = timm_target(&Config::vit_small().timm_style())
+            .unwrap()
+            .kwargs;
         assert!(k.contains(&("init_values".into(), "None".into())), "{k:?}");
         assert!(!k.iter().any(|(n, _)| n == "use_rel_pos_bias"));
         let bad = Config {
