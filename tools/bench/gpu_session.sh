@@ -39,6 +39,7 @@ run sanity 60 "$BIN/conmim-bench" train --preset tiny --image-size 64 --batch 32
 run rust_small_timm 90 "$BIN/conmim-bench" train --preset small --timm-style --batch 256 --steps 30 --warmup 10 --json
 run torch_small 120 $PY tools/bench/torch_train.py --model small --batch 256 --steps 30 --warmup 10 --device cuda
 run rust_small_beit 90 "$BIN/conmim-bench" train --preset small --batch 256 --steps 30 --warmup 10 --json
+run torch_small_beit 120 $PY tools/bench/torch_train.py --model small --variant beit --batch 256 --steps 30 --warmup 10 --device cuda
 
 # 3. The loader on all cores, and the PyTorch peer with as many workers.
 "$BIN/conmim-bench" make-data --out "$DATA" --images 6000 --per-shard 250 > "$OUT/make_data.log" 2>&1
@@ -49,6 +50,11 @@ run compare_all 120 env CONMIM_PYTHON=$PY "$BIN/conmim-bench" compare --data "$D
 
 # 4. Loader-fed training (ViT-S, all cores but two for the loader).
 run rust_small_loader 120 "$BIN/conmim-bench" train --preset small --timm-style --batch 256 --steps 40 --warmup 10 --data "$DATA" --threads $((NT - 2)) --json
+
+# 4b. The whole `conmim pretrain` path on the GPU (metrics with GPU memory, TensorBoard,
+#     checkpoint), ViT-S for 30 steps from the loader.
+run pretrain_small 150 "$BIN/conmim" pretrain --preset small --data "$DATA" --out "$OUT/run-small" --steps 30 --batch 256 --threads $((NT - 2)) --device cuda
+rm -rf "$OUT/run-small/checkpoints"
 
 # 5. ViT-B and ViT-L.
 run rust_base_timm 120 "$BIN/conmim-bench" train --preset base --timm-style --batch 256 --steps 20 --warmup 8 --json
