@@ -83,6 +83,10 @@ struct TrainArgs {
     /// View side (default: the preset's 224).
     #[arg(long)]
     image_size: Option<i64>,
+    /// After timing, profile 3 more steps (synthetic input) and write libtorch's Chrome
+    /// trace here (summarise with tools/bench/trace_summary.py).
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -104,6 +108,7 @@ fn bench_train(a: &TrainArgs) -> Result<()> {
         split: a.split.clone(),
         threads: a.threads,
         image_size: a.image_size,
+        profile: a.profile.clone(),
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

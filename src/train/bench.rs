@@ -38,6 +38,9 @@ pub struct TrainBenchOptions {
     /// Loader threads (0: all cores but two).
     pub threads: usize,
     pub image_size: Option<i64>,
+    /// After timing, profile 3 more steps (synthetic input) and write libtorch's
+    /// Chrome trace here (summarise with tools/bench/trace_summary.py).
+    pub profile: Option<std::path::PathBuf>,
 }
 
 /// One measurement (the JSON `conmim-bench train --json` prints).
@@ -107,6 +110,17 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
                 }
                 let s = t.train_step_device(&batches[i as usize % batches.len()], || Ok(()))?;
                 losses.push(s.loss);
+            }
+            if let Some(path) = &o.profile {
+                sync();
+                let secs = t0.elapsed();
+                super::cuda::profiler_start(o.device.is_cuda())?;
+                for batch in batches.iter().take(3) {
+                    t.train_step_device(batch, || Ok(()))?;
+                }
+                sync();
+                super::cuda::profiler_stop(path)?;
+                t0 = Instant::now() - secs;
             }
         }
         Some(data) => {
@@ -196,17 +210,25 @@ mod tests {
             split: "train".into(),
             threads: 2,
             image_size: Some(32),
+            profile: None,
         }
     }
 
     #[test]
     fn bench_train_synthetic_and_loader_on_cpu() {
         let _rng = seeded(5);
-        let r = bench_train(&opts(None)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("trace.json");
+        let r = bench_train(&TrainBenchOptions {
+            profile: Some(trace.clone()),
+            ..opts(None)
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&trace).unwrap();
+        assert!(text.contains("traceEvents") && text.contains("aten::"), "a Chrome trace");
         assert_eq!((r.input.as_str(), r.batch, r.steps), ("synthetic", 4, 2));
         assert!(r.img_per_s > 0.0 && r.loss_first.is_finite() && r.loss_last.is_finite());
         assert!(!r.amp, "no autocast on the CPU");
-        let dir = tempfile::tempdir().unwrap();
         dataset(dir.path(), &[8, 8]);
         let mut o = opts(Some(dir.path().to_str().unwrap().into()));
         o.timm_style = true;

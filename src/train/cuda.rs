@@ -27,6 +27,22 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn conmim_cuda_reset_peak(device: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_fused_adamw(
+        param: *const torch_sys::C_tensor,
+        grad: *const torch_sys::C_tensor,
+        exp_avg: *const torch_sys::C_tensor,
+        exp_avg_sq: *const torch_sys::C_tensor,
+        step: *const torch_sys::C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_profiler_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_profiler_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn conmim_upload_async(
         host: *const torch_sys::C_tensor,
         device: c_int,
@@ -113,6 +129,65 @@ pub fn upload(host: &tch::Tensor, device: Device) -> Result<tch::Tensor, TchErro
         conmim_upload_async(host.as_ptr(), i as c_int, &mut out, e, n)
     })?;
     Ok(unsafe { tch::Tensor::from_ptr(out) })
+}
+
+/// Hyper-parameters of one [`fused_adamw`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// PyTorch's fused AdamW kernel (`_fused_adamw_`, as `AdamW(fused=True)`) over one
+/// parameter tensor, in place: decoupled weight decay, moments, bias-corrected update.
+/// `step` is a 1-element f32 tensor on the parameter's device holding the step count
+/// after this step's increment.
+pub fn fused_adamw(
+    param: &tch::Tensor,
+    grad: &tch::Tensor,
+    exp_avg: &tch::Tensor,
+    exp_avg_sq: &tch::Tensor,
+    step: &tch::Tensor,
+    h: AdamWStep,
+) -> Result<(), TchError> {
+    // SAFETY: live tensor handles; the kernel updates their storage in place.
+    call("fused adamw", |e, n| unsafe {
+        conmim_fused_adamw(
+            param.as_ptr(),
+            grad.as_ptr(),
+            exp_avg.as_ptr(),
+            exp_avg_sq.as_ptr(),
+            step.as_ptr(),
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            e,
+            n,
+        )
+    })
+}
+
+/// Starts libtorch's Kineto profiler (CPU ops; CUDA kernels too when `cuda`).
+pub fn profiler_start(cuda: bool) -> Result<(), TchError> {
+    // SAFETY: plain call, errors come back through the buffer.
+    call("profiler start", |e, n| unsafe {
+        conmim_profiler_start(cuda as c_int, e, n)
+    })
+}
+
+/// Stops the profiler and writes a Chrome trace (torch.profiler's format) to `path`.
+pub fn profiler_stop(path: &std::path::Path) -> Result<(), TchError> {
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| TchError::Torch("profiler: path contains NUL".into()))?;
+    // SAFETY: `c` is a NUL-terminated string alive for the call.
+    call("profiler stop", |e, n| unsafe {
+        conmim_profiler_stop(c.as_ptr(), e, n)
+    })
 }
 
 /// Runs `f` under CUDA bf16 autocast when `enabled` (as `torch.autocast("cuda",

@@ -36,6 +36,7 @@ use tch::Device;
 use super::checkpoint;
 use super::pretrain_config::PretrainConfig;
 use super::tensorboard::EventWriter;
+use super::input::DeviceBatch;
 use super::trainer::Trainer;
 use crate::stream::SourceOptions;
 
@@ -308,24 +309,47 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let mut recent: Vec<f64> = Vec::new();
     let mut last_ck = None;
     let mut last_step_end = Instant::now();
-    while trainer.step() < total {
+    // Batch k+1 is fetched and uploaded while step k runs on the device (the trainer's
+    // `between` hook); "waiting for data" is the time blocked on the loader there.
+    let fetch = |loader: &mut crate::loader::Loader, step: u64| -> Result<(DeviceBatch, f64)> {
         let w0 = Instant::now();
         let batch = match loader.next() {
             Some(b) => b.context("loading data")?,
-            None => bail!("the data stream ended at step {}", trainer.step()),
+            None => bail!("the data stream ended at step {step}"),
         };
         let wait = w0.elapsed().as_secs_f64();
+        let x = DeviceBatch::upload(&batch, device).context("uploading a batch")?;
+        Ok((x, wait))
+    };
+    let mut next = if trainer.step() < total {
+        Some(fetch(&mut loader, trainer.step())?)
+    } else {
+        None
+    };
+    while trainer.step() < total {
+        let (batch, mut wait) = next.take().expect("prefetched batch");
+        let more = trainer.step() + 1 < total;
+        let step_now = trainer.step();
+        let stats = trainer
+            .train_step_device(&batch, || {
+                if more {
+                    let (x, w) = fetch(&mut loader, step_now + 1)?;
+                    wait += w;
+                    next = Some((x, 0.0));
+                }
+                Ok(())
+            })
+            .with_context(|| {
+                format!(
+                    "step {} (the last checkpoint is untouched{})",
+                    trainer.step(),
+                    last_ck
+                        .as_ref()
+                        .map(|p: &PathBuf| format!(": {}", p.display()))
+                        .unwrap_or_default()
+                )
+            })?;
         wait_total += wait;
-        let stats = trainer.train_step(&batch).with_context(|| {
-            format!(
-                "step {} (the last checkpoint is untouched{})",
-                trainer.step(),
-                last_ck
-                    .as_ref()
-                    .map(|p: &PathBuf| format!(": {}", p.display()))
-                    .unwrap_or_default()
-            )
-        })?;
         drop(batch);
         let dt = last_step_end.elapsed().as_secs_f64().max(1e-9);
         last_step_end = Instant::now();

@@ -7,6 +7,8 @@
 #include <ATen/DeviceAccelerator.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -114,6 +116,41 @@ int conmim_upload_async(const at::Tensor* host, int device, at::Tensor** out, ch
     at::getDeviceAllocator(c10::DeviceType::CUDA)
         ->recordStream(result.storage().data_ptr(), current);
     *out = new at::Tensor(std::move(result));
+    CONMIM_CATCH
+}
+
+// One fused AdamW update (PyTorch's `_fused_adamw_`, what `AdamW(fused=True)` runs) of
+// `param` from `grad`, with moments `exp_avg`/`exp_avg_sq` and the step count in the
+// 1-element f32 tensor `step` (already incremented, as torch.optim does).
+int conmim_fused_adamw(const at::Tensor* param, const at::Tensor* grad, const at::Tensor* exp_avg,
+                       const at::Tensor* exp_avg_sq, const at::Tensor* step, double lr,
+                       double beta1, double beta2, double weight_decay, double eps, char* err,
+                       size_t err_len) {
+    CONMIM_TRY
+    std::vector<at::Tensor> p{*param}, g{*grad}, m{*exp_avg}, v{*exp_avg_sq}, s{*step};
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    CONMIM_CATCH
+}
+
+// Starts libtorch's (Kineto) profiler: CPU ops, plus CUDA kernels when `cuda`.
+int conmim_profiler_start(int cuda, char* err, size_t err_len) {
+    CONMIM_TRY
+    using namespace torch::profiler::impl;
+    std::set<ActivityType> acts{ActivityType::CPU};
+    if (cuda) acts.insert(ActivityType::CUDA);
+    ProfilerConfig cfg(ProfilerState::KINETO);
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
+    CONMIM_CATCH
+}
+
+// Stops the profiler and writes its Chrome trace (the format of torch.profiler's
+// export_chrome_trace) to `path`.
+int conmim_profiler_stop(const char* path, char* err, size_t err_len) {
+    CONMIM_TRY
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (result) result->save(path);
     CONMIM_CATCH
 }
 

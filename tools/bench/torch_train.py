@@ -219,6 +219,8 @@ def parse_args(argv):
     p.add_argument("--drop-path", type=float, default=None, help="student drop path (default: Rust preset)")
     p.add_argument("--no-sync", action="store_true", help="no per-step .item(); print the losses at the end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None,
+                   help="after timing, profile 3 more steps with torch.profiler and write a Chrome trace here")
     a = p.parse_args(argv)
     if a.image_size % 16 or a.image_size < 16:
         p.error("--image-size must be a positive multiple of 16")
@@ -349,6 +351,17 @@ def main(argv=None):
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for i in range(3):
+                run_step(total + i)
+            if cuda:
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(args.profile)
+        log(f"profile of 3 steps written to {args.profile}")
 
     if args.no_sync:
         losses = [float(v) for v in torch.stack(losses).cpu()]
