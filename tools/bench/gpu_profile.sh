@@ -17,7 +17,8 @@ run() { # run NAME TIMEOUT CMD...: last stdout line -> results.jsonl, stderr tai
     echo "[$(( $(date +%s) - t0 ))s] start $name" >&2
     local out
     out=$(timeout "$to" "$@" 2> "$OUT/$name.log" | tail -n 1)
-    echo "{\"name\":\"$name\",\"rc\":$?,\"out\":${out:-null}}" >> "$res"
+    case $out in \{*) ;; *) out=$(printf '%s' "$out" | $PY -c 'import json,sys;print(json.dumps(sys.stdin.read()))');; esac
+    echo "{\"name\":\"$name\",\"out\":${out:-null}}" >> "$res"
     tail -c 1500 "$OUT/$name.log" > "$OUT/$name.log.tail"; rm -f "$OUT/$name.log"
 }
 run rust_small_timm 90 "$BIN/conmim-bench" train --preset small --timm-style --batch 256 --steps 30 --warmup 10 --profile /tmp/rust_small.trace.json --json
