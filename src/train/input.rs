@@ -13,7 +13,7 @@ pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 
 /// Normalises a u8 `[B, S, S, 3]` (NHWC, RGB) tensor, on whatever device it lives, to
-/// f32 `[B, 3, S, S]` (contiguous NCHW): `(x / 255 - mean) / std` per channel, computed
+/// f32 `[B, 3, S, S]` (NCHW shape, channels-last strides): `(x / 255 - mean) / std` per channel, computed
 /// as one multiply-add per element (torchvision's `ToTensor` + `Normalize` up to f32
 /// rounding).
 pub fn normalize_nhwc(images: &Tensor, mean: [f64; 3], std: [f64; 3]) -> Result<Tensor> {
@@ -32,7 +32,10 @@ pub fn normalize_nhwc(images: &Tensor, mean: [f64; 3], std: [f64; 3]) -> Result<
     let mut x = images.f_to_kind(Kind::Float)?;
     let _ = x.f_mul_(&scale)?;
     let _ = x.f_add_(&shift)?;
-    x.f_permute([0, 3, 1, 2])?.f_contiguous()
+    // A channels-last view, not a contiguous copy: cuDNN then runs the patch
+    // embedding's convolution with its NHWC kernels (2.4x faster measured on an H100,
+    // as PyTorch gets from the same permuted input).
+    x.f_permute([0, 3, 1, 2])
 }
 
 /// The loader's views (`Batch::weak()` / `Batch::strong()`: `batch * size * size * 3`
@@ -219,7 +222,7 @@ mod tests {
         let x = normalize_u8_nhwc(&bytes, b, s, Device::Cpu).unwrap();
         assert_eq!(x.size(), [2, 3, 5, 5]);
         assert_eq!(x.kind(), Kind::Float);
-        assert!(x.is_contiguous());
+        assert_eq!(x.stride(), [75, 1, 15, 3], "a channels-last view of the NHWC bytes");
         for (n, y, xx, c) in [(0, 0, 0, 0), (1, 4, 3, 2), (0, 2, 1, 1), (1, 0, 4, 0)] {
             let v = bytes[((n * s + y) * s + xx) * 3 + c] as f64;
             let want = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];

@@ -295,8 +295,9 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
     let keep = 1.0 - p;
     let mut shape = vec![1i64; x.dim()];
     shape[0] = x.size()[0];
+    // Scale the [B, 1, ..] mask, not x: one full-size multiply (as timm does).
     let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep);
-    x * mask / keep
+    x * (mask / keep)
 }
 
 /// `patch_embed`: a `p x p` convolution with stride `p`, `[B,C,H,W] -> [B,N,D]`.
@@ -471,7 +472,12 @@ impl Attention {
             .f_linear(&self.qkv_weight, qkv_bias.as_ref())?
             .reshape([b, t, 3, self.heads, hd])
             .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // `unbind`, not three `select`s: its backward is one stack, where selects would
+        // each zero-fill and copy into a qkv-sized gradient (measured on an H100).
+        let mut parts = qkv.unbind(0).into_iter();
+        let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(shape_err("attn: qkv did not split in three".into()));
+        };
         let mask = bias.map(|m| m.to_kind(q.kind()));
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
@@ -680,7 +686,14 @@ impl VisionTransformer {
             )));
         }
         let b = size[0];
+        // The residual stream in the parameters' dtype (f32): under bf16 autocast the
+        // patch embedding comes out bf16, and PyTorch's type promotion (cat with the f32
+        // CLS token, + pos_embed) makes timm's stream f32 too; the blocks' matmuls still
+        // run in bf16.
         let mut tokens = self.patch_embed.forward(x)?;
+        if tokens.kind() != self.cls_token.kind() {
+            tokens = tokens.to_kind(self.cls_token.kind());
+        }
         if let Some(mask) = mask {
             self.check_mask(mask, b)?;
             let Some(mask_token) = &self.mask_token else {
