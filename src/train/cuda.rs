@@ -41,6 +41,12 @@ unsafe extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn conmim_clear_grads(
+        tensors: *const *const torch_sys::C_tensor,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn conmim_profiler_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn conmim_profiler_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
     fn conmim_upload_async(
@@ -169,6 +175,17 @@ pub fn fused_adamw(
             e,
             n,
         )
+    })
+}
+
+/// Drops the gradients of `tensors` (`grad = None`, as PyTorch's `zero_grad()` does by
+/// default): the next backward writes fresh gradients instead of zero-filling and
+/// accumulating (two kernel launches per parameter saved).
+pub fn clear_grads(tensors: &[tch::Tensor]) -> Result<(), TchError> {
+    let ptrs: Vec<*const torch_sys::C_tensor> = tensors.iter().map(|t| t.as_ptr()).collect();
+    // SAFETY: `ptrs` holds live tensor handles for the duration of the call.
+    call("clear grads", |e, n| unsafe {
+        conmim_clear_grads(ptrs.as_ptr(), ptrs.len(), e, n)
     })
 }
 

@@ -133,6 +133,18 @@ int conmim_fused_adamw(const at::Tensor* param, const at::Tensor* grad, const at
     CONMIM_CATCH
 }
 
+// Drops the gradients of `n` tensors (`param.grad = None`, what PyTorch's
+// `zero_grad(set_to_none=True)` does): the next backward writes fresh gradients instead
+// of zero-filling and then accumulating into the old ones (two kernels per parameter).
+int conmim_clear_grads(const at::Tensor* const* tensors, size_t n, char* err, size_t err_len) {
+    CONMIM_TRY
+    for (size_t i = 0; i < n; ++i) {
+        at::Tensor t = *tensors[i];
+        t.mutable_grad().reset();
+    }
+    CONMIM_CATCH
+}
+
 // Starts libtorch's (Kineto) profiler: CPU ops, plus CUDA kernels when `cuda`.
 int conmim_profiler_start(int cuda, char* err, size_t err_len) {
     CONMIM_TRY
