@@ -69,6 +69,14 @@ pub enum Error {
         key: String,
         message: String,
     },
+    /// With `drop_last`, a whole epoch gave fewer good samples than one batch: every
+    /// epoch would be dropped and the stream would never yield (it ends instead).
+    #[error(
+        "epoch {epoch} gave {samples} good samples, fewer than one batch of {batch}: with \
+         drop_last no batch can ever be made (lower the batch size, check the data, or \
+         check how shards split across ranks)"
+    )]
+    EpochSmallerThanBatch { epoch: u64, samples: usize, batch: usize },
     /// No sample finished for `seconds` seconds (a stalled source or a hung worker).
     #[error("loader stalled: nothing finished for {seconds:.0} s while waiting for {waiting_for}")]
     Stalled { seconds: f64, waiting_for: String },

@@ -263,6 +263,29 @@ fn drop_last_drops_only_the_short_batch() {
     assert_eq!(l.stats().samples, 24);
 }
 
+/// Issue 4: a dataset smaller than one batch used to hang a `drop_last` loader with
+/// endless epochs (every epoch dropped); it now ends with a clear error.
+#[test]
+fn issue4_epoch_smaller_than_a_batch_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[3, 2], &[]);
+    let mut cfg = config(2, 8, 1);
+    cfg.stream.epochs = None; // endless, as pretraining
+    cfg.drop_last = true;
+    let mut l = open(dir.path(), cfg);
+    match l.next() {
+        Some(Err(e)) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("gave 5 good samples") && msg.contains("batch of 8"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected the epoch error, got {:?}", other.map(|r| r.is_ok())),
+    }
+    assert!(l.next().is_none());
+}
+
 #[test]
 fn classification_tasks() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,7 +34,9 @@
 //!   the [`Loader`] stops and joins every thread except a reader blocked in I/O,
 //!   which is detached and exits at its next step.
 //! * **Epochs.** Batches never mix epochs. An epoch's last partial batch is dropped
-//!   (`drop_last`, the default for training) or yielded short.
+//!   (`drop_last`, the default for training) or yielded short. With `drop_last`, an
+//!   epoch that cannot fill one batch ends the stream with
+//!   [`Error::EpochSmallerThanBatch`] (it would otherwise never yield).
 //! * **Resume.** Every [`Batch`] carries the [`LoaderState`] to resume after it;
 //!   [`Loader::with_state`] continues with exactly the batches an uninterrupted
 //!   loader would have yielded next.
@@ -934,6 +936,16 @@ impl Collator {
                     Flow::Go
                 }
                 Marker::EpochEnd => {
+                    let partial = self.current.as_ref().map_or(0, |b| b.len);
+                    if self.drop_last && self.next_batch == 0 && partial < self.batch_size {
+                        // Not one batch in a whole epoch: every epoch would be dropped.
+                        self.fail(Error::EpochSmallerThanBatch {
+                            epoch,
+                            samples: partial,
+                            batch: self.batch_size,
+                        });
+                        return Flow::Stop;
+                    }
                     let flow = match self.current.as_mut() {
                         Some(b) if b.len > 0 && !self.drop_last => {
                             self.epoch = epoch;
