@@ -16,12 +16,14 @@ pub mod head;
 pub mod init;
 pub mod input;
 pub mod loss;
+pub mod mixup;
 pub mod vit;
 
 pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
 pub mod export;
+pub mod finetune;
 pub mod optim;
 pub mod pretrain_config;
 pub mod run;

@@ -1,0 +1,383 @@
+//! The fine-tuning run's configuration, with presets after the paper's Table 12 as the
+//! spec gives it ("Fine-tuning, ImageNet-1K classification") and the official
+//! `run_class_finetuning.py` defaults.
+//!
+//! Learning rate: `lr` is the peak learning rate for a TOTAL batch of
+//! [`REFERENCE_BATCH`] = 1024 (the spec's batch; the official ViT-B command runs
+//! `--batch_size 128` on 8 GPUs with `--lr 4e-3`, and the official fine-tuning script
+//! does NOT rescale `lr` by the batch size). For another batch, [`FinetuneConfig::scaled_lr`]
+//! scales it linearly, `lr * batch_size / 1024` (the same convention as the pretraining
+//! config); at the reference batch that is the official value unchanged.
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::train::optim::AdamWConfig;
+use crate::train::vit::Config;
+
+/// The total batch size the presets' learning rates are given for (spec: batch 1024).
+pub const REFERENCE_BATCH: usize = 1024;
+/// ImageNet-1K classes.
+pub const DEFAULT_NUM_CLASSES: i64 = 1000;
+/// AdamW betas (spec: (0.9, 0.999)).
+pub const DEFAULT_BETAS: (f64, f64) = (0.9, 0.999);
+/// AdamW epsilon (official `--opt_eps` default).
+pub const DEFAULT_EPS: f64 = 1e-8;
+/// Weight decay (spec: 0.05; not on 1-D parameters, biases, `cls_token`, `pos_embed`).
+pub const DEFAULT_WEIGHT_DECAY: f64 = 0.05;
+/// Final learning rate of the cosine schedule (spec: cosine to 1e-6).
+pub const DEFAULT_MIN_LR: f64 = 1e-6;
+/// Label smoothing (spec: 0.1; folded into the mixup targets when mixup is on).
+pub const DEFAULT_LABEL_SMOOTHING: f64 = 0.1;
+/// Mixup alpha (spec: 0.8).
+pub const DEFAULT_MIXUP: f64 = 0.8;
+/// CutMix alpha (spec: 1.0).
+pub const DEFAULT_CUTMIX: f64 = 1.0;
+/// Probability of applying mixup or cutmix to a batch (official `--mixup_prob`).
+pub const DEFAULT_MIXUP_PROB: f64 = 1.0;
+/// Probability of cutmix instead of mixup when both are on (official `--mixup_switch_prob`).
+pub const DEFAULT_MIXUP_SWITCH_PROB: f64 = 0.5;
+/// timm RandAugment policy (spec: m9 mstd0.5; official `--aa`).
+pub const DEFAULT_RAND_AUGMENT: &str = "rand-m9-mstd0.5-inc1";
+/// Colour jitter factor (spec: 0.4).
+pub const DEFAULT_COLOR_JITTER: f64 = 0.4;
+/// Random erasing probability (spec: 0.25).
+pub const DEFAULT_REPROB: f64 = 0.25;
+/// Scale of the classifier head's initial weight and bias (spec: 0.001).
+pub const DEFAULT_HEAD_INIT_SCALE: f64 = 0.001;
+/// Evaluation: bicubic resize of the shorter side to this, then a centre crop of the
+/// model's image size (spec: 256 -> 224).
+pub const DEFAULT_EVAL_RESIZE: i64 = 256;
+
+/// The preset names.
+pub const PRESETS: [&str; 3] = ["small", "base", "large"];
+
+/// How the classifier pools the encoder's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean of the patch tokens, then `fc_norm` (the official fine-tuning default).
+    Mean,
+    /// The CLS token after `norm` (timm's `global_pool='token'`).
+    Cls,
+}
+
+/// Everything a fine-tuning run is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// Preset this started from (informational).
+    pub preset: String,
+    /// The backbone; `drop_path_rate` is the fine-tuning drop path, `num_classes` the
+    /// classifier's classes, no `mask_token`.
+    pub model: Config,
+    pub pooling: Pooling,
+    /// Scale of the head's initial weight and bias.
+    pub head_init_scale: f64,
+    pub epochs: u32,
+    /// Linear warmup from 0, in epochs (then cosine to `min_lr`, per step).
+    pub warmup_epochs: u32,
+    /// Total samples per optimiser step.
+    pub batch_size: usize,
+    /// Peak learning rate for a total batch of [`REFERENCE_BATCH`] (scaled linearly).
+    pub lr: f64,
+    /// Final learning rate for a total batch of [`REFERENCE_BATCH`] (scaled the same way).
+    pub min_lr: f64,
+    /// Layer-wise lr decay: layer `l` of `depth + 2` gets `layer_decay^(depth + 1 - l)`.
+    pub layer_decay: f64,
+    pub optim: AdamWConfig,
+    /// Global gradient-norm clip; `None` = off (the official default).
+    pub clip_grad: Option<f64>,
+    pub label_smoothing: f64,
+    /// Mixup alpha; 0 = off.
+    pub mixup: f64,
+    /// CutMix alpha; 0 = off.
+    pub cutmix: f64,
+    pub mixup_prob: f64,
+    pub mixup_switch_prob: f64,
+    /// timm RandAugment policy string; empty = off.
+    pub rand_augment: String,
+    pub color_jitter: f64,
+    /// Random erasing probability.
+    pub reprob: f64,
+    /// Evaluation resize (shorter side, bicubic) before the centre crop.
+    pub eval_resize: i64,
+    /// Seed of the head init, drop path, augmentation and data order.
+    pub seed: u64,
+}
+
+impl FinetuneConfig {
+    /// `small`, `base`, `large`: the spec's Table 12 values.
+    ///
+    /// | preset | epochs | warmup | layer decay | drop path | lr (batch 1024) |
+    /// |--------|--------|--------|-------------|-----------|-----------------|
+    /// | small  | 200    | 5      | 0.8         | 0.1       | 4e-3 (*)        |
+    /// | base   | 100    | 20     | 0.65        | 0.1       | 4e-3            |
+    /// | large  | 50     | 5      | 0.75        | 0.2       | 2e-3 (*)        |
+    ///
+    /// (*) The spec gives only the sweep range {1e-3..5e-3}; 4e-3 for base is the
+    /// official README's command. The small and large values are picks inside that range,
+    /// not taken from the paper.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (model, epochs, warmup_epochs, layer_decay, drop_path, lr) = match name {
+            "small" => (Config::vit_small(), 200, 5, 0.8, 0.1, 4e-3),
+            "base" => (Config::vit_base(), 100, 20, 0.65, 0.1, 4e-3),
+            "large" => (Config::vit_large(), 50, 5, 0.75, 0.2, 2e-3),
+            other => bail!(
+                "unknown fine-tuning preset `{other}` (choose one of {})",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(FinetuneConfig {
+            preset: name.to_owned(),
+            model: model
+                .with_drop_path(drop_path)
+                .with_num_classes(DEFAULT_NUM_CLASSES)
+                .with_mask_token(false),
+            pooling: Pooling::Mean,
+            head_init_scale: DEFAULT_HEAD_INIT_SCALE,
+            epochs,
+            warmup_epochs,
+            batch_size: REFERENCE_BATCH,
+            lr,
+            min_lr: DEFAULT_MIN_LR,
+            layer_decay,
+            optim: AdamWConfig {
+                beta1: DEFAULT_BETAS.0,
+                beta2: DEFAULT_BETAS.1,
+                eps: DEFAULT_EPS,
+                weight_decay: DEFAULT_WEIGHT_DECAY,
+            },
+            clip_grad: None,
+            label_smoothing: DEFAULT_LABEL_SMOOTHING,
+            mixup: DEFAULT_MIXUP,
+            cutmix: DEFAULT_CUTMIX,
+            mixup_prob: DEFAULT_MIXUP_PROB,
+            mixup_switch_prob: DEFAULT_MIXUP_SWITCH_PROB,
+            rand_augment: DEFAULT_RAND_AUGMENT.to_owned(),
+            color_jitter: DEFAULT_COLOR_JITTER,
+            reprob: DEFAULT_REPROB,
+            eval_resize: DEFAULT_EVAL_RESIZE,
+            seed: crate::stream::DEFAULT_SEED,
+        })
+    }
+
+    /// Checks ranges; the error names the offending key.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let unit = |key: &str, v: f64| -> Result<()> {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{key} {v} not in [0, 1]");
+            }
+            Ok(())
+        };
+        let non_negative = |key: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{key} {v} must be finite and >= 0");
+            }
+            Ok(())
+        };
+        if self.model.num_classes <= 0 {
+            bail!(
+                "model.num_classes {} must be positive for classification",
+                self.model.num_classes
+            );
+        }
+        if self.model.use_mask_token {
+            bail!("model.use_mask_token must be false for fine-tuning (the mask token is dropped)");
+        }
+        if !(self.layer_decay.is_finite() && self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            bail!("layer_decay {} not in (0, 1]", self.layer_decay);
+        }
+        non_negative("lr", self.lr)?;
+        non_negative("min_lr", self.min_lr)?;
+        if self.min_lr > self.lr {
+            bail!("min_lr {} must not exceed lr {}", self.min_lr, self.lr);
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size must be positive");
+        }
+        if self.epochs == 0 {
+            bail!("epochs must be positive");
+        }
+        if self.warmup_epochs > self.epochs {
+            bail!(
+                "warmup_epochs {} must not exceed epochs {}",
+                self.warmup_epochs,
+                self.epochs
+            );
+        }
+        if !(self.head_init_scale.is_finite() && self.head_init_scale > 0.0) {
+            bail!("head_init_scale {} must be > 0", self.head_init_scale);
+        }
+        let o = &self.optim;
+        if !((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2)) {
+            bail!("optim betas ({}, {}) must be in [0, 1)", o.beta1, o.beta2);
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            bail!("optim.eps {} must be > 0", o.eps);
+        }
+        non_negative("optim.weight_decay", o.weight_decay)?;
+        if let Some(c) = self.clip_grad
+            && !(c.is_finite() && c > 0.0)
+        {
+            bail!("clip_grad {c} must be > 0 (or null for off)");
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!("label_smoothing {} not in [0, 1)", self.label_smoothing);
+        }
+        non_negative("mixup", self.mixup)?;
+        non_negative("cutmix", self.cutmix)?;
+        unit("mixup_prob", self.mixup_prob)?;
+        unit("mixup_switch_prob", self.mixup_switch_prob)?;
+        non_negative("color_jitter", self.color_jitter)?;
+        unit("reprob", self.reprob)?;
+        if !(self.rand_augment.is_empty() || self.rand_augment.starts_with("rand-")) {
+            bail!(
+                "rand_augment `{}` must be a timm `rand-...` policy or empty",
+                self.rand_augment
+            );
+        }
+        if self.eval_resize < self.model.image_size {
+            bail!(
+                "eval_resize {} must be >= model.image_size {}",
+                self.eval_resize,
+                self.model.image_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Peak learning rate for this batch size: `lr * batch_size / 1024`.
+    pub fn scaled_lr(&self) -> f64 {
+        self.lr * self.batch_size as f64 / REFERENCE_BATCH as f64
+    }
+
+    /// Final learning rate for this batch size: `min_lr * batch_size / 1024`.
+    pub fn scaled_min_lr(&self) -> f64 {
+        self.min_lr * self.batch_size as f64 / REFERENCE_BATCH as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_follow_table_12() {
+        // (preset, dim, depth, epochs, warmup, layer decay, drop path, lr)
+        let table = [
+            ("small", 384, 12, 200, 5, 0.8, 0.1, 4e-3),
+            ("base", 768, 12, 100, 20, 0.65, 0.1, 4e-3),
+            ("large", 1024, 24, 50, 5, 0.75, 0.2, 2e-3),
+        ];
+        for (name, dim, depth, epochs, warmup, ld, dp, lr) in table {
+            let c = FinetuneConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.preset, name);
+            assert_eq!((c.model.embed_dim, c.model.depth), (dim, depth), "{name}");
+            assert_eq!((c.epochs, c.warmup_epochs), (epochs, warmup), "{name}");
+            assert_eq!(c.layer_decay, ld, "{name}");
+            assert_eq!(c.model.drop_path_rate, dp, "{name}");
+            assert_eq!(c.lr, lr, "{name}");
+            assert!(
+                (1e-3..=5e-3).contains(&c.lr),
+                "{name}: lr outside the spec's sweep"
+            );
+            // Shared by all sizes.
+            assert_eq!(c.batch_size, 1024);
+            assert_eq!(c.scaled_lr(), c.lr);
+            assert_eq!(c.min_lr, 1e-6);
+            assert_eq!((c.optim.beta1, c.optim.beta2), (0.9, 0.999));
+            assert_eq!(c.optim.eps, 1e-8);
+            assert_eq!(c.optim.weight_decay, 0.05);
+            assert_eq!(c.clip_grad, None);
+            assert_eq!(c.label_smoothing, 0.1);
+            assert_eq!((c.mixup, c.cutmix), (0.8, 1.0));
+            assert_eq!((c.mixup_prob, c.mixup_switch_prob), (1.0, 0.5));
+            assert_eq!(c.rand_augment, "rand-m9-mstd0.5-inc1");
+            assert_eq!(c.color_jitter, 0.4);
+            assert_eq!(c.reprob, 0.25);
+            assert_eq!(c.head_init_scale, 0.001);
+            assert_eq!(c.pooling, Pooling::Mean);
+            assert_eq!((c.eval_resize, c.model.image_size), (256, 224));
+            assert_eq!(c.model.num_classes, 1000);
+            assert!(!c.model.use_mask_token);
+        }
+        assert!(FinetuneConfig::preset("tiny").is_err());
+    }
+
+    #[test]
+    fn lr_scales_linearly_with_batch() {
+        let mut c = FinetuneConfig::preset("base").unwrap();
+        c.batch_size = 256;
+        assert!((c.scaled_lr() - 1e-3).abs() < 1e-15);
+        assert!((c.scaled_min_lr() - 2.5e-7).abs() < 1e-20);
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        type Edit = Box<dyn Fn(&mut FinetuneConfig)>;
+        let good = FinetuneConfig::preset("base").unwrap();
+        let cases: Vec<(&str, Edit)> = vec![
+            ("layer_decay", Box::new(|c| c.layer_decay = 0.0)),
+            ("layer_decay", Box::new(|c| c.layer_decay = -0.5)),
+            ("layer_decay", Box::new(|c| c.layer_decay = 1.01)),
+            ("layer_decay", Box::new(|c| c.layer_decay = f64::NAN)),
+            ("lr", Box::new(|c| c.lr = -1e-3)),
+            ("lr", Box::new(|c| c.lr = f64::INFINITY)),
+            ("min_lr", Box::new(|c| c.min_lr = -1.0)),
+            ("min_lr", Box::new(|c| c.min_lr = 1.0)),
+            ("batch_size", Box::new(|c| c.batch_size = 0)),
+            ("epochs", Box::new(|c| c.epochs = 0)),
+            ("warmup_epochs", Box::new(|c| c.warmup_epochs = 101)),
+            ("betas", Box::new(|c| c.optim.beta2 = 1.0)),
+            ("optim.eps", Box::new(|c| c.optim.eps = 0.0)),
+            (
+                "optim.weight_decay",
+                Box::new(|c| c.optim.weight_decay = -0.05),
+            ),
+            ("clip_grad", Box::new(|c| c.clip_grad = Some(0.0))),
+            ("label_smoothing", Box::new(|c| c.label_smoothing = 1.0)),
+            ("mixup", Box::new(|c| c.mixup = -0.8)),
+            ("mixup_switch_prob", Box::new(|c| c.mixup_switch_prob = 1.5)),
+            ("reprob", Box::new(|c| c.reprob = -0.1)),
+            ("rand_augment", Box::new(|c| c.rand_augment = "m9".into())),
+            ("head_init_scale", Box::new(|c| c.head_init_scale = 0.0)),
+            ("num_classes", Box::new(|c| c.model.num_classes = 0)),
+            (
+                "use_mask_token",
+                Box::new(|c| c.model.use_mask_token = true),
+            ),
+            ("eval_resize", Box::new(|c| c.eval_resize = 200)),
+            ("drop_path_rate", Box::new(|c| c.model.drop_path_rate = 1.0)),
+        ];
+        for (key, f) in cases {
+            let mut c = good.clone();
+            f(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "error for {key} does not name it: {err}");
+        }
+        // Edges that are fine: no layer decay, lr 0, no clipping, augmentations off.
+        let mut c = good.clone();
+        c.layer_decay = 1.0;
+        c.lr = 0.0;
+        c.min_lr = 0.0;
+        c.mixup = 0.0;
+        c.cutmix = 0.0;
+        c.rand_augment.clear();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn serde_round_trip_and_unknown_keys() {
+        let c = FinetuneConfig::preset("large").unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["pooling"], "mean");
+        let back: FinetuneConfig = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, c);
+        let mut bad = v;
+        bad["layer_deacy"] = serde_json::json!(0.7);
+        assert!(serde_json::from_value::<FinetuneConfig>(bad).is_err());
+    }
+}
