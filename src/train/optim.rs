@@ -228,12 +228,13 @@ impl AdamW {
             for g in &self.groups {
                 grads.push(g.params.flat_grad()?.to_kind(Kind::Float));
             }
-            let sq: Vec<Tensor> = grads
+            // One fused reduction per group (no squared temporary), then the norm of norms.
+            let norms: Vec<Tensor> = grads
                 .iter()
                 .filter(|g| g.numel() > 0)
-                .map(|g| g.square().sum(Kind::Float).reshape([1]))
+                .map(|g| g.norm().reshape([1]))
                 .collect();
-            let norm = Tensor::f_cat(&sq, 0)?.sum(Kind::Float).sqrt();
+            let norm = Tensor::f_cat(&norms, 0)?.norm();
             Ok(FlatGrads { grads, norm })
         })
     }
