@@ -39,4 +39,43 @@ fn compile_shim(lib: &std::path::Path) {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("src/train/shim.cpp")
         .compile("conmim_shim");
+    compile_dist_shim(&include, root);
+}
+
+/// Builds `src/train/dist_shim.cpp` (c10d: TCPStore, ProcessGroupGloo, and
+/// ProcessGroupNCCL when NCCL and CUDA headers sit next to the pip torch) against the
+/// torch headers plus the system's gloo headers (Debian `libgloo-dev`).
+fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/train/dist_shim.cpp");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .define("USE_C10D_GLOO", None)
+        .file("src/train/dist_shim.cpp");
+    // NCCL needs the CUDA toolkit's full headers (nvcc's `crt/`, CCCL's `nv/target`),
+    // which the pip CUDA wheels do not ship: enabled only when `$CUDA_HOME/include`
+    // (default /usr/local/cuda) has them; nccl.h comes from the pip nvidia-nccl wheel.
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
+    let cuda_inc = std::path::Path::new(&cuda_home).join("include");
+    let nccl_inc = torch_root
+        .parent()
+        .map(|p| p.join("nvidia/nccl/include"))
+        .filter(|p| p.join("nccl.h").exists());
+    if let Some(nccl_inc) = nccl_inc {
+        if cuda_inc.join("nv/target").exists() && cuda_inc.join("crt/host_config.h").exists() {
+            b.include(&cuda_inc)
+                .include(nccl_inc)
+                .define("USE_C10D_NCCL", None)
+                .define("USE_CUDA", None)
+                .define("CONMIM_NCCL", None);
+        }
+    }
+    b.compile("conmim_dist_shim");
 }

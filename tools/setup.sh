@@ -2,7 +2,8 @@
 # tools/setup.sh — installs what building and testing conmim needs. Idempotent, and
 # quick (well under a second) when everything is already there.
 #
-#   1. Debian packages: build-essential pkg-config cmake nasm (apt-get, only if missing);
+#   1. Debian packages: build-essential pkg-config cmake nasm libgloo-dev (the gloo
+#      headers the c10d shim compiles against; apt-get, only if missing);
 #   2. a Rust toolchain: checks that cargo is there (it does not install rustup);
 #   3. the Python venv $CONMIM_VENV (tools/env.sh) with tools/requirements.txt;
 #      pip runs only when the stamp file in the venv does not match that file.
@@ -24,7 +25,7 @@ log() { echo "setup: $*"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 
 # --- 1. Debian packages -------------------------------------------------------------
-apt_packages=(build-essential pkg-config cmake nasm)
+apt_packages=(build-essential pkg-config cmake nasm libgloo-dev)
 if command -v dpkg-query >/dev/null 2>&1; then
     missing=()
     for p in "${apt_packages[@]}"; do

@@ -22,6 +22,7 @@ pub mod vit;
 pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
+pub mod dist;
 pub mod export;
 pub mod finetune;
 pub mod optim;

@@ -1,0 +1,380 @@
+//! Data-parallel plumbing on libtorch's own c10d (through `src/train/dist_shim.cpp`):
+//! the environment torchrun sets ([`DistEnv`]), the store it expects (a client of the
+//! elastic agent's TCPStore when `TORCHELASTIC_USE_AGENT_STORE` is set, else rank 0
+//! hosts one at `MASTER_ADDR:MASTER_PORT`), and a [`ProcessGroup`] (Gloo on CPUs,
+//! NCCL on GPUs) with the collectives the trainer needs: all-reduce, broadcast,
+//! barrier. Every collective waits at most the group's timeout, so a dead or hung
+//! rank makes the others fail with an error instead of hanging.
+//!
+//! Status: the transport (this module) is in; wiring it into the trainer (weight
+//! broadcast, bucketed gradient all-reduce, reduced metrics, rank-0 checkpoints) is
+//! the next step of issue 6.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::time::Duration;
+
+use tch::{Device, TchError, Tensor};
+
+type Result<T> = std::result::Result<T, TchError>;
+
+unsafe extern "C" {
+    fn conmim_pg_new(
+        backend: *const c_char,
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        host_store: c_int,
+        timeout_s: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_pg_free(pg: *mut c_void);
+    fn conmim_pg_allreduce_sum(
+        pg: *mut c_void,
+        t: *const torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_pg_broadcast(
+        pg: *mut c_void,
+        t: *const torch_sys::C_tensor,
+        root: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_pg_barrier(pg: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let mut buf = [0 as c_char; 2048];
+    if f(buf.as_mut_ptr(), buf.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates within the buffer on error.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    Err(TchError::Torch(format!("c10d {what}: {msg}")))
+}
+
+/// Where this process sits in a distributed run, as torchrun describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// torchrun's elastic agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`):
+    /// every rank, rank 0 included, connects as a client.
+    pub agent_store: bool,
+}
+
+impl DistEnv {
+    /// Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
+    /// TORCHELASTIC_USE_AGENT_STORE. `Ok(None)` when WORLD_SIZE is unset (a plain
+    /// single-process run); an error naming the variable when one is malformed.
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`DistEnv::from_env`] over any variable source (tests).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let Some(world) = get("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let num = |k: &str, v: &str| -> Result<usize> {
+            v.trim().parse().map_err(|_| {
+                TchError::Torch(format!("{k}={v:?} is not a non-negative integer"))
+            })
+        };
+        let world_size = num("WORLD_SIZE", &world)?;
+        let rank = num("RANK", &get("RANK").unwrap_or_else(|| "0".into()))?;
+        let local_rank = num("LOCAL_RANK", &get("LOCAL_RANK").unwrap_or_else(|| "0".into()))?;
+        if world_size == 0 || rank >= world_size {
+            return Err(TchError::Torch(format!(
+                "RANK={rank} with WORLD_SIZE={world_size}: need 0 <= RANK < WORLD_SIZE"
+            )));
+        }
+        let master_port = match get("MASTER_PORT") {
+            Some(p) => p.trim().parse().map_err(|_| {
+                TchError::Torch(format!("MASTER_PORT={p:?} is not a port number"))
+            })?,
+            None => 29500,
+        };
+        Ok(Some(DistEnv {
+            rank,
+            world_size,
+            local_rank,
+            master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+        }))
+    }
+
+    /// Whether this process hosts the store server.
+    pub fn hosts_store(&self) -> bool {
+        self.rank == 0 && !self.agent_store
+    }
+
+    /// The device of this rank: `cuda:LOCAL_RANK` when CUDA is there, else the CPU.
+    pub fn device(&self) -> Device {
+        if tch::Cuda::is_available() {
+            Device::Cuda(self.local_rank)
+        } else {
+            Device::Cpu
+        }
+    }
+}
+
+/// The c10d backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors.
+    Gloo,
+    /// CUDA tensors.
+    Nccl,
+}
+
+impl Backend {
+    /// NCCL for CUDA devices, Gloo otherwise (torch.distributed's default pairing).
+    pub fn for_device(device: Device) -> Self {
+        if device.is_cuda() { Backend::Nccl } else { Backend::Gloo }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// A c10d process group (and the store it was made with).
+pub struct ProcessGroup {
+    ptr: *mut c_void,
+    pub rank: usize,
+    pub world_size: usize,
+    pub backend: Backend,
+}
+
+// SAFETY: the c10d objects behind the handle are thread-safe to use from one thread at a
+// time, and the handle is only used through &self / &mut self of its owner.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// Connects to (or hosts) the store and creates the group; every collective waits
+    /// at most `timeout`.
+    pub fn new(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<Self> {
+        let b = CString::new(backend.name()).expect("no NUL");
+        let host = CString::new(env.master_addr.as_str())
+            .map_err(|_| TchError::Torch("MASTER_ADDR contains NUL".into()))?;
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: C strings alive for the call; the shim stores a new handle in `ptr`.
+        call("init", |e, n| unsafe {
+            conmim_pg_new(
+                b.as_ptr(),
+                host.as_ptr(),
+                env.master_port as c_int,
+                env.rank as c_int,
+                env.world_size as c_int,
+                env.hosts_store() as c_int,
+                timeout.as_secs_f64(),
+                &mut ptr,
+                e,
+                n,
+            )
+        })
+        .map_err(|e| {
+            TchError::Torch(format!(
+                "{e} (rank {} of {}, store {}:{})",
+                env.rank, env.world_size, env.master_addr, env.master_port
+            ))
+        })?;
+        Ok(ProcessGroup {
+            ptr,
+            rank: env.rank,
+            world_size: env.world_size,
+            backend,
+        })
+    }
+
+    /// Sums `t` over the ranks, in place.
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
+        // SAFETY: live handles.
+        call("all_reduce", |e, n| unsafe {
+            conmim_pg_allreduce_sum(self.ptr, t.as_ptr(), e, n)
+        })
+    }
+
+    /// Averages `t` over the ranks, in place.
+    pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
+        self.all_reduce_sum(t)?;
+        let _ = t.f_div_scalar_(self.world_size as f64)?;
+        Ok(())
+    }
+
+    /// Copies rank `root`'s `t` to every rank, in place.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        // SAFETY: live handles.
+        call("broadcast", |e, n| unsafe {
+            conmim_pg_broadcast(self.ptr, t.as_ptr(), root as c_int, e, n)
+        })
+    }
+
+    /// Waits until every rank gets here (or the timeout passes: an error).
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: live handle.
+        call("barrier", |e, n| unsafe { conmim_pg_barrier(self.ptr, e, n) })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from conmim_pg_new and is freed once.
+        unsafe { conmim_pg_free(self.ptr) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    #[test]
+    fn env_parsing() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(a, _)| *a == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(DistEnv::from_vars(vars(&[])).unwrap(), None);
+        let e = DistEnv::from_vars(vars(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.2"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((e.rank, e.world_size, e.local_rank, e.master_port), (3, 4, 1, 29400));
+        assert!(e.agent_store && !e.hosts_store());
+        let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "2")]));
+        assert!(bad.unwrap_err().to_string().contains("RANK=2"));
+        let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "two")]));
+        assert!(bad.unwrap_err().to_string().contains("WORLD_SIZE"));
+    }
+
+    /// The body each rank runs (a no-op unless launched by the tests below).
+    #[test]
+    fn dist_child() {
+        if std::env::var_os("CONMIM_DIST_CHILD").is_none() {
+            return;
+        }
+        let env = DistEnv::from_env().unwrap().expect("WORLD_SIZE set");
+        let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(30)).unwrap();
+        let t = Tensor::from_slice(&[env.rank as f32 + 1.0, 10.0]);
+        pg.all_reduce_sum(&t).unwrap();
+        let got: Vec<f32> = Vec::try_from(&t).unwrap();
+        let w = env.world_size as f32;
+        assert_eq!(got, [w * (w + 1.0) / 2.0, 10.0 * w]);
+        let b = Tensor::from_slice(&[env.rank as f32 * 7.0 + 1.0]);
+        pg.broadcast(&b, 0).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [1.0]);
+        pg.barrier().unwrap();
+        println!("DIST_OK rank {} of {}", env.rank, env.world_size);
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn child_args() -> [&'static str; 4] {
+        ["train::dist::tests::dist_child", "--exact", "--nocapture", "--test-threads=1"]
+    }
+
+    fn wait_all(children: Vec<std::process::Child>) -> Vec<String> {
+        let t0 = Instant::now();
+        children
+            .into_iter()
+            .map(|mut c| {
+                loop {
+                    if c.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(120) {
+                        let _ = c.kill();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let o = c.wait_with_output().unwrap();
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .collect()
+    }
+
+    /// Two processes on loopback, rank 0 hosting the store (no torchrun).
+    #[test]
+    fn gloo_collectives_across_two_processes() {
+        let exe = std::env::current_exe().unwrap();
+        let port = free_port().to_string();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                Command::new(&exe)
+                    .args(child_args())
+                    .env("CONMIM_DIST_CHILD", "1")
+                    .env("WORLD_SIZE", "2")
+                    .env("RANK", r.to_string())
+                    .env("LOCAL_RANK", r.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (r, out) in wait_all(children).iter().enumerate() {
+            assert!(out.contains(&format!("DIST_OK rank {r} of 2")), "rank {r}:\n{out}");
+        }
+    }
+
+    /// The same, launched the way users launch: torchrun from the pip torch install
+    /// (its elastic agent hosts the store).
+    #[test]
+    fn gloo_collectives_under_torchrun() {
+        let Ok(venv) = std::env::var("CONMIM_VENV") else {
+            panic!("CONMIM_VENV is unset: source tools/env.sh (torchrun comes from its torch)");
+        };
+        let torchrun = std::path::Path::new(&venv).join("bin/torchrun");
+        assert!(torchrun.exists(), "{} not found", torchrun.display());
+        let exe = std::env::current_exe().unwrap();
+        let port = free_port().to_string();
+        let child = Command::new(&torchrun)
+            .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .arg(&exe)
+            .args(child_args())
+            .env("CONMIM_DIST_CHILD", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_all(vec![child]).remove(0);
+        for r in 0..2 {
+            assert!(out.contains(&format!("DIST_OK rank {r} of 2")), "rank {r}:\n{out}");
+        }
+    }
+}
