@@ -47,6 +47,20 @@ fn compile_shim(lib: &std::path::Path) {
 /// torch headers plus the system's gloo headers (Debian `libgloo-dev`).
 fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/train/dist_shim.cpp");
+    println!("cargo::rustc-check-cfg=cfg(conmim_no_gloo)");
+    // The gloo headers: Debian's libgloo-dev (tools/setup.sh installs it). Without them
+    // the build still works, single-process only (`conmim::train::dist` then errors).
+    let gloo = ["/usr/include", "/usr/local/include"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join("gloo/config.h").exists());
+    if !gloo {
+        println!(
+            "cargo:warning=gloo headers not found (install libgloo-dev): building without \
+             the c10d shim; distributed training is unavailable in this build"
+        );
+        println!("cargo:rustc-cfg=conmim_no_gloo");
+        return;
+    }
     let mut b = cc::Build::new();
     b.cpp(true)
         .pic(true)
