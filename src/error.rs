@@ -76,7 +76,11 @@ pub enum Error {
          drop_last no batch can ever be made (lower the batch size, check the data, or \
          check how shards split across ranks)"
     )]
-    EpochSmallerThanBatch { epoch: u64, samples: usize, batch: usize },
+    EpochSmallerThanBatch {
+        epoch: u64,
+        samples: usize,
+        batch: usize,
+    },
     /// No sample finished for `seconds` seconds (a stalled source or a hung worker).
     #[error("loader stalled: nothing finished for {seconds:.0} s while waiting for {waiting_for}")]
     Stalled { seconds: f64, waiting_for: String },

@@ -281,7 +281,10 @@ fn issue4_epoch_smaller_than_a_batch_is_an_error_not_a_hang() {
                 "{msg}"
             );
         }
-        other => panic!("expected the epoch error, got {:?}", other.map(|r| r.is_ok())),
+        other => panic!(
+            "expected the epoch error, got {:?}",
+            other.map(|r| r.is_ok())
+        ),
     }
     assert!(l.next().is_none());
 }

@@ -16,4 +16,5 @@
 
 pub mod color;
 pub mod params;
+pub mod randaug;
 pub mod views;

@@ -167,7 +167,12 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
         implementation: "conmim".into(),
         model: o.preset.clone(),
         variant: if o.timm_style { "timm" } else { "beit" }.into(),
-        input: if o.data.is_some() { "loader" } else { "synthetic" }.into(),
+        input: if o.data.is_some() {
+            "loader"
+        } else {
+            "synthetic"
+        }
+        .into(),
         batch: o.batch,
         steps: o.steps,
         warmup: o.warmup,
@@ -225,7 +230,10 @@ mod tests {
         })
         .unwrap();
         let text = std::fs::read_to_string(&trace).unwrap();
-        assert!(text.contains("traceEvents") && text.contains("aten::"), "a Chrome trace");
+        assert!(
+            text.contains("traceEvents") && text.contains("aten::"),
+            "a Chrome trace"
+        );
         assert_eq!((r.input.as_str(), r.batch, r.steps), ("synthetic", 4, 2));
         assert!(r.img_per_s > 0.0 && r.loss_first.is_finite() && r.loss_last.is_finite());
         assert!(!r.amp, "no autocast on the CPU");

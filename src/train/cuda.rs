@@ -248,10 +248,7 @@ mod tests {
         set_tf32(false).unwrap();
         // Autocast on CUDA leaves CPU math alone; nesting restores the state.
         let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
-        let y = autocast_bf16(true, || {
-            autocast_bf16(true, || a.matmul(&a)).unwrap()
-        })
-        .unwrap();
+        let y = autocast_bf16(true, || autocast_bf16(true, || a.matmul(&a)).unwrap()).unwrap();
         assert_eq!(y.kind(), Kind::Float);
         assert_eq!(y.sum(Kind::Float).double_value(&[]), 64.0);
     }
@@ -267,7 +264,11 @@ mod tests {
         let y = autocast_bf16(true, || a.matmul(&a)).unwrap();
         assert_eq!(y.kind(), Kind::BFloat16);
         let z = a.matmul(&a);
-        assert_eq!(z.kind(), Kind::Float, "autocast is off again after the closure");
+        assert_eq!(
+            z.kind(),
+            Kind::Float,
+            "autocast is off again after the closure"
+        );
         let m = memory_stats(d).unwrap();
         assert!(m.peak_allocated >= m.allocated && m.allocated > 0);
     }

@@ -222,7 +222,11 @@ mod tests {
         let x = normalize_u8_nhwc(&bytes, b, s, Device::Cpu).unwrap();
         assert_eq!(x.size(), [2, 3, 5, 5]);
         assert_eq!(x.kind(), Kind::Float);
-        assert_eq!(x.stride(), [75, 1, 15, 3], "a channels-last view of the NHWC bytes");
+        assert_eq!(
+            x.stride(),
+            [75, 1, 15, 3],
+            "a channels-last view of the NHWC bytes"
+        );
         for (n, y, xx, c) in [(0, 0, 0, 0), (1, 4, 3, 2), (0, 2, 1, 1), (1, 0, 4, 0)] {
             let v = bytes[((n * s + y) * s + xx) * 3 + c] as f64;
             let want = (v / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];

@@ -481,7 +481,10 @@ mod tests {
             let b = var(&[0.1, -0.2], &[2]);
             let mut opt = AdamW::new(
                 AdamWConfig::default(),
-                vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
+                vec![
+                    ("w".into(), w.shallow_clone()),
+                    ("b".into(), b.shallow_clone()),
+                ],
             )
             .unwrap();
             opt.fused = fused;

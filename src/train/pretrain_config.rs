@@ -361,6 +361,17 @@ mod tests {
     }
 
     #[test]
+    fn demo_config_is_valid() {
+        // tools/run-demo.sh pretrains with this file over the `tiny` preset.
+        let cfg = PretrainConfig::preset("tiny")
+            .unwrap()
+            .with_file(&repo_file("configs/demo-tiny.toml"))
+            .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.preset, "tiny");
+    }
+
+    #[test]
     fn toml_and_json_files_override_alike_and_reject_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let toml_path = dir.path().join("o.toml");

@@ -34,9 +34,9 @@ use serde::Serialize;
 use tch::Device;
 
 use super::checkpoint;
+use super::input::DeviceBatch;
 use super::pretrain_config::PretrainConfig;
 use super::tensorboard::EventWriter;
-use super::input::DeviceBatch;
 use super::trainer::Trainer;
 use crate::stream::SourceOptions;
 
