@@ -20,15 +20,23 @@
 //! | `blocks.{i}.norm2.{weight,bias}`             | same                                    |
 //! | `blocks.{i}.mlp.fc1.{weight,bias}`, `mlp.fc2.*` | same                                 |
 //! | `norm.{weight,bias}`                         | same (`global_pool='token'`)            |
+//! | `fc_norm.{weight,bias}` (no `norm`), [`GlobalPool::Mean`] | same (`global_pool='avg'`) |
 //! | `head.{weight,bias}` (when `num_classes > 0`)| same                                    |
+//! | [`RelPosBias::PerBlock`]: `blocks.{i}.attn.relative_position_bias_table` + `blocks.{i}.attn.relative_position_index` (i64 buffer), no `rel_pos_bias.*` | timm `use_shared_rel_pos_bias=False` (index non-persistent there: skip it) |
 //!
 //! timm's own `beit_*_patch16_224` models use one table PER BLOCK
 //! (`blocks.{i}.attn.relative_position_bias_table` + `relative_position_index`); the
-//! ConMIM/BEiT pretraining code shares one table across blocks, and so does this
-//! module. To fine-tune with timm's per-block layout, copy
-//! `rel_pos_bias.relative_position_bias_table` into every
-//! `blocks.{i}.attn.relative_position_bias_table` (what the spec's fine-tuning recipe
-//! prescribes anyway).
+//! ConMIM/BEiT pretraining code shares one table across blocks ([`RelPosBias::Shared`],
+//! the default). Fine-tuning uses [`RelPosBias::PerBlock`] and starts every block's
+//! table from the pretrained shared one ([`expand_shared_rel_pos_bias`] on a state
+//! dict, or [`VisionTransformer::load_shared_rel_pos_bias`] on a built model), as the
+//! spec's fine-tuning recipe prescribes. [`Config::finetune`] turns a pretraining
+//! config into the official fine-tuning model: per-block tables, mean pooling of the
+//! patch tokens + `fc_norm` ([`GlobalPool::Mean`]), no `mask_token`, a head whose init
+//! is scaled by `head_init_scale` (0.001); it loads strictly into timm's
+//! `beit_base_patch16_224(global_pool='avg', use_rel_pos_bias=True,
+//! use_shared_rel_pos_bias=False, ..)` (resp. `vit_*(global_pool='avg')`) once the
+//! `relative_position_index` buffers are left out.
 //!
 //! `Variant::Timm` is timm's `VisionTransformer` exactly (`vit_*_patch16_224`):
 //! `cls_token`, `pos_embed` `[1,1+N,D]`, `patch_embed.proj.*`, `blocks.{i}.norm1.*`,
@@ -62,6 +70,40 @@ pub enum Variant {
     Timm,
 }
 
+/// The layout of the BEiT variant's relative position bias (the timm variant has none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelPosBias {
+    /// ONE table shared by all blocks, `rel_pos_bias.relative_position_bias_table` +
+    /// `rel_pos_bias.relative_position_index` (ConMIM/BEiT pretraining; timm's
+    /// `use_shared_rel_pos_bias=True`). The default: configs written before this option
+    /// existed read back as this.
+    #[default]
+    Shared,
+    /// One table per block, `blocks.{i}.attn.relative_position_bias_table` +
+    /// `blocks.{i}.attn.relative_position_index` (BEiT/ConMIM fine-tuning; timm's
+    /// `use_rel_pos_bias=True, use_shared_rel_pos_bias=False`, whose index is a
+    /// non-persistent buffer: skip `*.relative_position_index` when loading into timm).
+    /// Initialise from a pretrained shared table with [`expand_shared_rel_pos_bias`].
+    PerBlock,
+}
+
+/// How [`VisionTransformer::forward_head`] pools the tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GlobalPool {
+    /// The CLS token after the final `norm` (timm `global_pool='token'`; pretraining and
+    /// the default, also for configs written before this option existed).
+    #[default]
+    Token,
+    /// The mean of the PATCH tokens (CLS excluded), then `fc_norm` (a LayerNorm), then
+    /// `head`; there is no final `norm` (timm `global_pool='avg'`, whose `norm` is an
+    /// `Identity`: BEiT/ConMIM fine-tuning).
+    Mean,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
 /// The backbone's hyper-parameters. Presets: [`Config::vit_tiny`], [`Config::vit_small`],
 /// [`Config::vit_base`], [`Config::vit_large`] (all patch 16 at 224, BEiT-style with the
 /// ConMIM pretraining defaults); [`Config::timm_style`] turns one into the timm variant.
@@ -93,6 +135,17 @@ pub struct Config {
     pub num_classes: i64,
     /// Std of the truncated-normal initialisation.
     pub init_std: f64,
+    /// BEiT variant: shared or per-block relative position bias table. Must stay
+    /// [`RelPosBias::Shared`] (the default, ignored) for the timm variant.
+    #[serde(default)]
+    pub rel_pos_bias: RelPosBias,
+    /// Classifier pooling: CLS token after `norm` (default) or patch-token mean + `fc_norm`.
+    #[serde(default)]
+    pub global_pool: GlobalPool,
+    /// `head.weight` and `head.bias` are multiplied by this after their init (official
+    /// BEiT/ConMIM fine-tuning: 0.001; timm's `head_init_scale`). Default 1.0.
+    #[serde(default = "one")]
+    pub head_init_scale: f64,
 }
 
 impl Config {
@@ -113,6 +166,9 @@ impl Config {
             use_mask_token: true,
             num_classes: 0,
             init_std: 0.02,
+            rel_pos_bias: RelPosBias::Shared,
+            global_pool: GlobalPool::Token,
+            head_init_scale: 1.0,
         }
     }
 
@@ -182,6 +238,47 @@ impl Config {
         }
     }
 
+    /// The BEiT/ConMIM fine-tuning model of this (pretraining) backbone: per-block
+    /// relative position bias, mean pooling + `fc_norm`, no `mask_token`, a
+    /// `num_classes` head whose init is scaled by `head_init_scale` (0.001 officially).
+    /// Drop path and the rest unchanged. For the timm variant the relative position bias
+    /// stays as it is (none).
+    pub fn finetune(self, num_classes: i64, head_init_scale: f64) -> Self {
+        let rel_pos_bias = match self.variant {
+            Variant::Beit => RelPosBias::PerBlock,
+            Variant::Timm => self.rel_pos_bias,
+        };
+        Config {
+            rel_pos_bias,
+            global_pool: GlobalPool::Mean,
+            use_mask_token: false,
+            num_classes,
+            head_init_scale,
+            ..self
+        }
+    }
+
+    pub fn with_rel_pos_bias(self, rel_pos_bias: RelPosBias) -> Self {
+        Config {
+            rel_pos_bias,
+            ..self
+        }
+    }
+
+    pub fn with_global_pool(self, global_pool: GlobalPool) -> Self {
+        Config {
+            global_pool,
+            ..self
+        }
+    }
+
+    pub fn with_head_init_scale(self, head_init_scale: f64) -> Self {
+        Config {
+            head_init_scale,
+            ..self
+        }
+    }
+
     /// Patches per side.
     pub fn grid(&self) -> i64 {
         self.image_size / self.patch_size
@@ -231,9 +328,14 @@ impl Config {
         if self.use_mask_token {
             n += d;
         }
-        match self.variant {
-            Variant::Beit => n += self.num_relative_distance() * self.num_heads,
-            Variant::Timm => n += self.num_tokens() * d,
+        match (self.variant, self.rel_pos_bias) {
+            (Variant::Beit, RelPosBias::Shared) => {
+                n += self.num_relative_distance() * self.num_heads
+            }
+            (Variant::Beit, RelPosBias::PerBlock) => {
+                n += self.depth * self.num_relative_distance() * self.num_heads
+            }
+            (Variant::Timm, _) => n += self.num_tokens() * d,
         }
         let qkv_bias = match (self.qkv_bias, self.variant) {
             (false, _) => 0,
@@ -247,7 +349,7 @@ impl Config {
             + d * h + h + h * d + d // mlp
             + if self.layer_scale_init.is_some() { 2 * d } else { 0 };
         n += self.depth * block;
-        n += 2 * d; // norm
+        n += 2 * d; // norm (Token) or fc_norm (Mean)
         if self.num_classes > 0 {
             n += d * self.num_classes + self.num_classes;
         }
@@ -273,6 +375,19 @@ impl Config {
             return bad(format!(
                 "depth {}, in_chans {}, num_classes {}, mlp_ratio {} out of range",
                 self.depth, self.in_chans, self.num_classes, self.mlp_ratio
+            ));
+        }
+        if self.variant == Variant::Timm && self.rel_pos_bias != RelPosBias::Shared {
+            return bad(format!(
+                "rel_pos_bias {:?} with the timm variant (it has no relative position bias; \
+                 leave the default)",
+                self.rel_pos_bias
+            ));
+        }
+        if !self.head_init_scale.is_finite() {
+            return bad(format!(
+                "head_init_scale {} not finite",
+                self.head_init_scale
             ));
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
@@ -372,7 +487,9 @@ pub fn relative_position_index(grid: i64) -> Vec<i64> {
     idx
 }
 
-/// `rel_pos_bias`: one relative position bias table shared by all blocks (zero init).
+/// A relative position bias table and its index (zero init): `rel_pos_bias.*`, shared
+/// by all blocks ([`RelPosBias::Shared`]), or one per block under `blocks.{i}.attn.*`
+/// ([`RelPosBias::PerBlock`]).
 #[derive(Debug)]
 pub struct RelativePositionBias {
     table: Tensor,
@@ -412,6 +529,59 @@ impl RelativePositionBias {
     }
 }
 
+/// The per-block entries of a SHARED relative position bias (fine-tuning init, as the
+/// official BEiT/ConMIM code and the spec prescribe): given the shared
+/// `rel_pos_bias.relative_position_bias_table` `[(2g-1)^2+3, H]` of a `cfg`-sized
+/// backbone (and, optionally, its `rel_pos_bias.relative_position_index`, checked to be
+/// BEiT's), returns `blocks.{i}.attn.relative_position_bias_table` (a copy of the table
+/// for each of the `cfg.depth` blocks) and `blocks.{i}.attn.relative_position_index`
+/// (BEiT's index), the variables of a [`RelPosBias::PerBlock`] model. A pure tensor map:
+/// the caller drops the two `rel_pos_bias.*` entries from its state dict and inserts
+/// these (`export.rs`'s timm export does the same table expansion inline, and drops the
+/// index, which timm rebuilds). See also [`VisionTransformer::load_shared_rel_pos_bias`].
+pub fn expand_shared_rel_pos_bias(
+    cfg: &Config,
+    table: &Tensor,
+    index: Option<&Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let want = [cfg.num_relative_distance(), cfg.num_heads];
+    if table.size() != want {
+        return Err(shape_err(format!(
+            "expand_shared_rel_pos_bias: table must be {want:?} for a {0}x{0} grid and {1} \
+             heads, got {2:?}",
+            cfg.grid(),
+            cfg.num_heads,
+            table.size()
+        )));
+    }
+    let beit = Tensor::from_slice(&relative_position_index(cfg.grid()));
+    if let Some(index) = index {
+        let got = index
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Int64)
+            .view(-1);
+        if got.size() != beit.size() || !got.equal(&beit) {
+            return Err(shape_err(format!(
+                "expand_shared_rel_pos_bias: the index is not BEiT's for a {0}x{0} grid",
+                cfg.grid()
+            )));
+        }
+    }
+    let beit = beit.to_device(table.device());
+    let mut out = Vec::with_capacity(2 * cfg.depth as usize);
+    for i in 0..cfg.depth {
+        out.push((
+            format!("blocks.{i}.attn.relative_position_bias_table"),
+            table.detach().copy(),
+        ));
+        out.push((
+            format!("blocks.{i}.attn.relative_position_index"),
+            beit.copy(),
+        ));
+    }
+    Ok(out)
+}
+
 /// Multi-head self-attention (`attn`).
 #[derive(Debug)]
 pub struct Attention {
@@ -420,6 +590,8 @@ pub struct Attention {
     qkv_bias: Option<Tensor>,
     /// Beit: `q_bias`, `v_bias` (k bias fixed at zero).
     qv_bias: Option<(Tensor, Tensor)>,
+    /// [`RelPosBias::PerBlock`]: this block's own table and index.
+    rel_pos_bias: Option<RelativePositionBias>,
     proj: nn::Linear,
     heads: i64,
     dim: i64,
@@ -440,20 +612,33 @@ impl Attention {
                 Some((path.zeros("q_bias", &[d]), path.zeros("v_bias", &[d]))),
             ),
         };
+        let rel_pos_bias = (cfg.variant == Variant::Beit
+            && cfg.rel_pos_bias == RelPosBias::PerBlock)
+            .then(|| RelativePositionBias::new(cfg, path.clone()));
         let mut proj = linear(&(&path / "proj"), d, d, true, cfg.init_std);
         rescale_(&mut proj.ws, layer_id);
         Attention {
             qkv_weight,
             qkv_bias,
             qv_bias,
+            rel_pos_bias,
             proj,
             heads: cfg.num_heads,
             dim: d,
         }
     }
 
-    /// `x`: `[B, T, D]`; `bias`: additive `[1 or B, H, T, T]` -> `[B, T, D]`.
+    /// `x`: `[B, T, D]`; `bias`: additive `[1 or B, H, T, T]` (the shared relative
+    /// position bias) -> `[B, T, D]`. With a per-block table its bias is added too (to
+    /// `bias` when both are there, as timm's `Attention` does).
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let own = self.rel_pos_bias.as_ref().map(|r| r.forward().unsqueeze(0));
+        let bias = match (own, bias) {
+            (Some(own), Some(shared)) => Some(own + shared),
+            (Some(own), None) => Some(own),
+            (None, shared) => shared.map(|b| b.shallow_clone()),
+        };
+        let bias = bias.as_ref();
         let (b, t, d) = x.size3()?;
         if d != self.dim {
             return Err(shape_err(format!(
@@ -593,7 +778,10 @@ pub struct VisionTransformer {
     pos_embed: Option<Tensor>,
     rel_pos_bias: Option<RelativePositionBias>,
     blocks: Vec<Block>,
-    norm: nn::LayerNorm,
+    /// [`GlobalPool::Token`]: the final LayerNorm of every token.
+    norm: Option<nn::LayerNorm>,
+    /// [`GlobalPool::Mean`]: the LayerNorm of the pooled patch tokens.
+    fc_norm: Option<nn::LayerNorm>,
     head: Option<nn::Linear>,
 }
 
@@ -625,16 +813,30 @@ impl VisionTransformer {
             ),
             Variant::Beit => (
                 None,
-                Some(RelativePositionBias::new(cfg, &path / "rel_pos_bias")),
+                (cfg.rel_pos_bias == RelPosBias::Shared)
+                    .then(|| RelativePositionBias::new(cfg, &path / "rel_pos_bias")),
             ),
         };
         let blocks_path = &path / "blocks";
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(cfg, &blocks_path / i, i))
             .collect();
-        let norm = layer_norm(cfg, &path / "norm");
-        let head = (cfg.num_classes > 0)
-            .then(|| linear(&(&path / "head"), d, cfg.num_classes, true, cfg.init_std));
+        let (norm, fc_norm) = match cfg.global_pool {
+            GlobalPool::Token => (Some(layer_norm(cfg, &path / "norm")), None),
+            GlobalPool::Mean => (None, Some(layer_norm(cfg, &path / "fc_norm"))),
+        };
+        let head = (cfg.num_classes > 0).then(|| {
+            let mut head = linear(&(&path / "head"), d, cfg.num_classes, true, cfg.init_std);
+            if cfg.head_init_scale != 1.0 {
+                tch::no_grad(|| {
+                    let _ = head.ws.g_mul_scalar_(cfg.head_init_scale);
+                    if let Some(bs) = head.bs.as_mut() {
+                        let _ = bs.g_mul_scalar_(cfg.head_init_scale);
+                    }
+                });
+            }
+            head
+        });
         Ok(VisionTransformer {
             cfg: cfg.clone(),
             patch_embed,
@@ -644,12 +846,41 @@ impl VisionTransformer {
             rel_pos_bias,
             blocks,
             norm,
+            fc_norm,
             head,
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Copies a shared relative position bias table (`rel_pos_bias.relative_position_bias_table`
+    /// of a pretrained [`RelPosBias::Shared`] backbone of the same size) into every
+    /// block's own table of this [`RelPosBias::PerBlock`] model (fine-tuning init).
+    pub fn load_shared_rel_pos_bias(&self, table: &Tensor) -> Result<()> {
+        if self.cfg.variant != Variant::Beit || self.cfg.rel_pos_bias != RelPosBias::PerBlock {
+            return Err(shape_err(format!(
+                "load_shared_rel_pos_bias: the model has no per-block tables ({:?}, {:?})",
+                self.cfg.variant, self.cfg.rel_pos_bias
+            )));
+        }
+        let want = [self.cfg.num_relative_distance(), self.cfg.num_heads];
+        if table.size() != want {
+            return Err(shape_err(format!(
+                "load_shared_rel_pos_bias: table must be {want:?}, got {:?}",
+                table.size()
+            )));
+        }
+        tch::no_grad(|| {
+            for block in &self.blocks {
+                if let Some(r) = &block.attn.rel_pos_bias {
+                    let mut own = r.table.shallow_clone();
+                    own.f_copy_(table)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn check_mask(&self, mask: &Tensor, batch: i64) -> Result<()> {
@@ -721,7 +952,9 @@ impl VisionTransformer {
     /// `x`: normalised float images `[B, 3, S, S]`; `mask`: optional Bool `[B, N]`
     /// (true = masked: that patch's embedding is replaced by the mask token — the
     /// student's view; the teacher passes `None`). Returns all tokens after the final
-    /// LayerNorm, `[B, 1+N, D]` (CLS first). `train` turns drop path on.
+    /// LayerNorm `norm`, `[B, 1+N, D]` (CLS first); with [`GlobalPool::Mean`] there is
+    /// no `norm` (timm's `Identity`) and the tokens come straight from the last block.
+    /// `train` turns drop path on.
     pub fn forward_features(
         &self,
         x: &Tensor,
@@ -733,11 +966,15 @@ impl VisionTransformer {
         for block in &self.blocks {
             tokens = block.forward(&tokens, bias.as_ref(), train)?;
         }
-        Ok(tokens.apply(&self.norm))
+        Ok(match &self.norm {
+            Some(norm) => tokens.apply(norm),
+            None => tokens,
+        })
     }
 
-    /// The CLS token of `forward_features`' output through `head`: `[B, num_classes]`,
-    /// or the pooled `[B, D]` when the model has no head.
+    /// `forward_features`' output pooled — the CLS token ([`GlobalPool::Token`]) or
+    /// `fc_norm` of the mean of the patch tokens ([`GlobalPool::Mean`]) — through
+    /// `head`: `[B, num_classes]`, or the pooled `[B, D]` when the model has no head.
     pub fn forward_head(&self, features: &Tensor) -> Result<Tensor> {
         let size = features.size();
         if size.len() != 3 || size[1] != self.cfg.num_tokens() || size[2] != self.cfg.embed_dim {
@@ -747,7 +984,13 @@ impl VisionTransformer {
                 self.cfg.embed_dim
             )));
         }
-        let pooled = features.select(1, 0);
+        let pooled = match &self.fc_norm {
+            None => features.select(1, 0),
+            Some(fc_norm) => features
+                .narrow(1, 1, self.cfg.num_patches())
+                .mean_dim([1i64].as_slice(), false, None::<Kind>)
+                .apply(fc_norm),
+        };
         Ok(match &self.head {
             Some(head) => pooled.apply(head),
             None => pooled,
@@ -1175,5 +1418,339 @@ mod tests {
             .logical_or(&(per_sample - full).abs().lt(1e-4));
         assert!(bool::try_from(zero_or_full.all()).unwrap());
         assert!(drop_path(&ones, 0.25, false).equal(&ones));
+    }
+
+    // ---- issue 5: fine-tuning backbone options -------------------------------------
+
+    /// Builds timm `model` with `kwargs` (a Python dict literal), loads `weights` strictly,
+    /// runs `x` in eval mode and returns (`forward_features`, `forward_head`).
+    fn timm_forward(
+        python: &std::path::Path,
+        model: &str,
+        kwargs: &str,
+        weights: &[(String, Tensor)],
+        x: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("weights.safetensors");
+        let inp = dir.path().join("x.safetensors");
+        let out = dir.path().join("out.safetensors");
+        let cpu: Vec<(String, Tensor)> = weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&cpu, &w).unwrap();
+        Tensor::write_safetensors(&[("x", x)], &inp).unwrap();
+        let script = format!(
+            "import sys, torch, timm, safetensors.torch as st\n\
+             m = timm.create_model({model:?}, **{kwargs})\n\
+             m.load_state_dict(st.load_file(sys.argv[1]), strict=True)\n\
+             m.eval()\n\
+             x = st.load_file(sys.argv[2])['x']\n\
+             with torch.no_grad():\n    f = m.forward_features(x)\n    y = m.forward_head(f)\n\
+             st.save_file({{'features': f.contiguous(), 'logits': y.contiguous()}}, sys.argv[3])\n"
+        );
+        let res = std::process::Command::new(python)
+            .arg("-c")
+            .arg(&script)
+            .args([&w, &inp, &out])
+            .output()
+            .expect("run python");
+        assert!(
+            res.status.success(),
+            "timm {model} failed:\n{script}\n{}\n{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+            .unwrap()
+            .into_iter()
+            .collect();
+        (
+            got["features"].shallow_clone(),
+            got["logits"].shallow_clone(),
+        )
+    }
+
+    /// Our model's variables as timm's strict state dict: the (i64) relative position
+    /// indices dropped, since timm keeps them as non-persistent buffers.
+    fn timm_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut w: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("relative_position_index"))
+            .collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        w
+    }
+
+    fn check_against_timm(label: &str, cfg: &Config, model: &str, kwargs: &str, seed: u64) {
+        let _rng = seeded(seed as i64);
+        let Some(python) = crate::train::testing::python(label) else {
+            return;
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let vit = VisionTransformer::new(cfg, vs.root()).unwrap();
+        // Zero tables / biases and the 0.001-scaled head made non-trivial.
+        crate::train::testing::perturb(&vs, seed, |_| 0.05);
+        let x = crate::train::testing::lcg_tensor(
+            seed + 1,
+            &[3, 3, cfg.image_size, cfg.image_size],
+            Device::Cpu,
+        );
+        let (want_f, want_y) = timm_forward(&python, model, kwargs, &timm_weights(&vs), &x);
+        let (f, y) = tch::no_grad(|| {
+            let f = vit.forward_features(&x, None, false).unwrap();
+            let y = vit.forward_head(&f).unwrap();
+            (f, y)
+        });
+        assert_eq!(y.size(), [3, cfg.num_classes]);
+        let (df, sf) = crate::train::testing::max_diff(&f, &want_f);
+        let (dy, sy) = crate::train::testing::max_diff(&y, &want_y);
+        assert!(
+            df < 1e-4,
+            "{label}: features differ from timm by {df} (max {sf})"
+        );
+        assert!(
+            dy < 1e-4,
+            "{label}: logits differ from timm by {dy} (max {sy})"
+        );
+        assert!(sy > 1e-3, "{label}: logits too small to compare ({sy})");
+    }
+
+    #[test]
+    fn issue5_finetune_backbone_matches_timm_beit() {
+        let cfg = micro(Variant::Beit).finetune(10, 0.001);
+        assert_eq!(
+            (cfg.rel_pos_bias, cfg.global_pool, cfg.use_mask_token),
+            (RelPosBias::PerBlock, GlobalPool::Mean, false)
+        );
+        let kwargs = "dict(pretrained=False, num_classes=10, global_pool='avg', img_size=32, \
+                      patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4, \
+                      mlp_ratio=4.0, qkv_bias=True, init_values=0.1, use_abs_pos_emb=False, \
+                      use_rel_pos_bias=True, use_shared_rel_pos_bias=False)";
+        check_against_timm(
+            "issue5_finetune_backbone_matches_timm_beit",
+            &cfg,
+            "beit_base_patch16_224",
+            kwargs,
+            51,
+        );
+    }
+
+    #[test]
+    fn issue5_finetune_backbone_matches_timm_vit() {
+        let cfg = micro(Variant::Timm).finetune(10, 0.001);
+        let kwargs = "dict(pretrained=False, num_classes=10, global_pool='avg', img_size=32, \
+                      patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4, \
+                      mlp_ratio=4.0, qkv_bias=True, init_values=None)";
+        check_against_timm(
+            "issue5_finetune_backbone_matches_timm_vit",
+            &cfg,
+            "vit_base_patch16_224",
+            kwargs,
+            52,
+        );
+    }
+
+    #[test]
+    fn finetune_names_and_counts() {
+        let _rng = seeded(53);
+        let cfg = micro(Variant::Beit).finetune(10, 0.001);
+        let vs = nn::VarStore::new(Device::Cpu);
+        VisionTransformer::new(&cfg, vs.root()).unwrap();
+        assert_eq!(count(&vs), cfg.num_params());
+        // Shared model + one table per extra block, same count otherwise (fc_norm = norm).
+        let shared = micro(Variant::Beit)
+            .with_mask_token(false)
+            .with_num_classes(10);
+        assert_eq!(
+            cfg.num_params(),
+            shared.num_params() + cfg.num_relative_distance() * cfg.num_heads
+        );
+        let v = vs.variables();
+        for i in 0..2 {
+            assert_eq!(
+                v[&format!("blocks.{i}.attn.relative_position_bias_table")].size(),
+                [cfg.num_relative_distance(), 4]
+            );
+            let idx = &v[&format!("blocks.{i}.attn.relative_position_index")];
+            assert!(idx.equal(&Tensor::from_slice(&relative_position_index(4))));
+            assert!(
+                !vs.trainable_variables()
+                    .iter()
+                    .any(|t| t.kind() == Kind::Int64)
+            );
+        }
+        assert_eq!(v["fc_norm.weight"].size(), [32]);
+        assert_eq!(v["fc_norm.bias"].size(), [32]);
+        assert_eq!(v["head.weight"].size(), [10, 32]);
+        for gone in ["norm.weight", "norm.bias", "mask_token"] {
+            assert!(!v.contains_key(gone), "{gone}");
+        }
+        assert!(!v.keys().any(|k| k.starts_with("rel_pos_bias")));
+        // Timm variant: fc_norm, no norm, no relative position bias.
+        let timm = micro(Variant::Timm).finetune(10, 0.001);
+        let vs = nn::VarStore::new(Device::Cpu);
+        VisionTransformer::new(&timm, vs.root()).unwrap();
+        assert_eq!(count(&vs), timm.num_params());
+        let v = vs.variables();
+        assert!(v.contains_key("fc_norm.weight") && !v.contains_key("norm.weight"));
+        assert!(!v.keys().any(|k| k.contains("relative_position")));
+        // The timm variant refuses a per-block table.
+        let bad = micro(Variant::Timm).with_rel_pos_bias(RelPosBias::PerBlock);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let e = VisionTransformer::new(&bad, vs.root())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rel_pos_bias"), "{e}");
+    }
+
+    #[test]
+    fn mean_pool_uses_patch_tokens_and_fc_norm() {
+        let _rng = seeded(54);
+        let cfg = micro(Variant::Beit).finetune(0, 1.0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let vit = VisionTransformer::new(&cfg, vs.root()).unwrap();
+        crate::train::testing::perturb(&vs, 54, |_| 0.1);
+        let f = Tensor::randn([2, 17, 32], (Kind::Float, Device::Cpu));
+        let got = vit.forward_head(&f).unwrap();
+        let v = vs.variables();
+        let want = f
+            .i((.., 1..))
+            .mean_dim([1i64].as_slice(), false, None::<Kind>)
+            .layer_norm(
+                [32i64].as_slice(),
+                Some(&v["fc_norm.weight"]),
+                Some(&v["fc_norm.bias"]),
+                1e-6,
+                false,
+            );
+        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        // The CLS token does not matter.
+        let f2 = f.copy();
+        let _ = f2.i((.., 0)).fill_(5.0);
+        assert!(vit.forward_head(&f2).unwrap().equal(&got));
+    }
+
+    #[test]
+    fn head_init_scale_scales_the_init() {
+        let build = |scale: f64| {
+            let _rng = seeded(55);
+            let cfg = micro(Variant::Beit)
+                .with_num_classes(10)
+                .with_head_init_scale(scale);
+            let vs = nn::VarStore::new(Device::Cpu);
+            VisionTransformer::new(&cfg, vs.root()).unwrap();
+            vs.variables()
+        };
+        let (one, small) = (build(1.0), build(0.001));
+        let w1 = &one["head.weight"];
+        let w = &small["head.weight"];
+        assert!(w1.abs().max().double_value(&[]) > 0.019);
+        assert!(w.allclose(&(w1 * 0.001), 1e-12, 0.0, false));
+        assert!(w.abs().max().double_value(&[]) <= 0.02 * 0.001 + 1e-12);
+        assert_eq!(small["head.bias"].abs().max().double_value(&[]), 0.0);
+        // Nothing else changes.
+        for (k, t) in &one {
+            if !k.starts_with("head.") {
+                assert!(t.equal(&small[k]), "{k}");
+            }
+        }
+        // The default keeps today's behaviour.
+        assert_eq!(Config::vit_base().head_init_scale, 1.0);
+    }
+
+    #[test]
+    fn expand_shared_rel_pos_bias_gives_the_same_model() {
+        let _rng = seeded(56);
+        let shared_cfg = micro(Variant::Beit).with_mask_token(false);
+        let per_cfg = shared_cfg.clone().with_rel_pos_bias(RelPosBias::PerBlock);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let shared = VisionTransformer::new(&shared_cfg, vs.root()).unwrap();
+        crate::train::testing::perturb(&vs, 56, |_| 0.2);
+        let mut state = vs.variables();
+        let table = state
+            .remove("rel_pos_bias.relative_position_bias_table")
+            .unwrap();
+        let index = state
+            .remove("rel_pos_bias.relative_position_index")
+            .unwrap();
+        let expanded = expand_shared_rel_pos_bias(&shared_cfg, &table, Some(&index)).unwrap();
+        assert_eq!(expanded.len(), 4);
+        state.extend(expanded);
+
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let per = VisionTransformer::new(&per_cfg, vs2.root()).unwrap();
+        let mut names: Vec<String> = vs2.variables().into_keys().collect();
+        names.sort();
+        let mut have: Vec<String> = state.keys().cloned().collect();
+        have.sort();
+        assert_eq!(
+            names, have,
+            "the expanded state dict is exactly the per-block model's"
+        );
+        tch::no_grad(|| {
+            for (k, mut t) in vs2.variables() {
+                t.copy_(&state[&k]);
+            }
+        });
+        let x = images(2, 32);
+        let (a, b) = tch::no_grad(|| {
+            (
+                shared.forward_features(&x, None, false).unwrap(),
+                per.forward_features(&x, None, false).unwrap(),
+            )
+        });
+        assert!(a.allclose(&b, 1e-6, 1e-6, false));
+
+        // load_shared_rel_pos_bias does the same on a built model.
+        let vs3 = nn::VarStore::new(Device::Cpu);
+        let per3 = VisionTransformer::new(&per_cfg, vs3.root()).unwrap();
+        tch::no_grad(|| {
+            for (k, mut t) in vs3.variables() {
+                if !k.contains("relative_position") {
+                    t.copy_(&state[&k]);
+                }
+            }
+        });
+        per3.load_shared_rel_pos_bias(&table).unwrap();
+        let c = tch::no_grad(|| per3.forward_features(&x, None, false).unwrap());
+        assert!(a.allclose(&c, 1e-6, 1e-6, false));
+        // The blocks' tables are separate parameters: each gets its own gradient.
+        let t0 = vs3.variables()["blocks.0.attn.relative_position_bias_table"].shallow_clone();
+        let t1 = vs3.variables()["blocks.1.attn.relative_position_bias_table"].shallow_clone();
+        per3.forward_features(&x, None, false)
+            .unwrap()
+            .square()
+            .sum(Kind::Float)
+            .backward();
+        assert!(!t0.grad().allclose(&t1.grad(), 1e-6, 1e-6, false));
+
+        // Errors.
+        let bad = Tensor::zeros([5, 4], (Kind::Float, Device::Cpu));
+        assert!(expand_shared_rel_pos_bias(&shared_cfg, &bad, None).is_err());
+        let bad_index = index.zeros_like();
+        assert!(expand_shared_rel_pos_bias(&shared_cfg, &table, Some(&bad_index)).is_err());
+        assert!(shared.load_shared_rel_pos_bias(&table).is_err());
+        assert!(per3.load_shared_rel_pos_bias(&bad).is_err());
+    }
+
+    #[test]
+    fn configs_without_the_new_fields_read_as_before() {
+        for cfg in [Config::vit_small(), Config::vit_base().timm_style()] {
+            let mut json = serde_json::to_value(&cfg).unwrap();
+            let obj = json.as_object_mut().unwrap();
+            for k in ["rel_pos_bias", "global_pool", "head_init_scale"] {
+                assert!(obj.remove(k).is_some(), "{k}");
+            }
+            let back: Config = serde_json::from_value(json).unwrap();
+            assert_eq!(back, cfg);
+        }
+        let pre = Config::vit_small();
+        assert_eq!(
+            (pre.rel_pos_bias, pre.global_pool, pre.head_init_scale),
+            (RelPosBias::Shared, GlobalPool::Token, 1.0)
+        );
     }
 }
