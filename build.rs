@@ -82,14 +82,15 @@ fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
         .parent()
         .map(|p| p.join("nvidia/nccl/include"))
         .filter(|p| p.join("nccl.h").exists());
-    if let Some(nccl_inc) = nccl_inc {
-        if cuda_inc.join("nv/target").exists() && cuda_inc.join("crt/host_config.h").exists() {
-            b.include(&cuda_inc)
-                .include(nccl_inc)
-                .define("USE_C10D_NCCL", None)
-                .define("USE_CUDA", None)
-                .define("CONMIM_NCCL", None);
-        }
+    if let Some(nccl_inc) = nccl_inc
+        && cuda_inc.join("nv/target").exists()
+        && cuda_inc.join("crt/host_config.h").exists()
+    {
+        b.include(&cuda_inc)
+            .include(nccl_inc)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("CONMIM_NCCL", None);
     }
     b.compile("conmim_dist_shim");
 }

@@ -406,8 +406,8 @@ pub fn autocontrast(img: &mut [u8]) {
         let h = &hist[c];
         let lo = (0..256).find(|&i| h[i] != 0).unwrap_or(255);
         let hi = (0..256).rev().find(|&i| h[i] != 0).unwrap_or(0);
-        for i in 0..256 {
-            lut[c][i] = if hi <= lo {
+        for (i, v) in lut[c].iter_mut().enumerate() {
+            *v = if hi <= lo {
                 i as u8
             } else {
                 let scale = 255.0 / (hi - lo) as f64;
@@ -432,14 +432,14 @@ pub fn equalize(img: &mut [u8]) {
             (nonzero.iter().sum::<u64>() - nonzero[nonzero.len() - 1]) / 255
         };
         if step == 0 {
-            for i in 0..256 {
-                lut[c][i] = i as u8;
+            for (i, v) in lut[c].iter_mut().enumerate() {
+                *v = i as u8;
             }
         } else {
             let mut n = step / 2;
-            for i in 0..256 {
-                lut[c][i] = (n / step).min(255) as u8;
-                n += h[i] as u64;
+            for (v, &count) in lut[c].iter_mut().zip(h.iter()) {
+                *v = (n / step).min(255) as u8;
+                n += count as u64;
             }
         }
     }
@@ -595,8 +595,8 @@ pub fn rotate_matrix(degrees: f64, w: usize, h: usize) -> [f64; 6] {
     let (c, s) = (round15(angle.cos()), round15(angle.sin()));
     let mut m = [c, s, 0.0, round15(-angle.sin()), c, 0.0];
     let (x, y) = (-cx, -cy);
-    m[2] = m[0] * x + m[1] * y + m[2];
-    m[5] = m[3] * x + m[4] * y + m[5];
+    m[2] += m[0] * x + m[1] * y;
+    m[5] += m[3] * x + m[4] * y;
     m[2] += cx;
     m[5] += cy;
     m

@@ -116,7 +116,7 @@ impl MixupConfig {
     /// timm's `_params_per_batch` then `cutmix_bbox_and_lam`.
     pub fn draw(&self, rng: &mut SplitMix64, image_size: (i64, i64)) -> MixupParams {
         let (h, w) = image_size;
-        if !(uniform(rng) < self.prob) {
+        if uniform(rng) >= self.prob {
             return MixupParams::identity();
         }
         let (use_cutmix, raw_lam) = if self.mixup_alpha > 0.0 && self.cutmix_alpha > 0.0 {
