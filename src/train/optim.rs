@@ -120,6 +120,34 @@ impl FlatGroup {
     }
 }
 
+/// The L2 norm over all `grads`: one fused reduction per tensor (no squared
+/// temporary), then the norm of the norms.
+fn global_norm(grads: &[Tensor]) -> Result<Tensor> {
+    let norms: Vec<Tensor> = grads
+        .iter()
+        .filter(|g| g.numel() > 0)
+        .map(|g| g.norm().reshape([1]))
+        .collect();
+    if norms.is_empty() {
+        return Tensor::f_zeros([], (Kind::Float, tch::Device::Cpu));
+    }
+    Ok(Tensor::f_cat(&norms, 0)?.norm())
+}
+
+impl FlatGrads {
+    /// Data parallelism: averages the gradients over the ranks of `pg` (one all-reduce
+    /// per group: a few large buckets) and recomputes the global norm from the averages.
+    pub fn all_reduce_mean(&mut self, pg: &super::dist::ProcessGroup) -> Result<()> {
+        for g in &mut self.grads {
+            if g.numel() > 0 {
+                pg.all_reduce_mean(g)?;
+            }
+        }
+        self.norm = tch::no_grad(|| global_norm(&self.grads))?;
+        Ok(())
+    }
+}
+
 /// Flat per-group gradients and their global norm ([`AdamW::gradients`]).
 #[derive(Debug)]
 pub struct FlatGrads {
@@ -228,13 +256,7 @@ impl AdamW {
             for g in &self.groups {
                 grads.push(g.params.flat_grad()?.to_kind(Kind::Float));
             }
-            // One fused reduction per group (no squared temporary), then the norm of norms.
-            let norms: Vec<Tensor> = grads
-                .iter()
-                .filter(|g| g.numel() > 0)
-                .map(|g| g.norm().reshape([1]))
-                .collect();
-            let norm = Tensor::f_cat(&norms, 0)?.norm();
+            let norm = global_norm(&grads)?;
             Ok(FlatGrads { grads, norm })
         })
     }

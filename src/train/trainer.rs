@@ -86,6 +86,9 @@ pub struct Trainer {
     pub samples: u64,
     /// bf16 autocast of the forward passes (on by default on CUDA, off on the CPU).
     pub amp: bool,
+    /// Data parallelism ([`Trainer::join`]): gradients and logged metrics are averaged
+    /// over its ranks.
+    pub dist: Option<super::dist::ProcessGroup>,
 }
 
 fn seed_for(seed: u64, step: u64) -> i64 {
@@ -116,6 +119,7 @@ impl Trainer {
             super::cuda::set_tf32(true)?;
         }
         Ok(Trainer {
+            dist: None,
             amp,
             lr: cfg.lr_schedule(),
             momentum: cfg.momentum_schedule(),
@@ -128,6 +132,38 @@ impl Trainer {
             loader_state: None,
             samples: 0,
         })
+    }
+
+    /// Joins a data-parallel group: every rank takes rank 0's weights, buffers and
+    /// optimiser moments (so all start, or resume, from the same state), and from now on
+    /// each step averages the gradients over the ranks before the update (every rank then
+    /// applies the same update, and the EMA teacher stays identical across ranks) and
+    /// averages the logged loss and accuracy. Each rank trains on its own per-rank batch;
+    /// the projection heads' BatchNorm uses per-rank batch statistics, as the official
+    /// code (no SyncBN). Drop-path draws differ per rank.
+    pub fn join(&mut self, pg: super::dist::ProcessGroup) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for net in [&self.student, &self.teacher] {
+                let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, t) in vars {
+                    pg.broadcast(&t, 0)
+                        .with_context(|| format!("broadcasting {name} from rank 0"))?;
+                }
+            }
+            for g in &self.opt.groups {
+                pg.broadcast(&g.exp_avg, 0)?;
+                pg.broadcast(&g.exp_avg_sq, 0)?;
+            }
+            Ok(())
+        })?;
+        self.dist = Some(pg);
+        Ok(())
+    }
+
+    /// This process's rank (0 without data parallelism).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rank)
     }
 
     /// Steps taken so far.
@@ -184,7 +220,9 @@ impl Trainer {
         }
         let lr = self.lr.at(step);
         let momentum = self.momentum.at(step);
-        tch::manual_seed(seed_for(self.cfg.seed, step));
+        // Per-rank draws (drop path); rank 0 = the single-process sequence.
+        let rank_seed = self.cfg.seed ^ (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        tch::manual_seed(seed_for(rank_seed, step));
         let xw = normalize_nhwc(&x.weak, IMAGENET_MEAN, IMAGENET_STD)?;
         let xs = normalize_nhwc(&x.strong, IMAGENET_MEAN, IMAGENET_STD)?;
         let mask = &x.mask;
@@ -201,14 +239,22 @@ impl Trainer {
         let (proj, target) = (proj.to_kind(Kind::Float), target.to_kind(Kind::Float));
         let out = conmim_loss(&proj, &target, mask, self.cfg.temperature)?;
         out.loss.backward();
-        let grads = self.opt.gradients()?;
+        let mut grads = self.opt.gradients()?;
+        if let Some(pg) = &self.dist {
+            grads.all_reduce_mean(pg).context("averaging gradients")?;
+        }
         between()?;
         // The step's one device sync.
         let parts: Vec<Tensor> = [&out.loss.detach(), &out.masked, &grads.norm, &out.accuracy]
             .iter()
             .map(|t| t.to_kind(Kind::Double).reshape([1]))
             .collect();
-        let got = Vec::<f64>::try_from(&Tensor::cat(&parts, 0).to_device(Device::Cpu))?;
+        let mut all = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+        if let Some(pg) = &self.dist {
+            // Mean loss / masked / accuracy over ranks (the norm is already global).
+            pg.all_reduce_mean(&mut all).context("averaging metrics")?;
+        }
+        let got = Vec::<f64>::try_from(&all)?;
         let (loss, masked, grad_norm, accuracy) = (got[0], got[1], got[2], got[3]);
         if !loss.is_finite() {
             self.opt.zero_grad();
