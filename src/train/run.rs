@@ -34,6 +34,7 @@ use serde::Serialize;
 use tch::Device;
 
 use super::checkpoint;
+use super::dist::{Backend, DistEnv, ProcessGroup};
 use super::input::DeviceBatch;
 use super::pretrain_config::PretrainConfig;
 use super::tensorboard::EventWriter;
@@ -238,10 +239,37 @@ fn truncate_metrics(path: &Path, before: u64) -> Result<()> {
     Ok(())
 }
 
+/// How long a collective may wait for the other ranks (`CONMIM_DIST_TIMEOUT_S`, default
+/// 600 s): a dead or hung rank makes the others fail with an error after this.
+fn dist_timeout() -> std::time::Duration {
+    let s = std::env::var("CONMIM_DIST_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(600.0);
+    std::time::Duration::from_secs_f64(s)
+}
+
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
-    let device = parse_device(o.device.as_deref())?;
+    // Data parallelism when launched by torchrun (WORLD_SIZE > 1); --batch is global.
+    let dist_env = DistEnv::from_env()
+        .context("reading torchrun's environment")?
+        .filter(|e| e.world_size > 1);
+    let device = match (&o.device, &dist_env) {
+        (None, Some(e)) => e.device(),
+        _ => parse_device(o.device.as_deref())?,
+    };
+    if let Some(e) = &dist_env
+        && cfg.batch_size % e.world_size != 0
+    {
+        bail!(
+            "--batch {} is the global batch and must divide by WORLD_SIZE {}",
+            cfg.batch_size,
+            e.world_size
+        );
+    }
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
     let resume_from = match &o.resume {
@@ -259,7 +287,33 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         Resume::Auto => checkpoint::latest(&ck_root)?,
         Resume::Path(p) => Some(p.clone()),
     };
+    if let (Some(e), Some(p)) = (&dist_env, &resume_from) {
+        bail!(
+            "resuming a {}-rank run from {} is not supported yet (each rank's loader \
+             position is not saved); start a new --out, or resume with one process",
+            e.world_size,
+            p.display()
+        );
+    }
     let mut trainer = Trainer::new(cfg.clone(), device)?;
+    if let Some(e) = &dist_env {
+        let pg = ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
+            .context("joining the process group")?;
+        trainer.join(pg)?;
+    }
+    // Rank 0 writes the run directory; other ranks log to a scratch directory.
+    let main = trainer.rank() == 0;
+    let log_dir = if main {
+        o.out.clone()
+    } else {
+        let d = std::env::temp_dir().join(format!(
+            "conmim-rank{}-{}",
+            trainer.rank(),
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&d)?;
+        d
+    };
     if let Some(p) = &resume_from {
         trainer
             .load_checkpoint(p)
@@ -270,9 +324,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             trainer.step()
         );
     }
-    crate::format::atomic_write_json(&o.out.join("config.json"), &cfg)
+    crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)
         .context("writing config.json")?;
-    let metrics_path = o.out.join("metrics.jsonl");
+    let metrics_path = log_dir.join("metrics.jsonl");
     truncate_metrics(&metrics_path, trainer.step())?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -281,7 +335,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
     let start_step = trainer.step();
-    let mut tb = EventWriter::create(&o.out.join("tb"))?;
+    let mut tb = EventWriter::create(&log_dir.join("tb"))?;
     tb.session_start(start_step)?;
     let total = cfg.total_steps;
     let opts = SourceOptions {
@@ -291,7 +345,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let state = trainer.loader_state;
     let mut loader = trainer.open_loader(&o.data, &opts, state.as_ref())?;
 
-    let pb = if o.progress {
+    let pb = if o.progress && main {
         ProgressBar::new(total)
     } else {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
@@ -353,7 +407,10 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         drop(batch);
         let dt = last_step_end.elapsed().as_secs_f64().max(1e-9);
         last_step_end = Instant::now();
-        samples += stats.batch as u64;
+        // Images over all ranks.
+        let world = trainer.dist.as_ref().map_or(1, |d| d.world_size);
+        let step_images = stats.batch * world;
+        samples += step_images as u64;
         let line = MetricLine {
             step: stats.step,
             loss: stats.loss,
@@ -361,7 +418,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             lr: stats.lr,
             momentum: stats.momentum,
             grad_norm: stats.grad_norm,
-            img_s: stats.batch as f64 / dt,
+            img_s: step_images as f64 / dt,
             data_wait_frac: (wait / dt).min(1.0),
             gpu_mem_bytes: super::cuda::memory_stats(device).map(|m| m.peak_allocated),
         };
@@ -381,8 +438,10 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         if step % o.save_every.max(1) == 0 || step == total {
             metrics.flush()?;
             tb.flush()?;
-            let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
-            last_ck = Some(p);
+            if main {
+                let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
+                last_ck = Some(p);
+            }
         }
     }
     pb.finish();
@@ -404,7 +463,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
         checkpoint: last_ck.or(resume_from),
     };
-    crate::format::atomic_write_json(&o.out.join("summary.json"), &summary)
+    crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)
         .context("writing summary.json")?;
     Ok(summary)
 }
@@ -457,6 +516,74 @@ mod tests {
                 (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
             })
             .collect()
+    }
+
+    /// The body of each rank of `issue6_pretrain_under_torchrun` (no-op otherwise).
+    #[test]
+    fn pretrain_rank_child() {
+        let Some(out) = std::env::var_os("CONMIM_PRETRAIN_CHILD_OUT") else {
+            return;
+        };
+        let out = PathBuf::from(out);
+        let data = out.parent().unwrap().join("data");
+        let mut o = opts(&data, &out);
+        o.resume = Resume::No;
+        let s = pretrain(&o).unwrap();
+        println!("PRETRAIN_OK samples {}", s.samples);
+    }
+
+    /// Issue 6: `torchrun --no-python --nproc-per-node 2` running the pretraining loop:
+    /// 2 ranks (Gloo on the CPU), global batch 4 = 2 per rank, disjoint shards; rank 0
+    /// writes metrics and checkpoints, the others nothing in OUT.
+    #[test]
+    fn issue6_pretrain_under_torchrun() {
+        if !crate::train::dist::AVAILABLE {
+            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+            return;
+        }
+        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let out = dir.path().join("run");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let o = std::process::Command::new(std::path::Path::new(&venv).join("bin/torchrun"))
+            .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "train::run::tests::pretrain_rank_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_PRETRAIN_CHILD_OUT", &out)
+            .env("CONMIM_DIST_TIMEOUT_S", "120")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{text}");
+        // 6 steps x global batch 4, counted once per rank.
+        assert_eq!(text.matches("PRETRAIN_OK samples 24").count(), 2, "{text}");
+        assert_eq!(
+            losses(&out).len(),
+            6,
+            "rank 0 wrote one metrics line per step"
+        );
+        assert!(
+            checkpoint::latest(&checkpoint::dir_of(&out))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

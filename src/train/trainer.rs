@@ -178,7 +178,14 @@ impl Trainer {
         opts: &SourceOptions,
         state: Option<&LoaderState>,
     ) -> Result<Loader> {
-        let cfg = self.cfg.loader_config();
+        let mut cfg = self.cfg.loader_config();
+        if let Some(pg) = &self.dist {
+            // Per-rank batch; shards split by RANK / WORLD_SIZE (the stream's epoch rules).
+            cfg.batch_size /= pg.world_size;
+            cfg = cfg
+                .with_env_distribution()
+                .context("splitting the data by rank")?;
+        }
         Ok(match state {
             None => Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?,
             Some(s) => {
