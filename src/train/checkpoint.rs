@@ -44,6 +44,10 @@ pub struct CheckpointState {
     pub lr_schedule: CosineSchedule,
     pub momentum_schedule: MomentumSchedule,
     pub loader_state: Option<LoaderState>,
+    /// Data parallelism: every rank's loader position (index = rank); empty for a
+    /// single-process run. A multi-rank run resumes with the same WORLD_SIZE.
+    #[serde(default)]
+    pub rank_loader_states: Vec<LoaderState>,
     /// Parameter names of the optimiser groups, in flat-buffer order.
     pub optimizer_layout: Vec<Vec<String>>,
 }
@@ -146,6 +150,7 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
             lr_schedule: trainer.lr,
             momentum_schedule: trainer.momentum,
             loader_state: trainer.loader_state,
+            rank_loader_states: trainer.rank_loader_states.clone(),
             optimizer_layout: trainer.opt.layout(),
         };
         fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
@@ -293,6 +298,7 @@ impl Trainer {
             .collect();
         self.opt.load_state(&opt_tensors, state.step)?;
         self.loader_state = state.loader_state;
+        self.rank_loader_states = state.rank_loader_states.clone();
         self.samples = state.samples;
         Ok(())
     }

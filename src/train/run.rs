@@ -287,14 +287,6 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         Resume::Auto => checkpoint::latest(&ck_root)?,
         Resume::Path(p) => Some(p.clone()),
     };
-    if let (Some(e), Some(p)) = (&dist_env, &resume_from) {
-        bail!(
-            "resuming a {}-rank run from {} is not supported yet (each rank's loader \
-             position is not saved); start a new --out, or resume with one process",
-            e.world_size,
-            p.display()
-        );
-    }
     let mut trainer = Trainer::new(cfg.clone(), device)?;
     if let Some(e) = &dist_env {
         let pg = ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
@@ -342,7 +334,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         split: o.split.clone(),
         allow_pipe: o.allow_pipe,
     };
-    let state = trainer.loader_state;
+    let state = trainer.resume_loader_state()?;
     let mut loader = trainer.open_loader(&o.data, &opts, state.as_ref())?;
 
     let pb = if o.progress && main {
@@ -438,6 +430,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         if step % o.save_every.max(1) == 0 || step == total {
             metrics.flush()?;
             tb.flush()?;
+            trainer.gather_loader_states()?;
             if main {
                 let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
                 last_ck = Some(p);
@@ -527,7 +520,11 @@ mod tests {
         let out = PathBuf::from(out);
         let data = out.parent().unwrap().join("data");
         let mut o = opts(&data, &out);
-        o.resume = Resume::No;
+        o.resume = Resume::Auto;
+        if let Ok(steps) = std::env::var("CONMIM_PRETRAIN_CHILD_STEPS") {
+            o.steps = Some(steps.parse().unwrap());
+            o.save_every = 4;
+        }
         let s = pretrain(&o).unwrap();
         println!("PRETRAIN_OK samples {}", s.samples);
     }
@@ -546,43 +543,59 @@ mod tests {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[6, 6]);
+        let torchrun = |out: &Path, steps: Option<u64>| -> String {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+                .to_string();
+            let mut c =
+                std::process::Command::new(std::path::Path::new(&venv).join("bin/torchrun"));
+            c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+                .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+                .arg(std::env::current_exe().unwrap())
+                .args([
+                    "train::run::tests::pretrain_rank_child",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_DIST_TIMEOUT_S", "120");
+            if let Some(s) = steps {
+                c.env("CONMIM_PRETRAIN_CHILD_STEPS", s.to_string());
+            }
+            let o = c.output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(o.status.success(), "{text}");
+            text
+        };
+        // Whole run: 6 steps x global batch 4, counted once per rank.
         let out = dir.path().join("run");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string();
-        let o = std::process::Command::new(std::path::Path::new(&venv).join("bin/torchrun"))
-            .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
-            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "train::run::tests::pretrain_rank_child",
-                "--exact",
-                "--nocapture",
-            ])
-            .env("CONMIM_PRETRAIN_CHILD_OUT", &out)
-            .env("CONMIM_DIST_TIMEOUT_S", "120")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(o.status.success(), "{text}");
-        // 6 steps x global batch 4, counted once per rank.
+        let text = torchrun(&out, None);
         assert_eq!(text.matches("PRETRAIN_OK samples 24").count(), 2, "{text}");
-        assert_eq!(
-            losses(&out).len(),
-            6,
-            "rank 0 wrote one metrics line per step"
-        );
+        let want = losses(&out);
+        assert_eq!(want.len(), 6, "rank 0 wrote one metrics line per step");
         assert!(
             checkpoint::latest(&checkpoint::dir_of(&out))
                 .unwrap()
                 .is_some()
+        );
+        // As after a crash past step 4: keep only the step-4 checkpoint, resume (each rank
+        // from its own saved loader position): the same losses as the whole 2-rank run.
+        let part = dir.path().join("part");
+        torchrun(&part, Some(6));
+        std::fs::remove_dir_all(checkpoint::dir_of(&part).join("step-00000006")).unwrap();
+        let text = torchrun(&part, Some(6));
+        assert!(text.contains("resumed from"), "{text}");
+        assert_eq!(
+            losses(&part),
+            want,
+            "resumed 2-rank run equals the whole run"
         );
     }
 

@@ -89,6 +89,9 @@ pub struct Trainer {
     /// Data parallelism ([`Trainer::join`]): gradients and logged metrics are averaged
     /// over its ranks.
     pub dist: Option<super::dist::ProcessGroup>,
+    /// Every rank's loader position at the last [`Trainer::gather_loader_states`] (saved
+    /// in checkpoints of multi-rank runs).
+    pub rank_loader_states: Vec<LoaderState>,
 }
 
 fn seed_for(seed: u64, step: u64) -> i64 {
@@ -120,6 +123,7 @@ impl Trainer {
         }
         Ok(Trainer {
             dist: None,
+            rank_loader_states: Vec::new(),
             amp,
             lr: cfg.lr_schedule(),
             momentum: cfg.momentum_schedule(),
@@ -159,6 +163,67 @@ impl Trainer {
         })?;
         self.dist = Some(pg);
         Ok(())
+    }
+
+    /// Collects every rank's loader position into `rank_loader_states` (a collective:
+    /// all ranks call it at the same step, before rank 0 saves a checkpoint). No-op
+    /// without data parallelism.
+    pub fn gather_loader_states(&mut self) -> Result<()> {
+        let Some(pg) = &self.dist else {
+            return Ok(());
+        };
+        const F: usize = 6;
+        let mut rows = vec![0i64; pg.world_size * F];
+        let Some(s) = self.loader_state else {
+            bail!("rank {}: no loader position to save yet", pg.rank);
+        };
+        let own = [
+            s.stream.version as i64,
+            s.stream.epoch as i64,
+            s.stream.samples as i64,
+            s.stream.events as i64,
+            s.stream.fingerprint as i64,
+            s.next_batch as i64,
+        ];
+        rows[pg.rank * F..(pg.rank + 1) * F].copy_from_slice(&own);
+        let t = Tensor::from_slice(&rows);
+        pg.all_reduce_sum(&t)
+            .context("gathering loader positions")?;
+        let all = Vec::<i64>::try_from(&t)?;
+        self.rank_loader_states = all
+            .chunks(F)
+            .map(|r| LoaderState {
+                stream: crate::stream::StreamState {
+                    version: r[0] as u32,
+                    epoch: r[1] as u64,
+                    samples: r[2] as u64,
+                    events: r[3] as u64,
+                    fingerprint: r[4] as u64,
+                },
+                next_batch: r[5] as u64,
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// The loader position this rank resumes from: its own entry of a multi-rank
+    /// checkpoint, the single-process one otherwise. A checkpoint of another world size
+    /// is an error (its data split differs).
+    pub fn resume_loader_state(&self) -> Result<Option<LoaderState>> {
+        let world = self.dist.as_ref().map_or(1, |d| d.world_size);
+        match (self.rank_loader_states.len(), world) {
+            (0, _) if self.loader_state.is_none() => Ok(None),
+            (0, 1) => Ok(self.loader_state),
+            (n, w) if n == w => Ok(Some(self.rank_loader_states[self.rank()])),
+            (0, w) => bail!(
+                "the checkpoint is from a single-process run; resume it with one process \
+                 (this run has WORLD_SIZE {w})"
+            ),
+            (n, w) => bail!(
+                "the checkpoint is from a {n}-rank run; resume it with WORLD_SIZE {n} (this \
+                 run has {w})"
+            ),
+        }
     }
 
     /// This process's rank (0 without data parallelism).
