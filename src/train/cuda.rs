@@ -59,8 +59,11 @@ unsafe extern "C" {
 }
 
 /// Runs one shim call with an error buffer; a non-zero return becomes `TchError::Torch`.
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
-    let mut buf = [0 as c_char; 1024];
+pub(super) fn call(
+    what: &str,
+    f: impl FnOnce(*mut c_char, usize) -> c_int,
+) -> Result<(), TchError> {
+    let mut buf = [0 as c_char; 2048];
     if f(buf.as_mut_ptr(), buf.len()) == 0 {
         return Ok(());
     }

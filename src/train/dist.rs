@@ -10,7 +10,7 @@
 //! broadcast, gradients averaged per flat group, metrics averaged). Still to wire:
 //! `conmim pretrain` under torchrun (per-rank loader split, rank-0 checkpoints and logs).
 
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Duration;
 
 use tch::{Device, TchError, Tensor};
@@ -106,14 +106,9 @@ use no_gloo::*;
 /// Whether this build has the c10d shim (it needs gloo headers at build time).
 pub const AVAILABLE: bool = cfg!(not(conmim_no_gloo));
 
+/// One shim call (errors come back prefixed "c10d").
 fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
-    let mut buf = [0 as c_char; 2048];
-    if f(buf.as_mut_ptr(), buf.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates within the buffer on error.
-    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-    Err(TchError::Torch(format!("c10d {what}: {msg}")))
+    super::cuda::call(&format!("c10d {what}"), f)
 }
 
 /// Where this process sits in a distributed run, as torchrun describes it.
