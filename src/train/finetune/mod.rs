@@ -21,22 +21,22 @@
 //! * [`config`]: [`FinetuneConfig`] with the per-size presets and `validate()`.
 //! * [`layer_decay`]: the official layer id of each parameter name, the per-layer lr
 //!   scale `decay^(depth + 1 - layer_id)` and the `(layer, decay/no_decay)` parameter
-//!   groups ([`layer_decay::param_groups`]).
+//!   groups ([`layer_decay::param_groups`]); per-block relative position bias tables go
+//!   to their block's layer, `fc_norm` and `head` to the top.
+//! * The backbone options ([`crate::train::vit::Config::finetune`]): per-block relative
+//!   position bias, mean pooling + `fc_norm`, the head init scale;
+//!   [`crate::train::vit::expand_shared_rel_pos_bias`] copies the pretrained shared table
+//!   into every block. Parity with timm's `beit_*` / `vit_*` (`global_pool='avg'`) is
+//!   tested.
+//! * The data side: [`crate::augment::randaug`] (RandAugment `rand-m9-mstd0.5-inc1` and
+//!   random erasing, exact against timm) and [`crate::train::mixup`] (Mixup/CutMix with
+//!   label smoothing and the soft-target loss, against timm).
 //!
-//! TODO (not built yet; [`crate::train::vit`] does not support these, and this module
-//! does not change it):
-//!
-//! * per-block relative position bias tables (`blocks.{i}.attn.relative_position_bias_table`):
-//!   `vit.rs` has only ONE table shared by all blocks (`rel_pos_bias.*`), as in
-//!   pretraining. Until a per-block option exists, a shared table would be put in the
-//!   TOP layer by [`layer_decay::layer_id`] (the official rule for `rel_pos_bias.*`);
-//!   the per-block tables go to their block's layer.
-//! * mean pooling + `fc_norm`: `vit.rs` classifies the CLS token after `norm`
-//!   (`global_pool='token'`); the official fine-tuning model replaces `norm` by
-//!   `fc_norm` over the mean of the patch tokens.
-//! * the head's 0.001 init scale, the teacher-weights loading (table copy, head/mask
-//!   token drop), the mixup/cutmix and RandAugment data path, the training loop and
-//!   evaluation.
+//! Not built yet: loading the teacher weights of a pretraining checkpoint (drop the
+//! projection head, `mask_token` and `head`, expand the table), wiring RandAugment and
+//! random erasing into the loader's `ClassifyTrain` task, the training loop
+//! (`conmim finetune`), evaluation (`conmim eval`: top-1/top-5 exactly once over the
+//! validation set), the k-NN and linear monitors.
 
 pub mod config;
 pub mod layer_decay;
