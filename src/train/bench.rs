@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Device;
 
@@ -129,16 +129,12 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
                 allow_pipe: false,
             };
             let mut loader = t.open_loader(data, &opts, None)?;
+            let mut step = 0u64;
             let mut fetch = |wait: &mut f64, upload: &mut f64| -> Result<DeviceBatch> {
-                let w = Instant::now();
-                let b = loader
-                    .next()
-                    .context("the data stream ended")?
-                    .context("loading data")?;
-                let u = Instant::now();
-                *wait += (u - w).as_secs_f64();
-                let d = DeviceBatch::upload(&b, o.device)?;
-                *upload += u.elapsed().as_secs_f64();
+                let (d, w, u) = DeviceBatch::next_from(&mut loader, o.device, step)?;
+                step += 1;
+                *wait += w;
+                *upload += u;
                 Ok(d)
             };
             let mut next = Some(fetch(&mut wait, &mut upload)?);

@@ -163,6 +163,25 @@ impl DeviceBatch {
         })
     }
 
+    /// Takes the next batch of `loader` and uploads it: the batch on `device`, the
+    /// seconds blocked on the loader ("waiting for data"), the seconds uploading. The end
+    /// of the stream is an error naming `step` (training streams are endless).
+    pub fn next_from(
+        loader: &mut crate::loader::Loader,
+        device: Device,
+        step: u64,
+    ) -> anyhow::Result<(Self, f64, f64)> {
+        use anyhow::Context;
+        let t0 = std::time::Instant::now();
+        let batch = match loader.next() {
+            Some(b) => b.context("loading data")?,
+            None => anyhow::bail!("the data stream ended at step {step}"),
+        };
+        let t1 = std::time::Instant::now();
+        let x = Self::upload(&batch, device).context("uploading a batch")?;
+        Ok((x, (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()))
+    }
+
     /// A synthetic batch made on `device` (benchmarks: no host work, no copies):
     /// uniform random u8 views and exactly `masked` random masked patches per image.
     pub fn synthetic(

@@ -358,13 +358,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     // Batch k+1 is fetched and uploaded while step k runs on the device (the trainer's
     // `between` hook); "waiting for data" is the time blocked on the loader there.
     let fetch = |loader: &mut crate::loader::Loader, step: u64| -> Result<(DeviceBatch, f64)> {
-        let w0 = Instant::now();
-        let batch = match loader.next() {
-            Some(b) => b.context("loading data")?,
-            None => bail!("the data stream ended at step {step}"),
-        };
-        let wait = w0.elapsed().as_secs_f64();
-        let x = DeviceBatch::upload(&batch, device).context("uploading a batch")?;
+        let (x, wait, _upload) = DeviceBatch::next_from(loader, device, step)?;
         Ok((x, wait))
     };
     let mut next = if trainer.step() < total {
