@@ -519,6 +519,73 @@ mod tests {
         );
     }
 
+    /// Rank 1 dies right after joining; rank 0's next collective must fail with an
+    /// error (not hang). Runs only as a child of `issue6_a_dead_rank_fails_the_others`.
+    #[test]
+    fn die_child() {
+        if std::env::var_os("CONMIM_DIE_CHILD").is_none() {
+            return;
+        }
+        let env = DistEnv::from_env().unwrap().expect("WORLD_SIZE set");
+        let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(10)).unwrap();
+        pg.barrier().unwrap();
+        if env.rank == 1 {
+            std::process::exit(3);
+        }
+        let t0 = Instant::now();
+        let t = Tensor::from_slice(&[1.0f32]);
+        let mut result = Ok(());
+        for _ in 0..50 {
+            result = pg.all_reduce_sum(&t);
+            if result.is_err() {
+                break;
+            }
+        }
+        let e = result.expect_err("all-reduce with a dead peer must fail");
+        println!("DIED_OK after {:.1} s: {e}", t0.elapsed().as_secs_f64());
+    }
+
+    /// Issue 6: a rank that dies makes the others fail with a clear error within the
+    /// timeout instead of hanging.
+    #[test]
+    fn issue6_a_dead_rank_fails_the_others() {
+        if unavailable() {
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let port = free_port().to_string();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                Command::new(&exe)
+                    .args(["train::dist::tests::die_child", "--exact", "--nocapture"])
+                    .arg("--test-threads=1")
+                    .env("CONMIM_DIE_CHILD", "1")
+                    .env("WORLD_SIZE", "2")
+                    .env("RANK", r.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let t0 = Instant::now();
+        let outs = wait_all(children);
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "took {:?}",
+            t0.elapsed()
+        );
+        assert!(outs[0].contains("DIED_OK"), "rank 0:\n{}", outs[0]);
+        assert!(
+            outs[0].contains("c10d all_reduce"),
+            "the error names the collective:\n{}",
+            outs[0]
+        );
+    }
+
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
