@@ -12,6 +12,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=src/train/shim.cpp");
+    println!("cargo:rerun-if-changed=src/train/shim_util.h");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         compile_shim(std::path::Path::new(&lib));
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

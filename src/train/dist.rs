@@ -426,27 +426,9 @@ mod tests {
 
     /// Runs two `dp_child` ranks; per rank: (weight fingerprint, [loss, grad norm] per step).
     fn run_ranks(extra: &[(&str, &str)]) -> Vec<(Vec<f64>, Vec<f64>)> {
-        let exe = std::env::current_exe().unwrap();
-        let port = free_port().to_string();
-        let children: Vec<_> = (0..2)
-            .map(|r| {
-                let mut c = Command::new(&exe);
-                c.args(["train::dist::tests::dp_child", "--exact", "--nocapture"])
-                    .arg("--test-threads=1")
-                    .env("CONMIM_DP_CHILD", "1")
-                    .env("WORLD_SIZE", "2")
-                    .env("RANK", r.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", &port)
-                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                for (k, v) in extra {
-                    c.env(k, v);
-                }
-                c.spawn().unwrap()
-            })
-            .collect();
+        let mut env = vec![("CONMIM_DP_CHILD", "1")];
+        env.extend_from_slice(extra);
+        let outs = two_ranks("train::dist::tests::dp_child", &env);
         let field = |out: &str, tag: &str| -> Vec<f64> {
             // The harness may print its "test ... " prefix on the same line.
             let line = out
@@ -456,8 +438,7 @@ mod tests {
             let first = line.split_whitespace().next().unwrap_or("");
             first.split(',').map(|x| x.parse().unwrap()).collect()
         };
-        wait_all(children)
-            .iter()
+        outs.iter()
             .enumerate()
             .map(|(r, out)| {
                 (
@@ -552,27 +533,11 @@ mod tests {
         if unavailable() {
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let port = free_port().to_string();
-        let children: Vec<_> = (0..2)
-            .map(|r| {
-                Command::new(&exe)
-                    .args(["train::dist::tests::die_child", "--exact", "--nocapture"])
-                    .arg("--test-threads=1")
-                    .env("CONMIM_DIE_CHILD", "1")
-                    .env("WORLD_SIZE", "2")
-                    .env("RANK", r.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", &port)
-                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
         let t0 = Instant::now();
-        let outs = wait_all(children);
+        let outs = two_ranks(
+            "train::dist::tests::die_child",
+            &[("CONMIM_DIE_CHILD", "1")],
+        );
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "took {:?}",
@@ -584,6 +549,30 @@ mod tests {
             "the error names the collective:\n{}",
             outs[0]
         );
+    }
+
+    /// Runs test `child` of this test binary as ranks 0 and 1 on loopback (rank 0 hosts
+    /// the store; no torchrun) with `env` added; returns each rank's stdout + stderr.
+    fn two_ranks(child: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let exe = std::env::current_exe().unwrap();
+        let port = free_port().to_string();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut c = Command::new(&exe);
+                c.args([child, "--exact", "--nocapture", "--test-threads=1"])
+                    .envs(env.iter().copied())
+                    .env("WORLD_SIZE", "2")
+                    .env("RANK", r.to_string())
+                    .env("LOCAL_RANK", r.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect();
+        wait_all(children)
     }
 
     fn free_port() -> u16 {
@@ -643,26 +632,11 @@ mod tests {
         if unavailable() {
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let port = free_port().to_string();
-        let children: Vec<_> = (0..2)
-            .map(|r| {
-                Command::new(&exe)
-                    .args(child_args())
-                    .env("CONMIM_DIST_CHILD", "1")
-                    .env("WORLD_SIZE", "2")
-                    .env("RANK", r.to_string())
-                    .env("LOCAL_RANK", r.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", &port)
-                    .env_remove("TORCHELASTIC_USE_AGENT_STORE")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for (r, out) in wait_all(children).iter().enumerate() {
+        let outs = two_ranks(
+            "train::dist::tests::dist_child",
+            &[("CONMIM_DIST_CHILD", "1")],
+        );
+        for (r, out) in outs.iter().enumerate() {
             assert!(
                 out.contains(&format!("DIST_OK rank {r} of 2")),
                 "rank {r}:\n{out}"

@@ -13,18 +13,12 @@
 #endif
 
 #include <chrono>
-#include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
-namespace {
-void copy_err(const char* what, char* err, size_t err_len) {
-    if (err == nullptr || err_len == 0) return;
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-}
+#include "shim_util.h"
 
+namespace {
 struct Group {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::Backend> backend;
@@ -35,19 +29,6 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const Group& g) {
     work->wait(g.timeout);
 }
 }  // namespace
-
-#define CONMIM_TRY try {
-#define CONMIM_CATCH                                       \
-    }                                                      \
-    catch (const std::exception& e) {                      \
-        copy_err(e.what(), err, err_len);                  \
-        return 1;                                          \
-    }                                                      \
-    catch (...) {                                          \
-        copy_err("unknown C++ exception", err, err_len);   \
-        return 1;                                          \
-    }                                                      \
-    return 0;
 
 extern "C" {
 

@@ -14,30 +14,9 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cstdint>
-#include <cstring>
-#include <exception>
 #include <string>
 
-namespace {
-void copy_err(const char* what, char* err, size_t err_len) {
-    if (err == nullptr || err_len == 0) return;
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-}
-}  // namespace
-
-#define CONMIM_TRY try {
-#define CONMIM_CATCH                             \
-    }                                            \
-    catch (const std::exception& e) {            \
-        copy_err(e.what(), err, err_len);        \
-        return 1;                                \
-    }                                            \
-    catch (...) {                                \
-        copy_err("unknown C++ exception", err, err_len); \
-        return 1;                                \
-    }                                            \
-    return 0;
+#include "shim_util.h"
 
 extern "C" {
 
