@@ -7,6 +7,8 @@
 //!   Table 11, checkpoints and exact resume.
 //! * `export` (feature `train`) — a run's backbone (the teacher's, by default) as a
 //!   safetensors state dict that timm loads strictly.
+//! * `finetune`, `eval`, `knn` (feature `train`) — classification fine-tuning with the
+//!   paper's recipe, exact-once evaluation of its checkpoints, and the k-NN monitor.
 //!
 //! Thin layer: parse -> validated config -> library calls -> summary / exit status.
 
@@ -74,6 +76,263 @@ enum Cmd {
     /// metadata).
     #[cfg(feature = "train")]
     Export(ExportArgs),
+    /// Fine-tune a classifier (ImageNet recipe of the paper's Table 12).
+    ///
+    /// Config: --preset (small, base, large), then --config FILE, then --set KEY=VALUE,
+    /// then the flags. Initialises from --init (a pretraining run or checkpoint
+    /// directory: the teacher's backbone by default; or an exported .safetensors), or
+    /// randomly without it. Mean-pooled patch tokens + fc_norm + linear head (init x
+    /// 0.001), layer-wise lr decay, AdamW (0.9, 0.999), warmup + cosine, RandAugment,
+    /// random erasing, mixup/cutmix with label smoothing. Evaluates on --val-split
+    /// (resize 256 bicubic + centre crop 224, every sample exactly once) after every
+    /// --eval-every epochs and at the end; writes OUT/metrics.jsonl, OUT/tb/,
+    /// OUT/checkpoints/{last,best}, OUT/init.json (what was loaded, new, ignored),
+    /// OUT/summary.json.
+    #[cfg(feature = "train")]
+    Finetune(FinetuneArgs),
+    /// Evaluate a fine-tuning checkpoint on a dataset (top-1 / top-5, every sample
+    /// exactly once); prints one JSON object.
+    #[cfg(feature = "train")]
+    Eval(EvalArgs),
+    /// Weighted k-NN accuracy (DINO's: k=20, T=0.07) of a backbone's frozen features
+    /// (mean of the patch tokens, L2-normalised) between a train and a val dataset; prints
+    /// one JSON object. A monitor of pretraining quality.
+    #[cfg(feature = "train")]
+    Knn(KnnArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct FinetuneArgs {
+    /// Preset: small, base, large.
+    #[arg(long, default_value = "base")]
+    preset: String,
+    /// JSON or TOML file of config overrides (keys as in OUT/config.json).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Config override KEY=VALUE (dotted keys, JSON values); repeatable.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Training dataset (directory, manifest, brace pattern, list, URL).
+    #[arg(long)]
+    data: String,
+    /// Training split.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Validation dataset (default: --data).
+    #[arg(long)]
+    val_data: Option<String>,
+    /// Validation split.
+    #[arg(long, default_value = "val")]
+    val_split: String,
+    /// Accept pipe:CMD shard URLs.
+    #[arg(long)]
+    allow_pipe: bool,
+    /// Pretrained weights: a pretraining run or checkpoint directory, or a .safetensors.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Which network of a pretraining checkpoint.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Teacher)]
+    init_weights: WeightsArg,
+    /// Run directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Total batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate AT BATCH 1024 (scaled linearly to --batch).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Classes of the head (default 1000).
+    #[arg(long)]
+    num_classes: Option<i64>,
+    /// Input side in pixels.
+    #[arg(long)]
+    image_size: Option<i64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Loader threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// cpu, cuda or cuda:N (default: CUDA when available).
+    #[arg(long)]
+    device: Option<String>,
+    /// Evaluate every N epochs (and after the last).
+    #[arg(long, default_value_t = 1)]
+    eval_every: u32,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[cfg(feature = "train")]
+fn weights_of(w: WeightsArg) -> conmim::train::export::Weights {
+    match w {
+        WeightsArg::Teacher => conmim::train::export::Weights::Teacher,
+        WeightsArg::Student => conmim::train::export::Weights::Student,
+    }
+}
+
+#[cfg(feature = "train")]
+fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
+    use conmim::train::finetune::run::{FinetuneOptions, finetune};
+    let o = FinetuneOptions {
+        preset: a.preset.clone(),
+        config_file: a.config.clone(),
+        sets: a.sets.clone(),
+        data: a.data.clone(),
+        train_split: a.split.clone(),
+        val_data: a.val_data.clone(),
+        val_split: a.val_split.clone(),
+        allow_pipe: a.allow_pipe,
+        init: a.init.clone(),
+        init_weights: weights_of(a.init_weights),
+        out: a.out.clone(),
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        num_classes: a.num_classes,
+        image_size: a.image_size,
+        seed: a.seed,
+        threads: a.threads,
+        device: a.device.clone(),
+        eval_every: a.eval_every,
+        progress: !a.quiet,
+    };
+    let s = finetune(&o)?;
+    let fmt = |r: &Option<conmim::train::finetune::run::EvalResult>| {
+        r.map_or("-".to_owned(), |r| {
+            format!("top-1 {:.2}% top-5 {:.2}%", r.acc1, r.acc5)
+        })
+    };
+    println!(
+        "finetune: {} epochs x {} steps, {} samples in {:.1} s ({:.1} img/s), final loss {}; last {}; best {} (epoch {}); checkpoint {}",
+        s.epochs,
+        s.steps_per_epoch,
+        s.samples,
+        s.wall_s,
+        s.img_s,
+        s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        fmt(&s.last),
+        fmt(&s.best),
+        s.best_epoch.map_or("-".into(), |e| e.to_string()),
+        s.checkpoint.display()
+    );
+    Ok(())
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct EvalArgs {
+    /// Fine-tuning checkpoint directory, or its run directory (best, else last).
+    checkpoint: PathBuf,
+    /// Dataset.
+    #[arg(long)]
+    data: String,
+    /// Split.
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Accept pipe:CMD shard URLs.
+    #[arg(long)]
+    allow_pipe: bool,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Loader threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[cfg(feature = "train")]
+fn eval_cmd(a: &EvalArgs) -> Result<()> {
+    let opts = SourceOptions {
+        split: a.split.clone(),
+        allow_pipe: a.allow_pipe,
+    };
+    let (r, dir) = conmim::train::finetune::run::eval_checkpoint(
+        &a.checkpoint,
+        &a.data,
+        &opts,
+        a.batch,
+        a.threads,
+        a.device.as_deref(),
+        !a.quiet,
+    )?;
+    let mut v = serde_json::to_value(r)?;
+    v["checkpoint"] = dir.display().to_string().into();
+    println!("{v}");
+    Ok(())
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct KnnArgs {
+    /// Pretraining run / checkpoint directory, or a fine-tuning checkpoint.
+    checkpoint: PathBuf,
+    /// Which network of a pretraining checkpoint.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Teacher)]
+    weights: WeightsArg,
+    /// Labelled dataset for the neighbours (its --train-split).
+    #[arg(long)]
+    train_data: String,
+    #[arg(long, default_value = "train")]
+    train_split: String,
+    /// Labelled dataset to classify (default: --train-data).
+    #[arg(long)]
+    val_data: Option<String>,
+    #[arg(long, default_value = "val")]
+    val_split: String,
+    /// Neighbours.
+    #[arg(long, default_value_t = conmim::train::finetune::run::KNN_K)]
+    k: usize,
+    /// Vote temperature.
+    #[arg(long, default_value_t = conmim::train::finetune::run::KNN_TEMPERATURE)]
+    temperature: f64,
+    /// Batch size of the feature pass.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Loader threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[cfg(feature = "train")]
+fn knn_cmd(a: &KnnArgs) -> Result<()> {
+    let topts = SourceOptions {
+        split: a.train_split.clone(),
+        allow_pipe: false,
+    };
+    let vopts = SourceOptions {
+        split: a.val_split.clone(),
+        allow_pipe: false,
+    };
+    let val = a.val_data.clone().unwrap_or_else(|| a.train_data.clone());
+    let r = conmim::train::finetune::run::knn(
+        &a.checkpoint,
+        weights_of(a.weights),
+        (&a.train_data, &topts),
+        (&val, &vopts),
+        a.k,
+        a.temperature,
+        a.batch,
+        a.threads,
+        a.device.as_deref(),
+    )?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 #[cfg(feature = "train")]
@@ -475,6 +734,12 @@ fn main() -> ExitCode {
         Cmd::Pretrain(a) => pretrain_cmd(a),
         #[cfg(feature = "train")]
         Cmd::Export(a) => export_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Finetune(a) => finetune_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Eval(a) => eval_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Knn(a) => knn_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

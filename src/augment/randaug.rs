@@ -182,6 +182,69 @@ impl Default for RandAugConfig {
     }
 }
 
+impl RandAugConfig {
+    /// Parses a timm RandAugment policy string, `rand-m9-mstd0.5-inc1` style: sections
+    /// after `rand` separated by `-`, each a key and a number: `m` magnitude, `n` ops per
+    /// image, `mstd` magnitude std (`inf` or a value > 100 = uniform, as timm), `mmax`
+    /// magnitude clip, `p` op probability, `inc` (only `inc1`: this crate implements the
+    /// "increasing" op set the official recipe uses). Unknown keys are an error naming
+    /// the section.
+    pub fn from_policy(policy: &str) -> Result<Self, String> {
+        let mut parts = policy.split('-');
+        if parts.next() != Some("rand") {
+            return Err(format!(
+                "RandAugment policy `{policy}` must start with `rand-` (e.g. rand-m9-mstd0.5-inc1)"
+            ));
+        }
+        let mut cfg = RandAugConfig::default();
+        for sec in parts {
+            // `mstd` / `mmax` may carry `inf`; otherwise the key is the letters before
+            // the first digit or dot.
+            let split = sec
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(sec.len());
+            let (key, val) = match sec.strip_prefix("mstd") {
+                Some(v) => ("mstd", v),
+                None => match sec.strip_prefix("mmax") {
+                    Some(v) => ("mmax", v),
+                    None => sec.split_at(split),
+                },
+            };
+            let num: f64 = if val == "inf" {
+                f64::INFINITY
+            } else {
+                val.parse().map_err(|_| {
+                    format!("RandAugment policy `{policy}`: section `{sec}` has no number")
+                })?
+            };
+            match key {
+                "m" => cfg.magnitude = num,
+                "n" => cfg.num_layers = num as usize,
+                "mstd" => cfg.magnitude_std = if num > 100.0 { f64::INFINITY } else { num },
+                "mmax" => cfg.magnitude_max = num,
+                "p" => cfg.prob = num,
+                "inc" if num == 1.0 => {}
+                "inc" => {
+                    return Err(format!(
+                        "RandAugment policy `{policy}`: only inc1 (the increasing op set) is implemented"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "RandAugment policy `{policy}`: unknown section `{sec}` (m, n, mstd, mmax, p, inc)"
+                    ));
+                }
+            }
+        }
+        if !policy.contains("-inc1") {
+            return Err(format!(
+                "RandAugment policy `{policy}`: add `-inc1` (only the increasing op set is implemented)"
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
 /// One op that fires, with its resolved argument (what timm passes to the op function).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AppliedOp {
@@ -839,6 +902,29 @@ pub fn erase_pixels_u8(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue5_policy_strings_parse_like_timm() {
+        assert_eq!(
+            RandAugConfig::from_policy("rand-m9-mstd0.5-inc1").unwrap(),
+            RandAugConfig::default()
+        );
+        let c = RandAugConfig::from_policy("rand-m7-n3-mstd101-mmax12-p0.7-inc1").unwrap();
+        assert_eq!(
+            (c.magnitude, c.num_layers, c.magnitude_max, c.prob),
+            (7.0, 3, 12.0, 0.7)
+        );
+        assert!(c.magnitude_std.is_infinite());
+        for bad in [
+            "m9-inc1",
+            "rand-m9",
+            "rand-m9-inc0",
+            "rand-x3-inc1",
+            "rand-m-inc1",
+        ] {
+            assert!(RandAugConfig::from_policy(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sampling_is_deterministic_and_in_range() {

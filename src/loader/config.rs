@@ -164,6 +164,13 @@ pub struct LoaderConfig {
     pub mask: MaskConfig,
     /// Shorter side before the centre crop ([`Task::ClassifyEval`]).
     pub eval_resize: u32,
+    /// [`Task::ClassifyTrain`]: a timm RandAugment policy applied after the crop and
+    /// flip (e.g. `rand-m9-mstd0.5-inc1`, the fine-tuning recipe); empty = off.
+    pub rand_augment: String,
+    /// [`Task::ClassifyTrain`]: timm `RandomErasing(reprob, mode='pixel')` probability
+    /// (0 = off). The erased box is filled with per-value `N(0, 1)` noise in normalised
+    /// space, written as the u8 pixel that normalises to it (saturated at 0 / 255).
+    pub reprob: f64,
     /// Label member extension; a missing label is `-1` (an error for the
     /// classification tasks).
     pub label_ext: String,
@@ -193,6 +200,8 @@ impl Default for LoaderConfig {
             task: Task::ConMim,
             mask: MaskConfig::default(),
             eval_resize: DEFAULT_EVAL_RESIZE,
+            rand_augment: String::new(),
+            reprob: 0.0,
             label_ext: DEFAULT_LABEL_EXT.to_owned(),
             limits: ImageLimits::default(),
             max_errors: None,
@@ -240,6 +249,20 @@ impl LoaderConfig {
                 self.stall_timeout_s
             ));
         }
+        if !self.rand_augment.is_empty() || self.reprob != 0.0 {
+            if self.task != Task::ClassifyTrain {
+                return bad(format!(
+                    "rand_augment / reprob apply to the classify_train task only (task is {:?})",
+                    self.task
+                ));
+            }
+            if !self.rand_augment.is_empty() {
+                self.rand_augment_config()?;
+            }
+            if !(0.0..=1.0).contains(&self.reprob) {
+                return bad(format!("reprob {} not in [0, 1]", self.reprob));
+            }
+        }
         if self.label_ext.is_empty() {
             return bad("label extension must not be empty".into());
         }
@@ -254,6 +277,16 @@ impl LoaderConfig {
     pub fn with_env_distribution(mut self) -> Result<Self> {
         self.stream = self.stream.with_env_distribution()?;
         Ok(self)
+    }
+
+    /// The parsed [`Self::rand_augment`] policy (`None` when empty).
+    pub fn rand_augment_config(&self) -> Result<Option<crate::augment::randaug::RandAugConfig>> {
+        if self.rand_augment.is_empty() {
+            return Ok(None);
+        }
+        crate::augment::randaug::RandAugConfig::from_policy(&self.rand_augment)
+            .map(Some)
+            .map_err(Error::Config)
     }
 
     /// Bytes of one view of one sample.

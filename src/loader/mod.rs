@@ -73,6 +73,13 @@ use batch::BatchBuf;
 /// Domain separating the mask's random stream from the views' (`"MASK"`).
 pub const MASK_DOMAIN: u64 = 0x4d41_534b;
 
+/// Domain of the classification-training augmentations' random stream (RandAugment,
+/// random erasing), `"CLSA"`.
+pub const CLASSIFY_AUG_DOMAIN: u64 = 0x434c_5341;
+/// ImageNet mean / std (the erased pixels' normalisation).
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
 /// The mask's random stream for one sample: [`sample_rng`] with the seed xor
 /// [`MASK_DOMAIN`].
 pub fn mask_rng(seed: u64, epoch: u64, sample: u64) -> SplitMix64 {
@@ -383,6 +390,12 @@ impl Loader {
         };
         for i in 0..cfg.threads {
             let w = Worker {
+                randaug: cfg.rand_augment_config()?,
+                erase: (cfg.reprob > 0.0).then(|| crate::augment::randaug::EraseConfig {
+                    probability: cfg.reprob,
+                    ..Default::default()
+                }),
+                aug_scratch: Vec::new(),
                 cfg: cfg.clone(),
                 mask: mask.clone(),
                 views: ViewMaker::new(),
@@ -615,6 +628,10 @@ fn recv_or_stop<T>(rx: &Receiver<T>, stop: &AtomicBool) -> Option<T> {
 
 struct Worker {
     cfg: LoaderConfig,
+    /// [`Task::ClassifyTrain`] extras: RandAugment, random erasing, their scratch.
+    randaug: Option<crate::augment::randaug::RandAugConfig>,
+    erase: Option<crate::augment::randaug::EraseConfig>,
+    aug_scratch: Vec<u8>,
     mask: Option<Arc<dyn MaskGenerator>>,
     views: ViewMaker,
     jobs: Receiver<Job>,
@@ -763,7 +780,41 @@ impl Worker {
                     cfg.image_size,
                     &mut slot.weak,
                 )
-                .map(|_| ()),
+                .map(|_| ())
+                .map(|()| {
+                    let t = Instant::now();
+                    let side = cfg.image_size as usize;
+                    let mut rng = sample_rng(seed ^ CLASSIFY_AUG_DOMAIN, epoch, number);
+                    if let Some(ra) = &self.randaug {
+                        let p = crate::augment::randaug::RandAugParams::sample_from(&mut rng, ra);
+                        crate::augment::randaug::apply(
+                            &p,
+                            &mut slot.weak,
+                            side,
+                            side,
+                            &mut self.aug_scratch,
+                        );
+                    }
+                    if let Some(er) = &self.erase
+                        && let Some(b) = crate::augment::randaug::sample_erase(
+                            &mut rng,
+                            cfg.image_size,
+                            cfg.image_size,
+                            er,
+                        )
+                    {
+                        crate::augment::randaug::erase_pixels_u8(
+                            &mut slot.weak,
+                            side,
+                            side,
+                            &b,
+                            IMAGENET_MEAN,
+                            IMAGENET_STD,
+                            &mut rng,
+                        );
+                    }
+                    add_ns(&self.counters.strong_ns, t.elapsed());
+                }),
             Task::ClassifyEval => self.views.eval_view(
                 bytes,
                 &cfg.limits,

@@ -181,8 +181,13 @@ impl Default for AdamWConfig {
 /// One group's optimiser state.
 #[derive(Debug)]
 pub struct GroupState {
+    /// The group's name in checkpoints (`decay` / `no_decay`; fine-tuning:
+    /// `layer_{id}_{decay|no_decay}`).
+    pub name: String,
     pub params: FlatGroup,
     pub weight_decay: f64,
+    /// Multiplier on the step's learning rate (layer-wise lr decay; 1 otherwise).
+    pub lr_scale: f64,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
 }
@@ -203,6 +208,16 @@ pub struct AdamW {
     step_tensor: Option<Tensor>,
 }
 
+/// One group for [`AdamW::with_groups`].
+#[derive(Debug)]
+pub struct GroupSpec {
+    pub name: String,
+    pub weight_decay: f64,
+    pub lr_scale: f64,
+    /// (name, trainable variable), in buffer order.
+    pub vars: Vec<(String, Tensor)>,
+}
+
 /// Names of the groups in checkpoints.
 pub const GROUP_NAMES: [&str; 2] = ["decay", "no_decay"];
 
@@ -214,14 +229,45 @@ impl AdamW {
         let (nd, d): (Vec<_>, Vec<_>) = vars
             .into_iter()
             .partition(|(n, t)| no_weight_decay(n, &t.size()));
-        let mut groups = Vec::new();
-        for (vars, wd) in [(d, cfg.weight_decay), (nd, 0.0)] {
-            let params = FlatGroup::new(vars)?;
+        Self::with_groups(
+            cfg,
+            vec![
+                GroupSpec {
+                    name: GROUP_NAMES[0].to_owned(),
+                    weight_decay: cfg.weight_decay,
+                    lr_scale: 1.0,
+                    vars: d,
+                },
+                GroupSpec {
+                    name: GROUP_NAMES[1].to_owned(),
+                    weight_decay: 0.0,
+                    lr_scale: 1.0,
+                    vars: nd,
+                },
+            ],
+        )
+    }
+
+    /// AdamW over the given groups (each flattened in the order given), with their own
+    /// weight decay and lr multiplier (`cfg.weight_decay` is not used here). Group names
+    /// must be unique (they key the checkpointed moments).
+    pub fn with_groups(cfg: AdamWConfig, specs: Vec<GroupSpec>) -> Result<Self> {
+        let mut groups: Vec<GroupState> = Vec::new();
+        for spec in specs {
+            if groups.iter().any(|g| g.name == spec.name) {
+                return Err(TchError::Shape(format!(
+                    "optimizer: group `{}` given twice",
+                    spec.name
+                )));
+            }
+            let params = FlatGroup::new(spec.vars)?;
             let exp_avg = params.flat.zeros_like();
             let exp_avg_sq = params.flat.zeros_like();
             groups.push(GroupState {
+                name: spec.name,
                 params,
-                weight_decay: wd,
+                weight_decay: spec.weight_decay,
+                lr_scale: spec.lr_scale,
                 exp_avg,
                 exp_avg_sq,
             });
@@ -295,6 +341,8 @@ impl AdamW {
                 if group.params.numel() == 0 {
                     continue;
                 }
+                let lr = lr * group.lr_scale;
+                let step_size = step_size * group.lr_scale;
                 let p = &mut group.params.flat;
                 if group.weight_decay != 0.0 {
                     let _ = p.f_mul_scalar_(1.0 - lr * group.weight_decay)?;
@@ -332,7 +380,7 @@ impl AdamW {
                 &group.exp_avg_sq,
                 st,
                 super::cuda::AdamWStep {
-                    lr,
+                    lr: lr * group.lr_scale,
                     beta1: self.cfg.beta1,
                     beta2: self.cfg.beta2,
                     weight_decay: group.weight_decay,
@@ -347,7 +395,8 @@ impl AdamW {
     /// The state as named tensors (`exp_avg.{group}`, `exp_avg_sq.{group}`).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (name, g) in GROUP_NAMES.iter().zip(&self.groups) {
+        for g in &self.groups {
+            let name = &g.name;
             out.push((format!("exp_avg.{name}"), g.exp_avg.shallow_clone()));
             out.push((format!("exp_avg_sq.{name}"), g.exp_avg_sq.shallow_clone()));
         }
@@ -361,7 +410,8 @@ impl AdamW {
 
     /// Restores moments and step saved by [`Self::state_tensors`] for the same layout.
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
-        for (name, g) in GROUP_NAMES.iter().zip(&mut self.groups) {
+        for g in &mut self.groups {
+            let name = &g.name;
             for (key, dst) in [
                 (format!("exp_avg.{name}"), &mut g.exp_avg),
                 (format!("exp_avg_sq.{name}"), &mut g.exp_avg_sq),

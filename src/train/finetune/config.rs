@@ -104,6 +104,16 @@ pub struct FinetuneConfig {
     pub eval_resize: i64,
     /// Seed of the head init, drop path, augmentation and data order.
     pub seed: u64,
+    /// Loader threads (0 = the machine's parallelism).
+    #[serde(default)]
+    pub data_threads: usize,
+    /// Sample shuffle buffer of the training stream.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+}
+
+fn default_shuffle_buffer() -> usize {
+    crate::stream::DEFAULT_SHUFFLE_BUFFER
 }
 
 impl FinetuneConfig {
@@ -159,7 +169,38 @@ impl FinetuneConfig {
             reprob: DEFAULT_REPROB,
             eval_resize: DEFAULT_EVAL_RESIZE,
             seed: crate::stream::DEFAULT_SEED,
+            data_threads: 0,
+            shuffle_buffer: default_shuffle_buffer(),
         })
+    }
+
+    /// Applies labelled JSON override objects in order (every key must exist; the
+    /// label names the source in errors), then validates once.
+    pub fn with_all_overrides(self, overrides: &[(String, serde_json::Value)]) -> Result<Self> {
+        use anyhow::Context;
+        let mut base = serde_json::to_value(&self)?;
+        for (label, o) in overrides {
+            crate::train::pretrain_config::merge(&mut base, o, "")
+                .with_context(|| label.clone())?;
+        }
+        let cfg: FinetuneConfig =
+            serde_json::from_value(base).context("config overrides do not fit")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The network this config trains: the backbone with per-block relative position
+    /// bias (BEiT variant), no mask token, `num_classes` head scaled by
+    /// `head_init_scale`, pooled as `pooling` says.
+    pub fn net_config(&self) -> Config {
+        let c = self
+            .model
+            .clone()
+            .finetune(self.model.num_classes, self.head_init_scale);
+        match self.pooling {
+            Pooling::Mean => c,
+            Pooling::Cls => c.with_global_pool(crate::train::vit::GlobalPool::Token),
+        }
     }
 
     /// Checks ranges; the error names the offending key.
@@ -196,6 +237,15 @@ impl FinetuneConfig {
         }
         if self.batch_size == 0 {
             bail!("batch_size must be positive");
+        }
+        if (self.mixup > 0.0 || self.cutmix > 0.0)
+            && self.mixup_prob > 0.0
+            && self.batch_size % 2 != 0
+        {
+            bail!(
+                "batch_size {} must be even with mixup/cutmix on (timm mixes a batch with its flip)",
+                self.batch_size
+            );
         }
         if self.epochs == 0 {
             bail!("epochs must be positive");

@@ -40,6 +40,8 @@
 
 pub mod config;
 pub mod layer_decay;
+pub mod model;
+pub mod run;
 
 pub use config::FinetuneConfig;
 pub use layer_decay::{ParamGroup, layer_id, lr_scale, param_groups};

@@ -1,0 +1,370 @@
+//! The fine-tuning classifier: a [`VisionTransformer`] with a head, its initialisation
+//! from pretrained weights (with a logged mapping) and its checkpoints.
+//!
+//! Initialisation sources ([`load_pretrained`]):
+//!
+//! * a pretraining run directory (its newest complete checkpoint) or checkpoint
+//!   directory: the TEACHER's backbone by default ([`Weights::Student`] on request);
+//! * a `.safetensors` state dict under timm's names (what `conmim export` writes, or
+//!   another backbone of the same architecture).
+//!
+//! Mapping: the shared `rel_pos_bias.relative_position_bias_table` is copied into every
+//! `blocks.{i}.attn.relative_position_bias_table`; the projection head `projectors.*`,
+//! `mask_token`, a classifier `head.*`, the final `norm.*` when the classifier pools
+//! with `fc_norm`, and `relative_position_index` buffers (rebuilt) are ignored; `head.*`
+//! and `fc_norm.*` start new. Anything else that is missing, left over or of another
+//! shape is an error (a checkpoint of another architecture), and nothing is changed.
+//!
+//! Checkpoints of a fine-tuning run (`OUT/checkpoints/{last,best}/`): `model.safetensors`
+//! (the classifier's variables, timm names, f32 on the CPU) and `state.json`
+//! ([`FinetuneState`]). Written into a temporary directory, then renamed into place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn};
+
+use super::config::FinetuneConfig;
+use crate::train::checkpoint;
+use crate::train::export::{Weights, resolve_checkpoint};
+use crate::train::input::{IMAGENET_MEAN, IMAGENET_STD, normalize_nhwc};
+use crate::train::vit::{Config, GlobalPool, RelPosBias, VisionTransformer};
+
+/// `state.json` of a fine-tuning checkpoint.
+pub const FINETUNE_KIND: &str = "conmim-finetune";
+
+/// A classifier and its variables.
+#[derive(Debug)]
+pub struct Classifier {
+    pub vs: nn::VarStore,
+    pub vit: VisionTransformer,
+    pub cfg: Config,
+}
+
+impl Classifier {
+    /// A freshly initialised classifier (seed with `tch::manual_seed` first).
+    pub fn new(cfg: &Config, device: Device) -> Result<Self> {
+        if cfg.num_classes <= 0 {
+            bail!("a classifier needs num_classes > 0");
+        }
+        let vs = nn::VarStore::new(device);
+        let vit = VisionTransformer::new(cfg, vs.root()).context("building the classifier")?;
+        Ok(Classifier {
+            vs,
+            vit,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Logits `[B, classes]` (f32) of u8 NHWC images `[B, S, S, 3]`, normalised with
+    /// the ImageNet mean / std; bf16 autocast when `amp`.
+    pub fn logits_u8(&self, images: &Tensor, train: bool, amp: bool) -> Result<Tensor> {
+        let x = normalize_nhwc(images, IMAGENET_MEAN, IMAGENET_STD)?;
+        self.logits(&x, train, amp)
+    }
+
+    /// Logits of normalised float images `[B, 3, S, S]`.
+    pub fn logits(&self, x: &Tensor, train: bool, amp: bool) -> Result<Tensor> {
+        let out = crate::train::cuda::autocast_bf16(amp, || self.vit.forward(x, None, train))??;
+        Ok(out.to_kind(Kind::Float))
+    }
+
+    /// The variables as f32 CPU tensors, sorted by name.
+    pub fn cpu_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// What [`load_pretrained`] did, for the log and `OUT/init.json`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InitReport {
+    pub source: PathBuf,
+    /// `teacher` / `student` for a pretraining checkpoint, `file` for safetensors.
+    pub weights: String,
+    /// Variables copied from the source.
+    pub loaded: Vec<String>,
+    /// Variables that keep their fresh initialisation (head, fc_norm, rebuilt buffers).
+    pub new: Vec<String>,
+    /// Source tensors not used, each with why.
+    pub ignored: Vec<String>,
+    /// Source tensors copied into several variables.
+    pub expanded: Vec<String>,
+}
+
+/// Reads the backbone tensors of `source` (see the module docs) and the source's own
+/// backbone config when it is a pretraining checkpoint.
+pub fn read_source(
+    source: &Path,
+    weights: Weights,
+) -> Result<(BTreeMap<String, Tensor>, Option<Config>, String)> {
+    if source.is_file() {
+        let t = Tensor::read_safetensors(source).with_context(|| {
+            format!(
+                "reading {} (expected a .safetensors state dict)",
+                source.display()
+            )
+        })?;
+        return Ok((t.into_iter().collect(), None, "file".to_owned()));
+    }
+    let dir = resolve_checkpoint(source)?;
+    let state = checkpoint::read_state(&dir)
+        .with_context(|| format!("{}: not a conmim pretraining checkpoint", dir.display()))?;
+    let model_file = dir.join(checkpoint::MODEL_FILE);
+    let prefix = format!("{}.", weights.prefix());
+    let t: BTreeMap<String, Tensor> = Tensor::read_safetensors(&model_file)
+        .with_context(|| format!("reading {}", model_file.display()))?
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|k| (k.to_owned(), t)))
+        .collect();
+    if t.is_empty() {
+        bail!("{}: no `{prefix}*` tensors", model_file.display());
+    }
+    Ok((t, Some(state.config.model), weights.prefix().to_owned()))
+}
+
+/// Whether two backbones have the same architecture (what the weights' shapes and
+/// meaning depend on).
+fn same_architecture(a: &Config, b: &Config) -> bool {
+    a.variant == b.variant
+        && a.image_size == b.image_size
+        && a.patch_size == b.patch_size
+        && a.in_chans == b.in_chans
+        && a.embed_dim == b.embed_dim
+        && a.depth == b.depth
+        && a.num_heads == b.num_heads
+        && a.mlp_ratio == b.mlp_ratio
+        && a.qkv_bias == b.qkv_bias
+        && a.layer_scale_init.is_some() == b.layer_scale_init.is_some()
+}
+
+fn describe(c: &Config) -> String {
+    format!(
+        "{:?} {}-dim x {} blocks, {} heads, patch {} at {} px",
+        c.variant, c.embed_dim, c.depth, c.num_heads, c.patch_size, c.image_size
+    )
+}
+
+/// Initialises `net` from `source` (see the module docs). Errors leave `net` unchanged.
+pub fn load_pretrained(net: &Classifier, source: &Path, weights: Weights) -> Result<InitReport> {
+    let (src, src_cfg, what) = read_source(source, weights)?;
+    if let Some(sc) = &src_cfg
+        && !same_architecture(sc, &net.cfg)
+    {
+        bail!(
+            "{}: the checkpoint is of another architecture ({}); this run builds {} \
+             (pick the matching --preset, or --set model.* to match)",
+            source.display(),
+            describe(sc),
+            describe(&net.cfg)
+        );
+    }
+    let mut report =
+        map_into(net, src).with_context(|| format!("initialising from {}", source.display()))?;
+    report.source = source.to_owned();
+    report.weights = what;
+    Ok(report)
+}
+
+/// The mapping of [`load_pretrained`] from named tensors.
+pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<InitReport> {
+    let cfg = &net.cfg;
+    let mut r = InitReport::default();
+    const SHARED: &str = "rel_pos_bias.relative_position_bias_table";
+    if cfg.rel_pos_bias == RelPosBias::PerBlock
+        && let Some(t) = src.remove(SHARED)
+    {
+        for i in 0..cfg.depth {
+            src.entry(format!("blocks.{i}.attn.relative_position_bias_table"))
+                .or_insert_with(|| t.shallow_clone());
+        }
+        r.expanded.push(format!(
+            "{SHARED} -> blocks.{{0..{}}}.attn.relative_position_bias_table",
+            cfg.depth - 1
+        ));
+    }
+    let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut copies: Vec<(Tensor, Tensor)> = Vec::new();
+    for (name, var) in &vars {
+        if name.ends_with("relative_position_index") {
+            src.remove(name);
+            r.new.push(format!("{name} (buffer, rebuilt)"));
+            continue;
+        }
+        match src.remove(name) {
+            Some(t) => {
+                if t.size() != var.size() {
+                    bail!(
+                        "`{name}` is {:?} in the source, this model needs {:?} (a checkpoint \
+                         of another architecture?)",
+                        t.size(),
+                        var.size()
+                    );
+                }
+                copies.push((var.shallow_clone(), t));
+                r.loaded.push(name.clone());
+            }
+            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {
+                r.new.push(name.clone())
+            }
+            None => bail!(
+                "`{name}` is missing from the source (a checkpoint of another architecture, \
+                 or not a backbone?)"
+            ),
+        }
+    }
+    let (mut n_proj, mut n_head) = (0, 0);
+    for k in src.keys() {
+        if k.starts_with("projectors.") {
+            n_proj += 1;
+        } else if k.starts_with("head.") {
+            n_head += 1;
+        } else if k == "mask_token" {
+            r.ignored.push("mask_token: pretraining only".into());
+        } else if k.ends_with("relative_position_index") {
+            r.ignored.push(format!("{k}: rebuilt"));
+        } else if k.starts_with("norm.") && cfg.global_pool == GlobalPool::Mean {
+            r.ignored.push(format!(
+                "{k}: the classifier pools with a new fc_norm (no final norm)"
+            ));
+        } else {
+            bail!("`{k}` in the source has no place in this model (another architecture?)");
+        }
+    }
+    if n_proj > 0 {
+        r.ignored.push(format!(
+            "projectors.* ({n_proj} tensors): the ConMIM projection head"
+        ));
+    }
+    if n_head > 0 {
+        r.ignored.push(format!(
+            "head.* ({n_head} tensors): the source's classifier"
+        ));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (mut v, t) in copies {
+            v.f_copy_(&t)?;
+        }
+        Ok(())
+    })?;
+    Ok(r)
+}
+
+/// `state.json` of a fine-tuning checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneState {
+    /// Always [`FINETUNE_KIND`].
+    pub kind: String,
+    pub config: FinetuneConfig,
+    /// The network built from `config` ([`FinetuneConfig::net_config`]).
+    pub net: Config,
+    /// Epochs completed.
+    pub epoch: u32,
+    pub step: u64,
+    pub acc1: Option<f64>,
+    pub acc5: Option<f64>,
+}
+
+/// Writes `net` and `state` as checkpoint `dir` (replacing it atomically).
+pub fn save(dir: &Path, net: &Classifier, state: &FinetuneState) -> Result<()> {
+    let parent = dir.parent().context("checkpoint path has no parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir.file_name().context("checkpoint path has no name")?;
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    Tensor::write_safetensors(&net.cpu_tensors(), tmp.join(checkpoint::MODEL_FILE))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::format::atomic_write_json(&tmp.join(checkpoint::STATE_FILE), state)?;
+    let old = parent.join(format!(
+        ".old-{}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Reads a fine-tuning checkpoint (the directory, or a run directory: its `best`, else
+/// `last`) into a classifier on `device`, strictly.
+pub fn load(path: &Path, device: Device) -> Result<(Classifier, FinetuneState, PathBuf)> {
+    let dir = [
+        path.to_owned(),
+        path.join("checkpoints/best"),
+        path.join("checkpoints/last"),
+    ]
+    .into_iter()
+    .find(|d| d.join(checkpoint::STATE_FILE).is_file())
+    .with_context(|| {
+        format!(
+            "{}: no fine-tuning checkpoint (state.json) there or under checkpoints/best|last",
+            path.display()
+        )
+    })?;
+    let sp = dir.join(checkpoint::STATE_FILE);
+    let text = std::fs::read(&sp).with_context(|| format!("reading {}", sp.display()))?;
+    let state: FinetuneState = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{}: not a fine-tuning checkpoint (a pretraining checkpoint? fine-tune it first, \
+             or use `conmim knn`)",
+            sp.display()
+        )
+    })?;
+    if state.kind != FINETUNE_KIND {
+        bail!(
+            "{}: kind `{}`, expected `{FINETUNE_KIND}`",
+            sp.display(),
+            state.kind
+        );
+    }
+    let net = Classifier::new(&state.net, device)?;
+    let file = dir.join(checkpoint::MODEL_FILE);
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .into_iter()
+        .collect();
+    let vars = net.vs.variables();
+    if vars.len() != tensors.len() {
+        bail!(
+            "{}: {} tensors, the model of its state.json has {}",
+            file.display(),
+            tensors.len(),
+            vars.len()
+        );
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut v) in vars {
+            let t = tensors
+                .get(&name)
+                .with_context(|| format!("{}: `{name}` missing", file.display()))?;
+            if t.size() != v.size() {
+                bail!(
+                    "{}: `{name}` has shape {:?}, expected {:?}",
+                    file.display(),
+                    t.size(),
+                    v.size()
+                );
+            }
+            v.f_copy_(t)?;
+        }
+        Ok(())
+    })?;
+    Ok((net, state, dir))
+}

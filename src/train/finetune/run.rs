@@ -1,0 +1,1134 @@
+//! `conmim finetune`, `conmim eval` and `conmim knn`.
+//!
+//! Fine-tuning run directory `OUT`:
+//!
+//! ```text
+//! OUT/config.json          the effective FinetuneConfig
+//! OUT/init.json            what the initialisation loaded, left new and ignored
+//! OUT/metrics.jsonl        {"step",...,"loss","lr","grad_norm","img_s"} per step and
+//!                          {"epoch","step","acc1","acc5","val_loss","val_images"} per eval
+//! OUT/tb/events.out.tfevents.*   the same as TensorBoard scalars (train/*, val/*)
+//! OUT/checkpoints/last/    after every epoch; OUT/checkpoints/best/ (highest top-1)
+//! OUT/summary.json         at the end
+//! ```
+//!
+//! An "epoch" is `floor(train samples / batch)` steps (the sample count comes from the
+//! dataset's manifest); the schedule (linear warmup over `warmup_epochs`, then cosine to
+//! `min_lr`, per step) is sized from it. The training stream is endless and reshuffled
+//! every pass.
+//!
+//! Evaluation reads the validation set exactly once: no shard or sample shuffle, every
+//! shard (no remainder dropped), the last short batch kept, and a sample that fails to
+//! decode is an error (it would silently change the denominator). Keys are checked to be
+//! unique and, when the manifest knows the sample count, the number evaluated must match
+//! it. A label outside `[0, num_classes)` is an error naming the key.
+//!
+//! Not yet: resuming a fine-tuning run (each run starts from its initialisation),
+//! data parallelism for fine-tuning, the linear probe.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::config::FinetuneConfig;
+use super::layer_decay::param_groups_of;
+use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport};
+use crate::loader::{Loader, LoaderConfig, Task, default_threads};
+use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
+use crate::train::export::Weights;
+use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
+use crate::train::optim::{AdamW, GroupSpec};
+use crate::train::run::{parse_device, parse_set};
+use crate::train::schedule::CosineSchedule;
+use crate::train::tensorboard::EventWriter;
+use crate::train::vit::Config;
+
+/// Everything `conmim finetune` takes.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    pub preset: String,
+    pub config_file: Option<PathBuf>,
+    pub sets: Vec<String>,
+    pub data: String,
+    pub train_split: String,
+    /// Validation data (default: `data`) and split.
+    pub val_data: Option<String>,
+    pub val_split: String,
+    pub allow_pipe: bool,
+    /// Pretrained weights (run / checkpoint directory, or .safetensors); `None`: random
+    /// initialisation (the baseline).
+    pub init: Option<PathBuf>,
+    pub init_weights: Weights,
+    pub out: PathBuf,
+    pub epochs: Option<u32>,
+    pub batch: Option<usize>,
+    /// Peak lr for a batch of 1024.
+    pub lr: Option<f64>,
+    pub num_classes: Option<i64>,
+    pub image_size: Option<i64>,
+    pub seed: Option<u64>,
+    pub threads: Option<usize>,
+    pub device: Option<String>,
+    /// Evaluate every this many epochs (and always after the last).
+    pub eval_every: u32,
+    pub progress: bool,
+}
+
+/// Top-1 / top-5 of one evaluation.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct EvalResult {
+    pub images: u64,
+    pub acc1: f64,
+    pub acc5: f64,
+    pub loss: f64,
+}
+
+/// The final summary of `conmim finetune`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneSummary {
+    pub preset: String,
+    pub device: String,
+    pub init: Option<PathBuf>,
+    pub epochs: u32,
+    pub steps: u64,
+    pub steps_per_epoch: u64,
+    pub samples: u64,
+    pub wall_s: f64,
+    pub img_s: f64,
+    pub final_loss: Option<f64>,
+    pub last: Option<EvalResult>,
+    pub best: Option<EvalResult>,
+    pub best_epoch: Option<u32>,
+    pub checkpoint: PathBuf,
+}
+
+/// The effective config: preset, file, `--set`s, flags.
+pub fn build_config(o: &FinetuneOptions) -> Result<FinetuneConfig> {
+    let cfg = FinetuneConfig::preset(&o.preset)?;
+    let mut all = Vec::new();
+    if let Some(f) = &o.config_file {
+        all.push((
+            format!("config {}", f.display()),
+            crate::train::pretrain_config::PretrainConfig::read_overrides(f)?,
+        ));
+    }
+    for s in &o.sets {
+        all.push((format!("--set {s}"), parse_set(s)?));
+    }
+    let mut flags = serde_json::Map::new();
+    let mut model = serde_json::Map::new();
+    if let Some(e) = o.epochs {
+        flags.insert("epochs".into(), e.into());
+        if cfg.warmup_epochs > e {
+            // Shortened runs keep a proportional warmup unless one is set.
+            let w = (cfg.warmup_epochs as f64 * e as f64 / cfg.epochs as f64).round() as u32;
+            flags.insert("warmup_epochs".into(), w.min(e).into());
+        }
+    }
+    if let Some(b) = o.batch {
+        flags.insert("batch_size".into(), b.into());
+    }
+    if let Some(lr) = o.lr {
+        flags.insert("lr".into(), lr.into());
+    }
+    if let Some(s) = o.seed {
+        flags.insert("seed".into(), s.into());
+    }
+    if let Some(t) = o.threads {
+        flags.insert("data_threads".into(), t.into());
+    }
+    if let Some(n) = o.num_classes {
+        model.insert("num_classes".into(), n.into());
+    }
+    if let Some(s) = o.image_size {
+        model.insert("image_size".into(), s.into());
+    }
+    if !model.is_empty() {
+        flags.insert("model".into(), serde_json::Value::Object(model));
+    }
+    all.push(("flags".to_owned(), serde_json::Value::Object(flags)));
+    cfg.with_all_overrides(&all)
+}
+
+fn threads(n: usize) -> usize {
+    if n == 0 { default_threads() } else { n }
+}
+
+/// The training loader config of `cfg`.
+pub fn train_loader_config(cfg: &FinetuneConfig) -> LoaderConfig {
+    LoaderConfig {
+        stream: StreamConfig {
+            seed: cfg.seed,
+            shuffle_buffer: cfg.shuffle_buffer,
+            epochs: None,
+            ..Default::default()
+        },
+        threads: threads(cfg.data_threads),
+        batch_size: cfg.batch_size,
+        drop_last: true,
+        image_size: cfg.model.image_size as u32,
+        task: Task::ClassifyTrain,
+        rand_augment: cfg.rand_augment.clone(),
+        reprob: cfg.reprob,
+        ..Default::default()
+    }
+}
+
+/// The exact-once evaluation loader config (see the module docs).
+pub fn eval_loader_config(
+    image_size: u32,
+    eval_resize: u32,
+    batch: usize,
+    threads_: usize,
+) -> LoaderConfig {
+    LoaderConfig {
+        stream: StreamConfig {
+            shuffle_shards: false,
+            shuffle_buffer: 0,
+            remainder: Remainder::Keep,
+            equalize_samples: false,
+            epochs: Some(1),
+            ..Default::default()
+        },
+        threads: threads(threads_),
+        batch_size: batch,
+        drop_last: false,
+        image_size,
+        task: Task::ClassifyEval,
+        eval_resize,
+        max_errors: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Checks the labels of a batch against the head.
+fn check_labels(labels: &[i64], keys: &[String], classes: i64, what: &str) -> Result<()> {
+    if let Some(i) = labels.iter().position(|&l| l < 0 || l >= classes) {
+        bail!(
+            "{what} sample `{}` has label {}, outside the head's 0..{classes} (set \
+             --num-classes / model.num_classes to the dataset's class count)",
+            keys[i],
+            labels[i]
+        );
+    }
+    Ok(())
+}
+
+/// Evaluates `net` over `data` exactly once (see the module docs): top-1, top-5, mean
+/// cross-entropy. `show` draws a progress bar.
+pub fn evaluate(
+    net: &Classifier,
+    data: &str,
+    opts: &SourceOptions,
+    eval_resize: u32,
+    batch: usize,
+    threads_: usize,
+    show: bool,
+) -> Result<EvalResult> {
+    let device = net.vs.device();
+    let amp = device.is_cuda();
+    let expected = ShardList::resolve(data, opts)
+        .with_context(|| format!("opening {data}"))?
+        .total_samples();
+    let cfg = eval_loader_config(net.cfg.image_size as u32, eval_resize, batch, threads_);
+    let loader = Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?;
+    let pb = if show {
+        ProgressBar::new(expected.unwrap_or(0))
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("eval {elapsed_precise} [{wide_bar}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let classes = net.cfg.num_classes;
+    let k5 = classes.min(5);
+    let (mut n, mut c1, mut c5, mut loss_sum) = (0u64, 0f64, 0f64, 0f64);
+    let mut seen: HashSet<String> = HashSet::new();
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader {
+            let batch = batch.context("reading the validation set")?;
+            let b = batch.len();
+            check_labels(batch.labels(), batch.keys(), classes, "validation")?;
+            for k in batch.keys() {
+                if !seen.insert(k.clone()) {
+                    bail!("validation sample `{k}` came twice: the set must hold unique keys");
+                }
+            }
+            let s = batch.image_size() as i64;
+            let host = Tensor::from_slice(batch.weak()).view([b as i64, s, s, 3]);
+            let x = crate::train::cuda::upload(&host, device)?;
+            let labels = Tensor::from_slice(batch.labels()).to_device(device);
+            let logits = net.logits_u8(&x, false, amp)?;
+            let (_, top) = logits.topk(k5, 1, true, true);
+            let hit = top.eq_tensor(&labels.unsqueeze(1));
+            let parts = Tensor::stack(
+                &[
+                    hit.narrow(1, 0, 1).sum(Kind::Double),
+                    hit.sum(Kind::Double),
+                    logits
+                        .cross_entropy_for_logits(&labels)
+                        .to_kind(Kind::Double)
+                        * b as f64,
+                ],
+                0,
+            )
+            .to_device(Device::Cpu);
+            let v = Vec::<f64>::try_from(&parts)?;
+            c1 += v[0];
+            c5 += v[1];
+            loss_sum += v[2];
+            n += b as u64;
+            pb.set_position(n);
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    if n == 0 {
+        bail!("{data}: the validation set has no samples");
+    }
+    if let Some(e) = expected
+        && e != n
+    {
+        bail!("{data}: evaluated {n} samples, the manifest lists {e}");
+    }
+    Ok(EvalResult {
+        images: n,
+        acc1: 100.0 * c1 / n as f64,
+        acc5: 100.0 * c5 / n as f64,
+        loss: loss_sum / n as f64,
+    })
+}
+
+fn check_writable(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    let probe = out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("the output directory {} is not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// AdamW over the layer-decay groups of `net` (the spec's fine-tuning optimiser).
+pub fn optimizer(net: &Classifier, cfg: &FinetuneConfig) -> Result<AdamW> {
+    let groups = param_groups_of(
+        &net.vs,
+        net.cfg.depth,
+        cfg.layer_decay,
+        cfg.optim.weight_decay,
+    )?;
+    let vars = net.vs.variables();
+    let specs = groups
+        .iter()
+        .map(|g| GroupSpec {
+            name: g.name(),
+            weight_decay: g.weight_decay,
+            lr_scale: g.lr_scale,
+            vars: g
+                .names
+                .iter()
+                .map(|n| (n.clone(), vars[n].shallow_clone()))
+                .collect(),
+        })
+        .collect();
+    Ok(AdamW::with_groups(cfg.optim, specs)?)
+}
+
+#[derive(Serialize)]
+struct TrainLine {
+    step: u64,
+    epoch: u32,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    img_s: f64,
+}
+
+#[derive(Serialize)]
+struct EvalLine {
+    epoch: u32,
+    step: u64,
+    acc1: f64,
+    acc5: f64,
+    val_loss: f64,
+    val_images: u64,
+}
+
+/// Runs `conmim finetune`.
+pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
+    let cfg = build_config(o)?;
+    let device = parse_device(o.device.as_deref())?;
+    let amp = device.is_cuda();
+    if amp {
+        crate::train::cuda::set_tf32(true)?;
+    }
+    let train_opts = SourceOptions {
+        split: o.train_split.clone(),
+        allow_pipe: o.allow_pipe,
+    };
+    let val_data = o.val_data.clone().unwrap_or_else(|| o.data.clone());
+    let val_opts = SourceOptions {
+        split: o.val_split.clone(),
+        allow_pipe: o.allow_pipe,
+    };
+    let n_train = ShardList::resolve(&o.data, &train_opts)
+        .with_context(|| format!("opening {} (split {})", o.data, o.train_split))?
+        .total_samples()
+        .with_context(|| {
+            format!(
+                "{}: the training set's sample count is unknown (no manifest); conmim-shard \
+                 writes one, and fine-tuning sizes its epochs from it",
+                o.data
+            )
+        })?;
+    let steps_per_epoch = n_train / cfg.batch_size as u64;
+    if steps_per_epoch == 0 {
+        bail!(
+            "{}: {n_train} training samples is fewer than one batch of {}",
+            o.data,
+            cfg.batch_size
+        );
+    }
+    let total = steps_per_epoch * cfg.epochs as u64;
+    check_writable(&o.out)?;
+
+    tch::manual_seed((cfg.seed >> 1) as i64);
+    let net_cfg: Config = cfg.net_config();
+    let net = Classifier::new(&net_cfg, device)?;
+    let init_report = match &o.init {
+        Some(p) => model::load_pretrained(&net, p, o.init_weights)?,
+        None => InitReport {
+            weights: "random".into(),
+            new: vec!["every variable (random initialisation)".into()],
+            ..Default::default()
+        },
+    };
+    if o.progress {
+        eprintln!(
+            "conmim finetune: init from {} ({}): {} loaded, {} new, {} ignored{}",
+            o.init
+                .as_ref()
+                .map_or("scratch".into(), |p| p.display().to_string()),
+            init_report.weights,
+            init_report.loaded.len(),
+            init_report.new.len(),
+            init_report.ignored.len(),
+            if init_report.expanded.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", init_report.expanded.join("; "))
+            }
+        );
+    }
+    crate::format::atomic_write_json(&o.out.join("config.json"), &cfg)?;
+    crate::format::atomic_write_json(&o.out.join("init.json"), &init_report)?;
+    let mut opt = optimizer(&net, &cfg)?;
+    let sched = CosineSchedule {
+        peak: cfg.scaled_lr(),
+        final_value: cfg.scaled_min_lr(),
+        total_steps: total,
+        warmup_steps: steps_per_epoch * cfg.warmup_epochs as u64,
+        warmup_start: 0.0,
+    };
+    let mix = MixupConfig {
+        mixup_alpha: cfg.mixup,
+        cutmix_alpha: cfg.cutmix,
+        prob: cfg.mixup_prob,
+        switch_prob: cfg.mixup_switch_prob,
+        label_smoothing: cfg.label_smoothing,
+    };
+    let mixing = (cfg.mixup > 0.0 || cfg.cutmix > 0.0) && cfg.mixup_prob > 0.0;
+    let classes = net_cfg.num_classes;
+
+    let metrics_path = o.out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut tb = EventWriter::create(&o.out.join("tb"))?;
+    let ck = crate::train::checkpoint::dir_of(&o.out);
+    let mut loader = Loader::open(&o.data, &train_opts, train_loader_config(&cfg))
+        .with_context(|| format!("opening {}", o.data))?;
+    let pb = if o.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} ETA {eta_precise} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let t0 = Instant::now();
+    let mut last_t = Instant::now();
+    let (mut samples, mut final_loss) = (0u64, None);
+    let (mut best, mut best_epoch, mut last): (
+        Option<EvalResult>,
+        Option<u32>,
+        Option<EvalResult>,
+    ) = (None, None, None);
+    for step in 0..total {
+        let epoch = (step / steps_per_epoch) as u32;
+        let batch = match loader.next() {
+            Some(b) => b.context("loading training data")?,
+            None => bail!("the training stream ended at step {step}"),
+        };
+        check_labels(batch.labels(), batch.keys(), classes, "training")?;
+        let b = batch.len();
+        let s = batch.image_size() as i64;
+        let lr = sched.at(step);
+        tch::manual_seed((crate::seed::SplitMix64::new(cfg.seed, step).next_u64() >> 1) as i64);
+        let host = Tensor::from_slice(batch.weak()).view([b as i64, s, s, 3]);
+        let x = crate::train::cuda::upload(&host, device)?;
+        let labels = Tensor::from_slice(batch.labels()).to_device(device);
+        drop(batch);
+        let mut x = crate::train::input::normalize_nhwc(
+            &x,
+            crate::train::input::IMAGENET_MEAN,
+            crate::train::input::IMAGENET_STD,
+        )?;
+        let targets = if mixing {
+            let p = mix.draw(&mut MixupConfig::rng_for_step(cfg.seed, step), (s, s));
+            mixup::apply(&mut x, &labels, &p, classes, cfg.label_smoothing)?
+        } else {
+            mixup::mixup_target(&labels, classes, 1.0, cfg.label_smoothing)
+        };
+        let logits = net.logits(&x, true, amp)?;
+        let loss = soft_target_cross_entropy(&logits, &targets);
+        loss.backward();
+        let grads = opt.gradients()?;
+        let got = Vec::<f64>::try_from(
+            Tensor::stack(
+                &[
+                    loss.detach().to_kind(Kind::Double),
+                    grads.norm.to_kind(Kind::Double),
+                ],
+                0,
+            )
+            .to_device(Device::Cpu),
+        )?;
+        let (loss_v, norm) = (got[0], got[1]);
+        if !loss_v.is_finite() {
+            opt.zero_grad();
+            bail!("the loss is {loss_v} at step {step}; stopping (no update made)");
+        }
+        opt.apply(grads, lr, cfg.clip_grad)?;
+        samples += b as u64;
+        final_loss = Some(loss_v);
+        let dt = last_t.elapsed().as_secs_f64().max(1e-9);
+        last_t = Instant::now();
+        let line = TrainLine {
+            step,
+            epoch,
+            loss: loss_v,
+            lr,
+            grad_norm: norm,
+            img_s: b as f64 / dt,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
+        tb.add_scalars(
+            step,
+            &[
+                ("train/loss", loss_v),
+                ("train/lr", lr),
+                ("train/grad_norm", norm),
+                ("train/img_s", line.img_s),
+            ],
+        )?;
+        pb.set_position(step + 1);
+        pb.set_message(format!("epoch {epoch} loss {loss_v:.4} lr {lr:.2e}"));
+
+        let end_of_epoch = (step + 1) % steps_per_epoch == 0;
+        if end_of_epoch {
+            let done = epoch + 1;
+            let is_last = done == cfg.epochs;
+            let mut state = FinetuneState {
+                kind: FINETUNE_KIND.into(),
+                config: cfg.clone(),
+                net: net_cfg.clone(),
+                epoch: done,
+                step: step + 1,
+                acc1: None,
+                acc5: None,
+            };
+            if is_last || done % o.eval_every.max(1) == 0 {
+                let r = evaluate(
+                    &net,
+                    &val_data,
+                    &val_opts,
+                    cfg.eval_resize as u32,
+                    cfg.batch_size,
+                    cfg.data_threads,
+                    false,
+                )
+                .with_context(|| format!("evaluating after epoch {done}"))?;
+                let el = EvalLine {
+                    epoch: done,
+                    step: step + 1,
+                    acc1: r.acc1,
+                    acc5: r.acc5,
+                    val_loss: r.loss,
+                    val_images: r.images,
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&el)?)?;
+                tb.add_scalars(
+                    step + 1,
+                    &[
+                        ("val/acc1", r.acc1),
+                        ("val/acc5", r.acc5),
+                        ("val/loss", r.loss),
+                    ],
+                )?;
+                pb.println(format!(
+                    "epoch {done}/{}: top-1 {:.2}% top-5 {:.2}% val loss {:.4} ({} images)",
+                    cfg.epochs, r.acc1, r.acc5, r.loss, r.images
+                ));
+                state.acc1 = Some(r.acc1);
+                state.acc5 = Some(r.acc5);
+                last = Some(r);
+                if best.is_none_or(|b| r.acc1 > b.acc1) {
+                    best = Some(r);
+                    best_epoch = Some(done);
+                    model::save(&ck.join("best"), &net, &state)?;
+                }
+            }
+            model::save(&ck.join("last"), &net, &state)?;
+            metrics.flush()?;
+            tb.flush()?;
+        }
+    }
+    pb.finish();
+    metrics.flush()?;
+    tb.flush()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let summary = FinetuneSummary {
+        preset: cfg.preset.clone(),
+        device: format!("{device:?}"),
+        init: o.init.clone(),
+        epochs: cfg.epochs,
+        steps: total,
+        steps_per_epoch,
+        samples,
+        wall_s: wall,
+        img_s: samples as f64 / wall.max(1e-9),
+        final_loss,
+        last,
+        best,
+        best_epoch,
+        checkpoint: ck.join("best"),
+    };
+    crate::format::atomic_write_json(&o.out.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// `conmim eval`: a fine-tuning checkpoint over a dataset, exactly once.
+pub fn eval_checkpoint(
+    checkpoint: &Path,
+    data: &str,
+    opts: &SourceOptions,
+    batch: usize,
+    threads_: usize,
+    device: Option<&str>,
+    show: bool,
+) -> Result<(EvalResult, PathBuf)> {
+    let device = parse_device(device)?;
+    let (net, state, dir) = model::load(checkpoint, device)?;
+    let r = evaluate(
+        &net,
+        data,
+        opts,
+        state.config.eval_resize as u32,
+        batch,
+        threads_,
+        show,
+    )?;
+    Ok((r, dir))
+}
+
+/// What `conmim knn` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnnResult {
+    pub k: usize,
+    pub temperature: f64,
+    pub train_images: u64,
+    pub val_images: u64,
+    pub classes: i64,
+    pub acc1: f64,
+    pub acc5: f64,
+}
+
+/// k-NN defaults (DINO's): k = 20, temperature 0.07.
+pub const KNN_K: usize = 20;
+pub const KNN_TEMPERATURE: f64 = 0.07;
+
+/// L2-normalised features (the mean of the final-norm patch tokens) and labels of
+/// every sample of `data`, read exactly once at the eval transform.
+pub fn features(
+    vit: &crate::train::vit::VisionTransformer,
+    device: Device,
+    data: &str,
+    opts: &SourceOptions,
+    batch: usize,
+    threads_: usize,
+) -> Result<(Tensor, Tensor)> {
+    let cfg = vit.config();
+    let resize = (cfg.image_size as f64 * 256.0 / 224.0).round() as u32;
+    let lc = eval_loader_config(cfg.image_size as u32, resize, batch, threads_);
+    let loader = Loader::open(data, opts, lc).with_context(|| format!("opening {data}"))?;
+    let amp = device.is_cuda();
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    tch::no_grad(|| -> Result<()> {
+        for b in loader {
+            let b = b.with_context(|| format!("reading {data}"))?;
+            if let Some(i) = b.labels().iter().position(|&l| l < 0) {
+                bail!(
+                    "{data}: sample `{}` has no usable label ({})",
+                    b.keys()[i],
+                    b.labels()[i]
+                );
+            }
+            let s = b.image_size() as i64;
+            let host = Tensor::from_slice(b.weak()).view([b.len() as i64, s, s, 3]);
+            let x = crate::train::cuda::upload(&host, device)?;
+            let x = crate::train::input::normalize_nhwc(
+                &x,
+                crate::train::input::IMAGENET_MEAN,
+                crate::train::input::IMAGENET_STD,
+            )?;
+            let f =
+                crate::train::cuda::autocast_bf16(amp, || vit.forward_features(&x, None, false))??;
+            let f = f
+                .narrow(1, 1, cfg.num_patches())
+                .to_kind(Kind::Float)
+                .mean_dim([1i64].as_slice(), false, None::<Kind>);
+            feats.push(
+                &f / f
+                    .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+                    .clamp_min(1e-12),
+            );
+            labels.push(Tensor::from_slice(b.labels()).to_device(device));
+        }
+        Ok(())
+    })?;
+    if feats.is_empty() {
+        bail!("{data}: no samples");
+    }
+    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
+}
+
+/// DINO's weighted k-NN classifier: for each val feature, the `k` most similar train
+/// features (cosine) vote for their class with weight `exp(sim / T)`; top-1 / top-5 of
+/// the summed votes (in %).
+pub fn knn_classify(
+    train: &Tensor,
+    train_labels: &Tensor,
+    val: &Tensor,
+    val_labels: &Tensor,
+    classes: i64,
+    k: usize,
+    temperature: f64,
+) -> Result<(f64, f64)> {
+    let n_val = val.size()[0];
+    let k = (k as i64).min(train.size()[0]);
+    let (mut c1, mut c5) = (0f64, 0f64);
+    let chunk = 256;
+    tch::no_grad(|| -> Result<()> {
+        let mut i = 0;
+        while i < n_val {
+            let len = chunk.min(n_val - i);
+            let v = val.narrow(0, i, len);
+            let sim = v.matmul(&train.tr());
+            let (top, idx) = sim.topk(k, 1, true, true);
+            let votes_cls = train_labels.index_select(0, &idx.view(-1)).view([len, k]);
+            let w = (top / temperature).exp();
+            let votes = Tensor::zeros([len, classes], (Kind::Float, v.device()))
+                .scatter_add(1, &votes_cls, &w);
+            let (_, pred) = votes.topk(classes.min(5), 1, true, true);
+            let hit = pred.eq_tensor(&val_labels.narrow(0, i, len).unsqueeze(1));
+            c1 += hit.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]);
+            c5 += hit.sum(Kind::Double).double_value(&[]);
+            i += len;
+        }
+        Ok(())
+    })?;
+    Ok((100.0 * c1 / n_val as f64, 100.0 * c5 / n_val as f64))
+}
+
+/// `conmim knn`: k-NN accuracy of a backbone's frozen features. `source`: a
+/// pretraining run / checkpoint (teacher by default) or a fine-tuning checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn knn(
+    source: &Path,
+    weights: Weights,
+    train: (&str, &SourceOptions),
+    val: (&str, &SourceOptions),
+    k: usize,
+    temperature: f64,
+    batch: usize,
+    threads_: usize,
+    device: Option<&str>,
+) -> Result<KnnResult> {
+    let device = parse_device(device)?;
+    let backbone = backbone_of(source, weights, device)?;
+    let (tf, tl) = features(&backbone.1, device, train.0, train.1, batch, threads_)?;
+    let (vf, vl) = features(&backbone.1, device, val.0, val.1, batch, threads_)?;
+    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    let (acc1, acc5) = knn_classify(&tf, &tl, &vf, &vl, classes, k, temperature)?;
+    Ok(KnnResult {
+        k,
+        temperature,
+        train_images: tf.size()[0] as u64,
+        val_images: vf.size()[0] as u64,
+        classes,
+        acc1,
+        acc5,
+    })
+}
+
+/// A backbone (final norm, no head) loaded from a pretraining run / checkpoint or a
+/// fine-tuning checkpoint.
+pub fn backbone_of(
+    source: &Path,
+    weights: Weights,
+    device: Device,
+) -> Result<(tch::nn::VarStore, crate::train::vit::VisionTransformer)> {
+    let is_finetune = [
+        source.to_owned(),
+        source.join("checkpoints/best"),
+        source.join("checkpoints/last"),
+    ]
+    .iter()
+    .any(|d| {
+        std::fs::read(d.join(crate::train::checkpoint::STATE_FILE))
+            .is_ok_and(|b| String::from_utf8_lossy(&b).contains(FINETUNE_KIND))
+    });
+    if is_finetune {
+        let (net, _, _) = model::load(source, device)?;
+        return Ok((net.vs, net.vit));
+    }
+    let (src, cfg, _) = model::read_source(source, weights)?;
+    let cfg =
+        cfg.context("k-NN needs a run or checkpoint directory (its config names the model)")?;
+    let cfg = cfg.with_mask_token(false).with_num_classes(0);
+    let vs = tch::nn::VarStore::new(device);
+    let vit = crate::train::vit::VisionTransformer::new(&cfg, vs.root())?;
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut v) in vs.variables() {
+            let t = src
+                .get(&name)
+                .with_context(|| format!("{}: `{name}` missing", source.display()))?;
+            v.f_copy_(t)?;
+        }
+        Ok(())
+    })?;
+    Ok((vs, vit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{self, JpegSpec};
+    use crate::train::run::{PretrainOptions, Resume, pretrain};
+
+    /// A labelled split: shard `i` holds `sizes[i]` JPEGs of label `(i + j) % classes`
+    /// (keys `{split}{i}_{j}`).
+    fn labelled(dir: &Path, split: &str, sizes: &[u64], classes: u64) {
+        testkit::write_sharded(dir, split, sizes, |i, j| {
+            let label = (i as u64 + j) % classes;
+            let bytes = testkit::jpeg(&JpegSpec::rgb(40 + (j as u32 % 3) * 8, 36, label * 7 + j));
+            (
+                format!("{split}{i}_{j}"),
+                vec![
+                    ("jpg".to_owned(), bytes),
+                    ("cls".to_owned(), label.to_string().into_bytes()),
+                ],
+            )
+        })
+        .unwrap();
+    }
+
+    const MICRO: [&str; 8] = [
+        "model.image_size=32",
+        "model.patch_size=8",
+        "model.embed_dim=32",
+        "model.depth=2",
+        "model.num_heads=4",
+        "eval_resize=36",
+        "shuffle_buffer=4",
+        "model.num_classes=4",
+    ];
+
+    fn ft_opts(data: &Path, out: &Path, init: Option<PathBuf>) -> FinetuneOptions {
+        FinetuneOptions {
+            preset: "small".into(),
+            config_file: None,
+            sets: MICRO.iter().map(|s| s.to_string()).collect(),
+            data: data.to_str().unwrap().into(),
+            train_split: "train".into(),
+            val_data: None,
+            val_split: "val".into(),
+            allow_pipe: false,
+            init,
+            init_weights: Weights::Teacher,
+            out: out.to_path_buf(),
+            epochs: Some(2),
+            batch: Some(4),
+            lr: Some(1e-2),
+            num_classes: None,
+            image_size: None,
+            seed: Some(1),
+            threads: Some(2),
+            device: Some("cpu".into()),
+            eval_every: 1,
+            progress: false,
+        }
+    }
+
+    fn pretrain_micro(data: &Path, out: &Path) {
+        let o = PretrainOptions {
+            preset: "tiny".into(),
+            config_file: None,
+            sets: [
+                "model.patch_size=8",
+                "model.embed_dim=32",
+                "model.depth=2",
+                "model.num_heads=4",
+                "head.in_dim=32",
+                "head.hidden_dim=64",
+                "head.out_dim=24",
+                "shuffle_buffer=4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            data: data.to_str().unwrap().into(),
+            split: "train".into(),
+            allow_pipe: false,
+            out: out.to_path_buf(),
+            steps: Some(2),
+            batch: Some(4),
+            image_size: Some(32),
+            lr: Some(1.0),
+            warmup_steps: Some(1),
+            seed: Some(3),
+            threads: Some(2),
+            device: Some("cpu".into()),
+            resume: Resume::No,
+            save_every: 2,
+            keep: 1,
+            progress: false,
+        };
+        pretrain(&o).unwrap();
+    }
+
+    /// Issue 5: 13 validation samples in shards of 5, 3 and 5, batch 4 (not a multiple):
+    /// every sample evaluated exactly once, and the accuracy equals a direct count over
+    /// a plain forward pass of each sample.
+    #[test]
+    fn issue5_evaluation_sees_every_sample_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        labelled(dir.path(), "val", &[5, 3, 5], 4);
+        let cfg = build_config(&ft_opts(dir.path(), dir.path(), None)).unwrap();
+        tch::manual_seed(0);
+        let net = Classifier::new(&cfg.net_config(), Device::Cpu).unwrap();
+        let data = dir.path().to_str().unwrap();
+        let opts = SourceOptions {
+            split: "val".into(),
+            allow_pipe: false,
+        };
+        let r = evaluate(&net, data, &opts, 36, 4, 2, false).unwrap();
+        assert_eq!(r.images, 13);
+        // Reference: batch 1, one thread.
+        let lc = eval_loader_config(32, 36, 1, 1);
+        let mut keys = Vec::new();
+        let (mut c1, mut c5) = (0, 0);
+        for b in Loader::open(data, &opts, lc).unwrap() {
+            let b = b.unwrap();
+            keys.push(b.keys()[0].clone());
+            let x = Tensor::from_slice(b.weak()).view([1, 32, 32, 3]);
+            let l = net.logits_u8(&x, false, false).unwrap();
+            let order = Vec::<i64>::try_from(l.argsort(1, true).view(-1)).unwrap();
+            let label = b.labels()[0];
+            c1 += (order[0] == label) as u32;
+            c5 += order[..4].contains(&label) as u32;
+        }
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 13);
+        assert!(
+            (r.acc1 - 100.0 * c1 as f64 / 13.0).abs() < 1e-9,
+            "{r:?} vs {c1}"
+        );
+        assert!(
+            (r.acc5 - 100.0 * c5 as f64 / 13.0).abs() < 1e-9,
+            "{r:?} vs {c5}"
+        );
+        assert_eq!(r.acc5, 100.0, "4 classes: top-5 always hits");
+    }
+
+    /// Issue 5: pretrain -> fine-tune from the teacher (mapping logged, shared table
+    /// expanded), evaluation each epoch, best/last checkpoints, `conmim eval` and k-NN
+    /// on the result; bad input gives clear errors.
+    #[test]
+    fn issue5_finetune_from_a_pretraining_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        labelled(&data, "train", &[6, 6], 4);
+        labelled(&data, "val", &[3, 4], 4);
+        let pre = dir.path().join("pre");
+        pretrain_micro(&data, &pre);
+
+        let out = dir.path().join("ft");
+        let s = finetune(&ft_opts(&data, &out, Some(pre.clone()))).unwrap();
+        assert_eq!((s.epochs, s.steps_per_epoch, s.steps), (2, 3, 6));
+        assert_eq!(s.samples, 24);
+        let last = s.last.unwrap();
+        assert_eq!(last.images, 7);
+        let init: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("init.json")).unwrap()).unwrap();
+        assert_eq!(init["weights"], "teacher");
+        let loaded: Vec<&str> = init["loaded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(loaded.contains(&"blocks.1.attn.relative_position_bias_table"));
+        assert!(loaded.contains(&"patch_embed.proj.weight"));
+        let new = init["new"].to_string();
+        assert!(
+            new.contains("head.weight") && new.contains("fc_norm.weight"),
+            "{new}"
+        );
+        let ignored = init["ignored"].to_string();
+        assert!(
+            ignored.contains("projectors") && ignored.contains("mask_token"),
+            "{ignored}"
+        );
+        assert!(init["expanded"].to_string().contains("rel_pos_bias"));
+        // The backbone really is the teacher's.
+        let (src, _, _) = model::read_source(&pre, Weights::Teacher).unwrap();
+        let fresh = Classifier::new(
+            &build_config(&ft_opts(&data, &out, None))
+                .unwrap()
+                .net_config(),
+            Device::Cpu,
+        )
+        .unwrap();
+        model::map_into(
+            &fresh,
+            src.iter()
+                .map(|(k, t)| (k.clone(), t.shallow_clone()))
+                .collect(),
+        )
+        .unwrap();
+        let v = fresh.vs.variables();
+        assert!(
+            v["blocks.0.attn.relative_position_bias_table"]
+                .equal(&src["rel_pos_bias.relative_position_bias_table"])
+        );
+
+        // Metrics: 6 train lines and 2 eval lines; checkpoints; eval reproduces `last`.
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert_eq!(text.lines().filter(|l| l.contains("\"acc1\"")).count(), 2);
+        assert_eq!(
+            text.lines().filter(|l| l.contains("\"grad_norm\"")).count(),
+            6
+        );
+        let opts = SourceOptions {
+            split: "val".into(),
+            allow_pipe: false,
+        };
+        let (r, ck) = eval_checkpoint(
+            &out.join("checkpoints/last"),
+            data.to_str().unwrap(),
+            &opts,
+            3,
+            1,
+            Some("cpu"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.images, 7);
+        assert!(
+            (r.acc1 - last.acc1).abs() < 1e-9 && (r.loss - last.loss).abs() < 1e-4,
+            "{r:?} {last:?}"
+        );
+        assert!(ck.ends_with("checkpoints/last"));
+        assert!(out.join("checkpoints/best/model.safetensors").is_file());
+        assert!(out.join("summary.json").is_file());
+        let tb = crate::train::tensorboard::read::event_files(&out.join("tb"));
+        assert_eq!(tb.len(), 1);
+
+        // k-NN on the pretrained teacher (train -> val) and on the fine-tuned model.
+        let topts = SourceOptions {
+            split: "train".into(),
+            allow_pipe: false,
+        };
+        let d = data.to_str().unwrap();
+        for src in [&pre, &out] {
+            let k = knn(
+                src,
+                Weights::Teacher,
+                (d, &topts),
+                (d, &opts),
+                20,
+                0.07,
+                4,
+                1,
+                Some("cpu"),
+            )
+            .unwrap();
+            assert_eq!(
+                (k.train_images, k.val_images, k.classes, k.k),
+                (12, 7, 4, 20)
+            );
+            assert!((0.0..=100.0).contains(&k.acc1) && k.acc5 >= k.acc1, "{k:?}");
+        }
+
+        // Bad input. Labels outside the head.
+        let mut o = ft_opts(&data, &dir.path().join("bad1"), None);
+        o.num_classes = Some(2);
+        let e = format!("{:#}", finetune(&o).unwrap_err());
+        assert!(e.contains("outside the head's 0..2"), "{e}");
+        // A checkpoint of another architecture.
+        let mut o = ft_opts(&data, &dir.path().join("bad2"), Some(pre.clone()));
+        o.sets.push("model.depth=3".into());
+        let e = format!("{:#}", finetune(&o).unwrap_err());
+        assert!(e.contains("another architecture"), "{e}");
+        // An empty validation set.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        labelled(&empty, "val", &[0], 4);
+        let e = format!(
+            "{:#}",
+            eval_checkpoint(
+                &out,
+                empty.to_str().unwrap(),
+                &opts,
+                4,
+                1,
+                Some("cpu"),
+                false
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("no samples"), "{e}");
+        // A pretraining checkpoint is not a fine-tuning one.
+        let e = format!(
+            "{:#}",
+            eval_checkpoint(&pre, d, &opts, 4, 1, Some("cpu"), false).unwrap_err()
+        );
+        assert!(e.contains("no fine-tuning checkpoint"), "{e}");
+        // Nothing of the good run was touched by the failures.
+        assert!(out.join("checkpoints/last/model.safetensors").is_file());
+    }
+}
