@@ -462,6 +462,17 @@ struct PretrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// k-NN monitor: labelled dataset of the neighbours; with it, every checkpoint also
+    /// logs the teacher's k-NN accuracy (metrics.jsonl `knn_acc1`, TensorBoard knn/*).
+    #[arg(long)]
+    knn_train_data: Option<String>,
+    #[arg(long, default_value = "train")]
+    knn_train_split: String,
+    /// k-NN monitor: the dataset classified (default: --knn-train-data).
+    #[arg(long)]
+    knn_val_data: Option<String>,
+    #[arg(long, default_value = "val")]
+    knn_val_split: String,
 }
 
 #[cfg(feature = "train")]
@@ -492,6 +503,17 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
         save_every: a.save_every,
         keep: a.keep,
         progress: !a.quiet,
+        knn: a
+            .knn_train_data
+            .as_ref()
+            .map(|t| conmim::train::run::KnnMonitor {
+                train: t.clone(),
+                train_split: a.knn_train_split.clone(),
+                val: a.knn_val_data.clone().unwrap_or_else(|| t.clone()),
+                val_split: a.knn_val_split.clone(),
+                k: conmim::train::finetune::run::KNN_K,
+                temperature: conmim::train::finetune::run::KNN_TEMPERATURE,
+            }),
     };
     let s = pretrain(&o)?;
     println!(

@@ -77,6 +77,21 @@ pub struct PretrainOptions {
     pub keep: usize,
     /// Draw the progress bar (to stderr).
     pub progress: bool,
+    /// The k-NN monitor, run on the teacher at every checkpoint (rank 0).
+    pub knn: Option<KnnMonitor>,
+}
+
+/// `conmim pretrain --knn-train-data D --knn-val-data D`: DINO's weighted k-NN
+/// accuracy of the teacher's features at every checkpoint, as metric lines
+/// `{"step", "knn_acc1", "knn_acc5"}` and TensorBoard `knn/acc1`, `knn/acc5`.
+#[derive(Debug, Clone)]
+pub struct KnnMonitor {
+    pub train: String,
+    pub train_split: String,
+    pub val: String,
+    pub val_split: String,
+    pub k: usize,
+    pub temperature: f64,
 }
 
 /// The final summary.
@@ -248,6 +263,22 @@ fn dist_timeout() -> std::time::Duration {
         .filter(|v| *v > 0.0)
         .unwrap_or(600.0);
     std::time::Duration::from_secs_f64(s)
+}
+
+/// The k-NN accuracy (top-1, top-5, %) of the teacher's current features.
+fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, allow_pipe: bool) -> Result<(f64, f64)> {
+    use super::finetune::run::{features, knn_classify};
+    let (vit, dev) = (&trainer.teacher.vit, trainer.device);
+    let threads = trainer.cfg.data_threads;
+    let batch = 256;
+    let so = |split: &str| SourceOptions {
+        split: split.to_owned(),
+        allow_pipe,
+    };
+    let (tf, tl) = features(vit, dev, &m.train, &so(&m.train_split), batch, threads)?;
+    let (vf, vl) = features(vit, dev, &m.val, &so(&m.val_split), batch, threads)?;
+    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    knn_classify(&tf, &tl, &vf, &vl, classes, m.k, m.temperature)
 }
 
 /// Runs `conmim pretrain`.
@@ -428,6 +459,18 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             if main {
                 let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
                 last_ck = Some(p);
+                if let Some(m) = &o.knn {
+                    let (a1, a5) = knn_monitor(&trainer, m, o.allow_pipe)
+                        .with_context(|| format!("k-NN monitor at step {step}"))?;
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::json!({"step": step, "knn_acc1": a1, "knn_acc5": a5})
+                    )?;
+                    tb.add_scalars(step, &[("knn/acc1", a1), ("knn/acc5", a5)])?;
+                    pb.println(format!("step {step}: k-NN top-1 {a1:.2}% top-5 {a5:.2}%"));
+                    metrics.flush()?;
+                }
             }
         }
     }
@@ -491,6 +534,7 @@ mod tests {
             save_every: 2,
             keep: 2,
             progress: false,
+            knn: None,
         }
     }
 

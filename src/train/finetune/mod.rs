@@ -32,11 +32,17 @@
 //!   random erasing, exact against timm) and [`crate::train::mixup`] (Mixup/CutMix with
 //!   label smoothing and the soft-target loss, against timm).
 //!
-//! Not built yet: loading the teacher weights of a pretraining checkpoint (drop the
-//! projection head, `mask_token` and `head`, expand the table), wiring RandAugment and
-//! random erasing into the loader's `ClassifyTrain` task, the training loop
-//! (`conmim finetune`), evaluation (`conmim eval`: top-1/top-5 exactly once over the
-//! validation set), the k-NN and linear monitors.
+//! * [`model`]: the classifier, its initialisation from a pretraining checkpoint's
+//!   teacher (or student, or a timm-named safetensors file) with the mapping logged
+//!   (loaded / new / ignored / expanded) and checked, and its checkpoints.
+//! * [`run`]: `conmim finetune` (the loop: layer-decay AdamW groups, warmup + cosine,
+//!   mixup/cutmix + label smoothing on the batch, RandAugment + random erasing in the
+//!   loader's `classify_train` task, evaluation each epoch, best/last checkpoints,
+//!   metrics + TensorBoard), `conmim eval` (top-1/top-5 exactly once over a dataset),
+//!   `conmim knn` (DINO's weighted k-NN on frozen features; also the pretraining monitor).
+//!
+//! Not built yet: resuming a fine-tuning run, fine-tuning under torchrun, the linear
+//! probe and partial fine-tuning.
 
 pub mod config;
 pub mod layer_decay;

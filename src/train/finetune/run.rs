@@ -924,6 +924,14 @@ mod tests {
             save_every: 2,
             keep: 1,
             progress: false,
+            knn: Some(crate::train::run::KnnMonitor {
+                train: data.to_str().unwrap().into(),
+                train_split: "train".into(),
+                val: data.to_str().unwrap().into(),
+                val_split: "val".into(),
+                k: 20,
+                temperature: 0.07,
+            }),
         };
         pretrain(&o).unwrap();
     }
@@ -985,6 +993,14 @@ mod tests {
         labelled(&data, "val", &[3, 4], 4);
         let pre = dir.path().join("pre");
         pretrain_micro(&data, &pre);
+        // The k-NN monitor wrote its line at the (step-2) checkpoint.
+        let m = std::fs::read_to_string(pre.join("metrics.jsonl")).unwrap();
+        let knn_line: serde_json::Value = m
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v.get("knn_acc1").is_some())
+            .expect("a k-NN line");
+        assert_eq!(knn_line["step"], 2);
 
         let out = dir.path().join("ft");
         let s = finetune(&ft_opts(&data, &out, Some(pre.clone()))).unwrap();
