@@ -247,7 +247,11 @@ impl PretrainConfig {
     }
 }
 
-pub(crate) fn merge(base: &mut serde_json::Value, over: &serde_json::Value, path: &str) -> Result<()> {
+pub(crate) fn merge(
+    base: &mut serde_json::Value,
+    over: &serde_json::Value,
+    path: &str,
+) -> Result<()> {
     use serde_json::Value;
     match (base, over) {
         (Value::Object(b), Value::Object(o)) => {

@@ -221,7 +221,8 @@ pub fn build_config(o: &PretrainOptions) -> Result<PretrainConfig> {
     cfg.with_all_overrides(&all)
 }
 
-fn check_writable(out: &Path) -> Result<()> {
+/// Creates `out` and checks that it is writable (a clear error before any work).
+pub(crate) fn check_writable(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
     let probe = out.join(format!(".write-test-{}", std::process::id()));

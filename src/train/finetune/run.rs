@@ -44,7 +44,7 @@ use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
-use crate::train::run::{parse_device, parse_set};
+use crate::train::run::{check_writable, parse_device, parse_set};
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
 use crate::train::vit::Config;
@@ -304,16 +304,6 @@ pub fn evaluate(
         acc5: 100.0 * c5 / n as f64,
         loss: loss_sum / n as f64,
     })
-}
-
-fn check_writable(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
-    let probe = out.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"ok")
-        .with_context(|| format!("the output directory {} is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
 }
 
 /// AdamW over the layer-decay groups of `net` (the spec's fine-tuning optimiser).
