@@ -257,7 +257,7 @@ fn truncate_metrics(path: &Path, before: u64) -> Result<()> {
 
 /// How long a collective may wait for the other ranks (`CONMIM_DIST_TIMEOUT_S`, default
 /// 600 s): a dead or hung rank makes the others fail with an error after this.
-fn dist_timeout() -> std::time::Duration {
+pub(crate) fn dist_timeout() -> std::time::Duration {
     let s = std::env::var("CONMIM_DIST_TIMEOUT_S")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())

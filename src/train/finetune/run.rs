@@ -23,8 +23,14 @@
 //! unique and, when the manifest knows the sample count, the number evaluated must match
 //! it. A label outside `[0, num_classes)` is an error naming the key.
 //!
-//! Not yet: resuming a fine-tuning run (each run starts from its initialisation),
-//! data parallelism for fine-tuning, the linear probe.
+//! Under torchrun (WORLD_SIZE > 1): `--batch` is global and split per rank, every rank
+//! starts from rank 0's weights, gradients are averaged (one all-reduce per parameter
+//! group), the logged loss is the mean over ranks, training shards are split by rank
+//! (the stream's epoch rules), each rank evaluates its own validation shards (every
+//! shard exactly once) and the counts are summed; rank 0 writes the run directory.
+//!
+//! Not yet: resuming a fine-tuning run (each run starts from its initialisation), the
+//! linear probe and partial fine-tuning.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -41,10 +47,11 @@ use super::layer_decay::param_groups_of;
 use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport};
 use crate::loader::{Loader, LoaderConfig, Task, default_threads};
 use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
+use crate::train::dist::{Backend, DistEnv, ProcessGroup};
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
-use crate::train::run::{check_writable, parse_device, parse_set};
+use crate::train::run::{check_writable, dist_timeout, parse_device, parse_set};
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
 use crate::train::vit::Config;
@@ -231,12 +238,32 @@ pub fn evaluate(
     threads_: usize,
     show: bool,
 ) -> Result<EvalResult> {
+    evaluate_dist(net, data, opts, eval_resize, batch, threads_, show, None)
+}
+
+/// [`evaluate`] over the ranks of `pg`: each rank reads its own shards (every shard
+/// read by exactly one rank, `Remainder::Keep`), then the counts are summed.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_dist(
+    net: &Classifier,
+    data: &str,
+    opts: &SourceOptions,
+    eval_resize: u32,
+    batch: usize,
+    threads_: usize,
+    show: bool,
+    pg: Option<&ProcessGroup>,
+) -> Result<EvalResult> {
     let device = net.vs.device();
     let amp = device.is_cuda();
     let expected = ShardList::resolve(data, opts)
         .with_context(|| format!("opening {data}"))?
         .total_samples();
-    let cfg = eval_loader_config(net.cfg.image_size as u32, eval_resize, batch, threads_);
+    let mut cfg = eval_loader_config(net.cfg.image_size as u32, eval_resize, batch, threads_);
+    if let Some(pg) = pg {
+        cfg.stream.rank = pg.rank;
+        cfg.stream.world_size = pg.world_size;
+    }
     let loader = Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?;
     let pb = if show {
         ProgressBar::new(expected.unwrap_or(0))
@@ -290,6 +317,13 @@ pub fn evaluate(
         Ok(())
     })?;
     pb.finish_and_clear();
+    if let Some(pg) = pg {
+        let t = Tensor::from_slice(&[c1, c5, loss_sum, n as f64]);
+        pg.all_reduce_sum(&t)
+            .context("summing the evaluation over ranks")?;
+        let v = Vec::<f64>::try_from(&t)?;
+        (c1, c5, loss_sum, n) = (v[0], v[1], v[2], v[3] as u64);
+    }
     if n == 0 {
         bail!("{data}: the validation set has no samples");
     }
@@ -354,7 +388,32 @@ struct EvalLine {
 /// Runs `conmim finetune`.
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
-    let device = parse_device(o.device.as_deref())?;
+    // Data parallelism under torchrun (WORLD_SIZE > 1): --batch is global.
+    let dist_env = DistEnv::from_env()
+        .context("reading torchrun's environment")?
+        .filter(|e| e.world_size > 1);
+    let device = match (&o.device, &dist_env) {
+        (None, Some(e)) => e.device(),
+        _ => parse_device(o.device.as_deref())?,
+    };
+    if let Some(e) = &dist_env
+        && cfg.batch_size % e.world_size != 0
+    {
+        bail!(
+            "--batch {} is the global batch and must divide by WORLD_SIZE {}",
+            cfg.batch_size,
+            e.world_size
+        );
+    }
+    let pg = match &dist_env {
+        Some(e) => Some(
+            ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
+                .context("joining the process group")?,
+        ),
+        None => None,
+    };
+    let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank, p.world_size));
+    let main = rank == 0;
     let amp = device.is_cuda();
     if amp {
         crate::train::cuda::set_tf32(true)?;
@@ -387,7 +446,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         );
     }
     let total = steps_per_epoch * cfg.epochs as u64;
-    check_writable(&o.out)?;
+    if main {
+        check_writable(&o.out)?;
+    }
 
     tch::manual_seed((cfg.seed >> 1) as i64);
     let net_cfg: Config = cfg.net_config();
@@ -400,7 +461,19 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             ..Default::default()
         },
     };
-    if o.progress {
+    if let Some(pg) = &pg {
+        // Every rank starts from rank 0's weights.
+        tch::no_grad(|| -> Result<()> {
+            let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, t) in vars {
+                pg.broadcast(&t, 0)
+                    .with_context(|| format!("broadcasting {name} from rank 0"))?;
+            }
+            Ok(())
+        })?;
+    }
+    if o.progress && main {
         eprintln!(
             "conmim finetune: init from {} ({}): {} loaded, {} new, {} ignored{}",
             o.init
@@ -417,8 +490,16 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             }
         );
     }
-    crate::format::atomic_write_json(&o.out.join("config.json"), &cfg)?;
-    crate::format::atomic_write_json(&o.out.join("init.json"), &init_report)?;
+    // Rank 0 writes the run directory; the other ranks log to a scratch directory.
+    let log_dir = if main {
+        o.out.clone()
+    } else {
+        let d = std::env::temp_dir().join(format!("conmim-ft-rank{rank}-{}", std::process::id()));
+        std::fs::create_dir_all(&d)?;
+        d
+    };
+    crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)?;
+    crate::format::atomic_write_json(&log_dir.join("init.json"), &init_report)?;
     let mut opt = optimizer(&net, &cfg)?;
     let sched = CosineSchedule {
         peak: cfg.scaled_lr(),
@@ -437,14 +518,22 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let mixing = (cfg.mixup > 0.0 || cfg.cutmix > 0.0) && cfg.mixup_prob > 0.0;
     let classes = net_cfg.num_classes;
 
-    let metrics_path = o.out.join("metrics.jsonl");
+    let metrics_path = log_dir.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path)
         .with_context(|| format!("creating {}", metrics_path.display()))?;
-    let mut tb = EventWriter::create(&o.out.join("tb"))?;
-    let ck = crate::train::checkpoint::dir_of(&o.out);
-    let mut loader = Loader::open(&o.data, &train_opts, train_loader_config(&cfg))
-        .with_context(|| format!("opening {}", o.data))?;
-    let pb = if o.progress {
+    let mut tb = EventWriter::create(&log_dir.join("tb"))?;
+    let ck = crate::train::checkpoint::dir_of(&log_dir);
+    let mut lc = train_loader_config(&cfg);
+    if world > 1 {
+        // Per-rank batch; shards split by RANK / WORLD_SIZE (the stream's epoch rules).
+        lc.batch_size /= world;
+        lc = lc
+            .with_env_distribution()
+            .context("splitting the data by rank")?;
+    }
+    let mut loader =
+        Loader::open(&o.data, &train_opts, lc).with_context(|| format!("opening {}", o.data))?;
+    let pb = if o.progress && main {
         ProgressBar::new(total)
     } else {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
@@ -510,7 +599,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             bail!("the loss is {loss_v} at step {step}; stopping (no update made)");
         }
         opt.apply(grads, lr, cfg.clip_grad)?;
-        samples += b as u64;
+        samples += (b * world) as u64;
         final_loss = Some(loss_v);
         let dt = last_t.elapsed().as_secs_f64().max(1e-9);
         last_t = Instant::now();
@@ -520,7 +609,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             loss: loss_v,
             lr,
             grad_norm: norm,
-            img_s: b as f64 / dt,
+            img_s: (b * world) as f64 / dt,
         };
         writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
         tb.add_scalars(
@@ -549,14 +638,15 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 acc5: None,
             };
             if is_last || done % o.eval_every.max(1) == 0 {
-                let r = evaluate(
+                let r = evaluate_dist(
                     &net,
                     &val_data,
                     &val_opts,
                     cfg.eval_resize as u32,
-                    cfg.batch_size,
+                    cfg.batch_size / world,
                     cfg.data_threads,
                     false,
+                    pg.as_ref(),
                 )
                 .with_context(|| format!("evaluating after epoch {done}"))?;
                 let el = EvalLine {
@@ -586,10 +676,14 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 if best.is_none_or(|b| r.acc1 > b.acc1) {
                     best = Some(r);
                     best_epoch = Some(done);
-                    model::save(&ck.join("best"), &net, &state)?;
+                    if main {
+                        model::save(&ck.join("best"), &net, &state)?;
+                    }
                 }
             }
-            model::save(&ck.join("last"), &net, &state)?;
+            if main {
+                model::save(&ck.join("last"), &net, &state)?;
+            }
             metrics.flush()?;
             tb.flush()?;
         }
@@ -614,7 +708,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         best_epoch,
         checkpoint: ck.join("best"),
     };
-    crate::format::atomic_write_json(&o.out.join("summary.json"), &summary)?;
+    crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)?;
     Ok(summary)
 }
 
@@ -924,6 +1018,83 @@ mod tests {
             }),
         };
         pretrain(&o).unwrap();
+    }
+
+    /// The body of each rank of `issue6_finetune_under_torchrun` (no-op otherwise).
+    #[test]
+    fn finetune_rank_child() {
+        let Some(out) = std::env::var_os("CONMIM_FT_CHILD_OUT") else {
+            return;
+        };
+        let out = PathBuf::from(out);
+        let data = out.parent().unwrap().join("data");
+        let mut o = ft_opts(&data, &out, None);
+        o.epochs = Some(1);
+        let s = finetune(&o).unwrap();
+        let r = s.last.unwrap();
+        println!(
+            "FT_OK samples {} val {} acc1 {:.4}",
+            s.samples, r.images, r.acc1
+        );
+    }
+
+    /// Issue 6: `conmim finetune` under `torchrun --nproc-per-node 2` (Gloo, CPU):
+    /// global batch 4 = 2 per rank over disjoint shards, and the evaluation counts every
+    /// validation sample exactly once across the ranks (3 on one, 4 on the other), with
+    /// the same result on both ranks; rank 0 writes the run directory.
+    #[test]
+    fn issue6_finetune_under_torchrun() {
+        if !crate::train::dist::AVAILABLE {
+            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+            return;
+        }
+        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        labelled(&data, "train", &[6, 6], 4);
+        labelled(&data, "val", &[3, 4], 4);
+        let out = dir.path().join("ft");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let o = std::process::Command::new(Path::new(&venv).join("bin/torchrun"))
+            .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "train::finetune::run::tests::finetune_rank_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_FT_CHILD_OUT", &out)
+            .env("CONMIM_DIST_TIMEOUT_S", "120")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{text}");
+        let oks: Vec<&str> = text.lines().filter(|l| l.contains("FT_OK")).collect();
+        assert_eq!(oks.len(), 2, "{text}");
+        assert!(oks[0].contains("samples 12 val 7"), "{text}");
+        let same = |l: &str| l[l.find("FT_OK").unwrap()..].to_owned();
+        assert_eq!(same(oks[0]), same(oks[1]), "ranks agree on the evaluation");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["last"]["images"], 7);
+        assert!(out.join("checkpoints/last/model.safetensors").is_file());
+        let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert_eq!(
+            lines.lines().count(),
+            3 + 1,
+            "rank 0 alone wrote 3 steps + 1 eval"
+        );
     }
 
     /// Issue 5: 13 validation samples in shards of 5, 3 and 5, batch 4 (not a multiple):
