@@ -99,6 +99,56 @@ enum Cmd {
     /// one JSON object. A monitor of pretraining quality.
     #[cfg(feature = "train")]
     Knn(KnnArgs),
+    /// Linear probe on a backbone's frozen features (the k-NN features, standardised):
+    /// a linear classifier trained with Adam on the train set, top-1 / top-5 on val;
+    /// prints one JSON object. A weak metric for MIM features (the paper says so);
+    /// partial fine-tuning is `conmim finetune --set train_last_blocks=K`.
+    #[cfg(feature = "train")]
+    Linear(LinearArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct LinearArgs {
+    #[command(flatten)]
+    knn: KnnArgs,
+    /// Passes over the train features.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Adam learning rate (cosine to 0).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Seed of the head init and the minibatch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[cfg(feature = "train")]
+fn linear_cmd(a: &LinearArgs) -> Result<()> {
+    let k = &a.knn;
+    let topts = SourceOptions {
+        split: k.train_split.clone(),
+        allow_pipe: false,
+    };
+    let vopts = SourceOptions {
+        split: k.val_split.clone(),
+        allow_pipe: false,
+    };
+    let val = k.val_data.clone().unwrap_or_else(|| k.train_data.clone());
+    let r = conmim::train::finetune::run::linear_probe(
+        &k.checkpoint,
+        weights_of(k.weights),
+        (&k.train_data, &topts),
+        (&val, &vopts),
+        a.epochs,
+        a.lr,
+        k.batch,
+        k.threads,
+        k.device.as_deref(),
+        a.seed,
+    )?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 #[cfg(feature = "train")]
@@ -762,6 +812,8 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval_cmd(a),
         #[cfg(feature = "train")]
         Cmd::Knn(a) => knn_cmd(a),
+        #[cfg(feature = "train")]
+        Cmd::Linear(a) => linear_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,6 +107,10 @@ pub struct FinetuneConfig {
     /// Loader threads (0 = the machine's parallelism).
     #[serde(default)]
     pub data_threads: usize,
+    /// Partial fine-tuning: train only the last `k` blocks (and the norm / head above
+    /// them); `None` = the whole network.
+    #[serde(default)]
+    pub train_last_blocks: Option<i64>,
     /// Sample shuffle buffer of the training stream.
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
@@ -170,6 +174,7 @@ impl FinetuneConfig {
             eval_resize: DEFAULT_EVAL_RESIZE,
             seed: crate::stream::DEFAULT_SEED,
             data_threads: 0,
+            train_last_blocks: None,
             shuffle_buffer: default_shuffle_buffer(),
         })
     }
@@ -237,6 +242,14 @@ impl FinetuneConfig {
         }
         if self.batch_size == 0 {
             bail!("batch_size must be positive");
+        }
+        if let Some(k) = self.train_last_blocks
+            && !(0..=self.model.depth).contains(&k)
+        {
+            bail!(
+                "train_last_blocks {k} not in 0..={} (the model's depth)",
+                self.model.depth
+            );
         }
         if (self.mixup > 0.0 || self.cutmix > 0.0)
             && self.mixup_prob > 0.0

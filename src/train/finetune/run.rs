@@ -340,6 +340,20 @@ pub fn evaluate_dist(
     })
 }
 
+/// Partial fine-tuning: only the last `k` blocks and what sits above them (final
+/// norm / fc_norm, head) train; the patch embedding, tokens, position terms and the
+/// first `depth - k` blocks are frozen (no gradient, not in the optimiser).
+pub fn freeze_all_but_last(net: &Classifier, k: i64) {
+    let depth = net.cfg.depth;
+    let first_trained = super::layer_decay::top_layer(depth) - k.clamp(0, depth) as usize;
+    for (name, t) in net.vs.variables() {
+        if super::layer_decay::layer_id(&name, depth) < first_trained && t.requires_grad() {
+            // In place: the module holds the same tensor.
+            let _ = t.set_requires_grad(false);
+        }
+    }
+}
+
 /// AdamW over the layer-decay groups of `net` (the spec's fine-tuning optimiser).
 pub fn optimizer(net: &Classifier, cfg: &FinetuneConfig) -> Result<AdamW> {
     let groups = param_groups_of(
@@ -500,6 +514,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     };
     crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)?;
     crate::format::atomic_write_json(&log_dir.join("init.json"), &init_report)?;
+    if let Some(k) = cfg.train_last_blocks {
+        freeze_all_but_last(&net, k);
+    }
     let mut opt = optimizer(&net, &cfg)?;
     let sched = CosineSchedule {
         peak: cfg.scaled_lr(),
@@ -876,6 +893,102 @@ pub fn knn(
     })
 }
 
+/// What `conmim linear` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearResult {
+    pub epochs: usize,
+    pub lr: f64,
+    pub train_images: u64,
+    pub val_images: u64,
+    pub classes: i64,
+    /// Top-1 / top-5 (%) on the train features (fit) and on val.
+    pub train_acc1: f64,
+    pub acc1: f64,
+    pub acc5: f64,
+}
+
+/// Linear probe on frozen features (the k-NN features, standardised with the train
+/// features' mean and std, i.e. a BatchNorm without affine as MAE's probe): a linear
+/// classifier trained with Adam (`lr`, cosine to 0) on minibatches of 256 for `epochs`
+/// passes, then top-1 / top-5 on val. As the paper notes, a weak metric for MIM
+/// features; fine-tuning is the measure that counts.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_probe(
+    source: &Path,
+    weights: Weights,
+    train: (&str, &SourceOptions),
+    val: (&str, &SourceOptions),
+    epochs: usize,
+    lr: f64,
+    batch: usize,
+    threads_: usize,
+    device: Option<&str>,
+    seed: u64,
+) -> Result<LinearResult> {
+    use tch::nn::{Module, OptimizerConfig};
+    let device = parse_device(device)?;
+    let backbone = backbone_of(source, weights, device)?;
+    let (tf, tl) = features(&backbone.1, device, train.0, train.1, batch, threads_)?;
+    let (vf, vl) = features(&backbone.1, device, val.0, val.1, batch, threads_)?;
+    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    let mean = tf.mean_dim([0i64].as_slice(), true, None::<Kind>);
+    let std = tf
+        .std_mean_dim([0i64].as_slice(), false, true)
+        .0
+        .clamp_min(1e-6);
+    let (tf, vf) = ((&tf - &mean) / &std, (&vf - &mean) / &std);
+    tch::manual_seed((seed >> 1) as i64);
+    let vs = tch::nn::VarStore::new(device);
+    let dim = tf.size()[1];
+    let head = tch::nn::linear(vs.root() / "head", dim, classes, Default::default());
+    let mut opt = tch::nn::Adam::default().build(&vs, lr)?;
+    let n = tf.size()[0];
+    let mb = 256i64.min(n);
+    let steps_per_epoch = (n + mb - 1) / mb;
+    let total = (steps_per_epoch * epochs as i64).max(1);
+    let mut step = 0i64;
+    for _ in 0..epochs {
+        let perm = Tensor::randperm(n, (Kind::Int64, device));
+        let mut i = 0;
+        while i < n {
+            let len = mb.min(n - i);
+            let idx = perm.narrow(0, i, len);
+            let x = tf.index_select(0, &idx);
+            let y = tl.index_select(0, &idx);
+            let loss = head.forward(&x).cross_entropy_for_logits(&y);
+            opt.set_lr(
+                lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
+            );
+            opt.backward_step(&loss);
+            i += len;
+            step += 1;
+        }
+    }
+    let acc = |x: &Tensor, y: &Tensor| -> (f64, f64) {
+        tch::no_grad(|| {
+            let (_, top) = head.forward(x).topk(classes.min(5), 1, true, true);
+            let hit = top.eq_tensor(&y.unsqueeze(1));
+            let n = x.size()[0] as f64;
+            (
+                100.0 * hit.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]) / n,
+                100.0 * hit.sum(Kind::Double).double_value(&[]) / n,
+            )
+        })
+    };
+    let (train_acc1, _) = acc(&tf, &tl);
+    let (acc1, acc5) = acc(&vf, &vl);
+    Ok(LinearResult {
+        epochs,
+        lr,
+        train_images: n as u64,
+        val_images: vf.size()[0] as u64,
+        classes,
+        train_acc1,
+        acc1,
+        acc5,
+    })
+}
+
 /// A backbone (final norm, no head) loaded from a pretraining run / checkpoint or a
 /// fine-tuning checkpoint.
 pub fn backbone_of(
@@ -1018,6 +1131,54 @@ mod tests {
             }),
         };
         pretrain(&o).unwrap();
+    }
+
+    /// Issue 5: partial fine-tuning of the last k blocks: everything below is frozen
+    /// (not in the optimiser) and stays bit-identical after a training run.
+    #[test]
+    fn issue5_partial_finetune_trains_only_the_last_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        labelled(&data, "train", &[6, 6], 4);
+        labelled(&data, "val", &[3, 4], 4);
+        let mut o = ft_opts(&data, &dir.path().join("ft"), None);
+        o.epochs = Some(1);
+        o.sets.push("train_last_blocks=1".into());
+        let cfg = build_config(&o).unwrap();
+        tch::manual_seed((cfg.seed >> 1) as i64);
+        let net = Classifier::new(&cfg.net_config(), Device::Cpu).unwrap();
+        freeze_all_but_last(&net, 1);
+        let opt = optimizer(&net, &cfg).unwrap();
+        let trained: Vec<String> = opt.layout().concat();
+        assert!(
+            trained.iter().all(|n| !n.starts_with("blocks.0.")
+                && !n.starts_with("patch_embed")
+                && n != "cls_token"),
+            "{trained:?}"
+        );
+        assert!(
+            trained.iter().any(|n| n.starts_with("blocks.1."))
+                && trained.contains(&"head.weight".to_string())
+        );
+        let before = net.cpu_tensors();
+        finetune(&o).unwrap();
+        let (after, _, _) =
+            model::load(&dir.path().join("ft/checkpoints/last"), Device::Cpu).unwrap();
+        for ((name, a), (_, b)) in before.iter().zip(after.cpu_tensors()) {
+            let frozen = name.starts_with("blocks.0.")
+                || name.starts_with("patch_embed")
+                || name == "cls_token";
+            if frozen {
+                assert!(a.equal(&b), "{name} changed");
+            } else if name == "head.weight" || name == "blocks.1.mlp.fc1.weight" {
+                assert!(!a.equal(&b), "{name} did not train");
+            }
+        }
+        let mut bad = o.clone();
+        bad.sets.push("train_last_blocks=3".into());
+        let e = format!("{:#}", build_config(&bad).unwrap_err());
+        assert!(e.contains("train_last_blocks"), "{e}");
     }
 
     /// The body of each rank of `issue6_finetune_under_torchrun` (no-op otherwise).
@@ -1270,6 +1431,26 @@ mod tests {
             );
             assert!((0.0..=100.0).contains(&k.acc1) && k.acc5 >= k.acc1, "{k:?}");
         }
+
+        // Linear probe on the teacher's frozen features.
+        let lp = linear_probe(
+            &pre,
+            Weights::Teacher,
+            (d, &topts),
+            (d, &opts),
+            30,
+            1e-2,
+            4,
+            1,
+            Some("cpu"),
+            0,
+        )
+        .unwrap();
+        assert_eq!((lp.train_images, lp.val_images, lp.classes), (12, 7, 4));
+        assert!(
+            lp.train_acc1 > 50.0,
+            "a linear fit of 12 points, 4 classes: {lp:?}"
+        );
 
         // Bad input. Labels outside the head.
         let mut o = ft_opts(&data, &dir.path().join("bad1"), None);
