@@ -551,6 +551,54 @@ mod tests {
         );
     }
 
+    /// Rank 1 joins, then hangs (sleeps, alive, never entering the collective); rank 0's
+    /// all-reduce must fail once the group's timeout (2 s here) passes. Runs only as a
+    /// child of `issue6_a_hung_rank_times_out_the_others`.
+    #[test]
+    fn hang_child() {
+        if std::env::var_os("CONMIM_HANG_CHILD").is_none() {
+            return;
+        }
+        let env = DistEnv::from_env().unwrap().expect("WORLD_SIZE set");
+        let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(2)).unwrap();
+        pg.barrier().unwrap();
+        if env.rank == 1 {
+            std::thread::sleep(Duration::from_secs(8));
+            return;
+        }
+        let t0 = Instant::now();
+        let e = pg
+            .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
+            .expect_err("all-reduce with a hung peer must time out");
+        println!("HUNG_OK after {:.1} s: {e}", t0.elapsed().as_secs_f64());
+    }
+
+    /// Issue 6: a rank that hangs (alive, but never reaching the collective) makes the
+    /// others fail with an error after the configured timeout, not wait forever.
+    #[test]
+    fn issue6_a_hung_rank_times_out_the_others() {
+        if unavailable() {
+            return;
+        }
+        let outs = two_ranks(
+            "train::dist::tests::hang_child",
+            &[("CONMIM_HANG_CHILD", "1")],
+        );
+        let line = outs[0]
+            .lines()
+            .find(|l| l.contains("HUNG_OK"))
+            .unwrap_or_else(|| panic!("rank 0:\n{}", outs[0]));
+        let secs: f64 = line[line.find("HUNG_OK").unwrap()..]
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            (1.5..7.0).contains(&secs),
+            "timed out after {secs} s, set 2 s: {line}"
+        );
+    }
+
     /// Runs test `child` of this test binary as ranks 0 and 1 on loopback (rank 0 hosts
     /// the store; no torchrun) with `env` added; returns each rank's stdout + stderr.
     fn two_ranks(child: &str, env: &[(&str, &str)]) -> Vec<String> {
