@@ -253,7 +253,7 @@ impl FinetuneConfig {
         }
         if (self.mixup > 0.0 || self.cutmix > 0.0)
             && self.mixup_prob > 0.0
-            && self.batch_size % 2 != 0
+            && !self.batch_size.is_multiple_of(2)
         {
             bail!(
                 "batch_size {} must be even with mixup/cutmix on (timm mixes a batch with its flip)",

@@ -654,7 +654,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 acc1: None,
                 acc5: None,
             };
-            if is_last || done % o.eval_every.max(1) == 0 {
+            if is_last || done.is_multiple_of(o.eval_every.max(1)) {
                 let r = evaluate_dist(
                     &net,
                     &val_data,
