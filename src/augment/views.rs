@@ -266,7 +266,9 @@ impl ViewMaker {
         Ok((params_of(w, h), Source::Full))
     }
 
-    /// Resizes the crop of `params` from the decoded pixels in `source` into `out`.
+    /// Resizes the crop of `params` from the decoded pixels in `source` into `out`,
+    /// flipped horizontally if `params.flip` (the flip is part of the resize's
+    /// horizontal pass).
     fn resize_crop(
         &mut self,
         params: &ConMimParams,
@@ -275,15 +277,17 @@ impl ViewMaker {
         out_w: u32,
         out_h: u32,
     ) -> Result<(), ImageProblem> {
+        let flip = params.flip;
         match source {
             Source::Full => {
                 let (w, h) = self.decoder.dimensions();
                 let c = params.crop;
-                self.resizer.crop_resize(
+                self.resizer.crop_resize_flip(
                     self.decoder.rgb(),
                     w,
                     h,
                     (c.top, c.left, c.height, c.width),
+                    flip,
                     out,
                     out_w,
                     out_h,
@@ -297,7 +301,7 @@ impl ViewMaker {
                 let (w, h) = t.dimensions();
                 if plan.num == 8 {
                     self.resizer
-                        .crop_resize(t.rgb(), w, h, plan.view, out, out_w, out_h)
+                        .crop_resize_flip(t.rgb(), w, h, plan.view, flip, out, out_w, out_h)
                 } else {
                     self.resizer.crop_resize_frac(
                         t.rgb(),
@@ -305,6 +309,7 @@ impl ViewMaker {
                         h,
                         plan.view,
                         plan.frac,
+                        flip,
                         out,
                         out_w,
                         out_h,
@@ -339,9 +344,6 @@ impl ViewMaker {
         self.times.decode += t1 - t0;
         let (params, source) = decoded?;
         let resized = self.resize_crop(&params, &source, out, size, size);
-        if resized.is_ok() && params.flip {
-            color::hflip(out, size as usize, size as usize);
-        }
         self.times.resize += t1.elapsed();
         resized.map(|()| params)
     }
@@ -397,10 +399,12 @@ impl ViewMaker {
 
     /// The evaluation transform: torchvision `Resize(resize_short, BICUBIC)` (shorter side
     /// to `resize_short`, longer side `int(resize_short * long / short)`) then
-    /// `CenterCrop(crop)` (offsets `int(round((side - crop) / 2))`), computed as one
-    /// resize of the matching fractional source region (PIL `box` semantics, so the
-    /// result equals resizing the whole image and then cropping). `out` holds
-    /// `crop * crop * 3` bytes; `crop <= resize_short` is required.
+    /// `CenterCrop(crop)` (offsets `int(round((side - crop) / 2))`). At full resolution
+    /// this is exactly PIL's resize followed by the crop (only the cropped outputs are
+    /// computed); from a DCT-scaled decode it is one resize of the matching fractional
+    /// source region (PIL `box` semantics, which reads just outside the region as the
+    /// full resize would). `out` holds `crop * crop * 3` bytes; `crop <= resize_short` is
+    /// required.
     ///
     /// With a libjpeg-turbo strategy that allows scaling, a JPEG is decoded at the smallest
     /// allowed DCT scale at which the source region still spans at least `crop` x `crop`
@@ -472,8 +476,10 @@ impl ViewMaker {
         let (num, w, h, region) = decoded?;
         let r = if num == 8 {
             self.last_path = DecodePath::Full;
+            // Exactly PIL's resize of the whole image, then the crop of its output.
+            let (full, window) = eval_window(w, h, resize_short, crop);
             self.resizer
-                .resize_region(self.decoder.rgb(), w, h, region, out, crop, crop)
+                .resize_window(self.decoder.rgb(), w, h, full, window, out, crop, crop)
         } else {
             self.last_path = DecodePath::Turbo {
                 num,
@@ -497,9 +503,7 @@ impl ViewMaker {
 /// region `(left, top, width, height)` (full-resolution pixels, fractional) that becomes
 /// the centre crop.
 fn eval_region(w: u32, h: u32, resize_short: u32, crop: u32) -> ((u32, u32), (f64, f64, f64, f64)) {
-    let (rw, rh) = eval_resized_size(w, h, resize_short);
-    let top = py_round(f64::from(rh - crop) / 2.0);
-    let left = py_round(f64::from(rw - crop) / 2.0);
+    let ((rw, rh), (left, top)) = eval_window(w, h, resize_short, crop);
     let sx = f64::from(w) / f64::from(rw);
     let sy = f64::from(h) / f64::from(rh);
     let region = (
@@ -509,6 +513,14 @@ fn eval_region(w: u32, h: u32, resize_short: u32, crop: u32) -> ((u32, u32), (f6
         f64::from(crop) * sy,
     );
     ((rw, rh), region)
+}
+
+/// The eval transform's resized size `(rw, rh)` and the centre crop's `(left, top)` in it.
+fn eval_window(w: u32, h: u32, resize_short: u32, crop: u32) -> ((u32, u32), (u32, u32)) {
+    let (rw, rh) = eval_resized_size(w, h, resize_short);
+    let top = py_round(f64::from(rh - crop) / 2.0);
+    let left = py_round(f64::from(rw - crop) / 2.0);
+    ((rw, rh), (left, top))
 }
 
 /// Torchvision's `Resize(size)` output for an int `size`: shorter side `size`, longer
@@ -746,7 +758,7 @@ mod tests {
                 }
             }
         }
-        assert!(max_diff <= 1, "max diff {max_diff}");
+        assert_eq!(max_diff, 0, "max diff {max_diff}");
         assert!(vm.eval_view(&bytes, &limits(), 32, 40, &mut out).is_err());
     }
 
@@ -1219,28 +1231,46 @@ mod tests {
                     (d.rgb().to_vec(), w, h)
                 })
                 .collect();
-            let mut resizer = Resizer::new();
-            let mut o = vec![0u8; view_len];
-            let mut next = 0usize;
-            jobs.push((
-                "resize only: crop_resize to 224 (full-res source)".into(),
-                Box::new(move |_, sample| {
-                    let (px, w, h) = &decoded[next % decoded.len()];
-                    next += 1;
-                    let c = ConMimParams::sample(0, 0, sample, *w, *h).crop;
-                    resizer
-                        .crop_resize(
-                            px,
-                            *w,
-                            *h,
-                            (c.top, c.left, c.height, c.width),
-                            &mut o,
-                            224,
-                            224,
-                        )
-                        .unwrap();
-                }),
-            ));
+            // Crop + resize (+ flip when the sample flips) to 224 from a full-res decode:
+            // the Pillow port (AVX2 and portable) and the old fast_image_resize path
+            // with the separate flip pass.
+            let resize_jobs: [(&str, u8); 4] = [
+                ("resize only: crop_resize to 224, no flip", 0),
+                ("resize only: crop_resize + flip (fused)", 1),
+                ("resize only: same, portable (no AVX2)", 2),
+                ("resize only: old fast_image_resize + hflip", 3),
+            ];
+            for (label, kind) in resize_jobs {
+                let decoded = decoded.clone();
+                let mut resizer = if kind == 2 {
+                    Resizer::portable()
+                } else {
+                    Resizer::new()
+                };
+                let mut old = crate::image::resize::fir::FirResizer::new();
+                let mut o = vec![0u8; view_len];
+                let mut next = 0usize;
+                jobs.push((
+                    label.into(),
+                    Box::new(move |_, sample| {
+                        let (px, w, h) = &decoded[next % decoded.len()];
+                        next += 1;
+                        let p = ConMimParams::sample(0, 0, sample, *w, *h);
+                        let c = (p.crop.top, p.crop.left, p.crop.height, p.crop.width);
+                        let flip = kind != 0 && p.flip;
+                        if kind == 3 {
+                            old.crop_resize(px, *w, *h, c, &mut o, 224, 224).unwrap();
+                            if flip {
+                                color::hflip(&mut o, 224, 224);
+                            }
+                        } else {
+                            resizer
+                                .crop_resize_flip(px, *w, *h, c, flip, &mut o, 224, 224)
+                                .unwrap();
+                        }
+                    }),
+                ));
+            }
             // Whole weak view (train_view = decode + crop/resize to 224 + flip).
             let strategies: [(&str, DecodeStrategy); 7] = [
                 ("zune full", DecodeStrategy::Full),
