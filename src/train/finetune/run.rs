@@ -1161,11 +1161,25 @@ mod tests {
             trained.iter().any(|n| n.starts_with("blocks.1."))
                 && trained.contains(&"head.weight".to_string())
         );
-        let before = net.cpu_tensors();
-        finetune(&o).unwrap();
-        let (after, _, _) =
-            model::load(&dir.path().join("ft/checkpoints/last"), Device::Cpu).unwrap();
-        for ((name, a), (_, b)) in before.iter().zip(after.cpu_tensors()) {
+        // Two optimiser steps on the same net: the frozen part stays bit-identical.
+        let mut opt = opt;
+        // (copies: on the CPU, `cpu_tensors` shares the live storage)
+        let before: Vec<(String, Tensor)> = net
+            .cpu_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        for step in 0..2 {
+            let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+            let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+            let loss = net
+                .logits(&x, true, false)
+                .unwrap()
+                .cross_entropy_for_logits(&y);
+            loss.backward();
+            let _ = opt.step(1e-2 * (step + 1) as f64, None).unwrap();
+        }
+        for ((name, a), (_, b)) in before.iter().zip(net.cpu_tensors()) {
             let frozen = name.starts_with("blocks.0.")
                 || name.starts_with("patch_embed")
                 || name == "cls_token";
@@ -1175,6 +1189,8 @@ mod tests {
                 assert!(!a.equal(&b), "{name} did not train");
             }
         }
+        // And the whole run takes the option.
+        finetune(&o).unwrap();
         let mut bad = o.clone();
         bad.sets.push("train_last_blocks=3".into());
         let e = format!("{:#}", build_config(&bad).unwrap_err());
