@@ -10,9 +10,12 @@
 //!   then fixed point with 22 fractional bits (`normalize_coeffs_8bpc`);
 //! * horizontal pass first, over only the rows the vertical pass reads, each value
 //!   rounded (`+ 2^21`, `>> 22`) and clamped to `0..=255` into an 8-bit intermediate;
-//!   then the vertical pass, rounded and clamped the same way. A pass whose axis is the
-//!   identity (same size, whole box) is skipped, as Pillow does (running it would give the
-//!   same bytes anyway).
+//!   then the vertical pass, rounded and clamped the same way. Pillow 13 (the version
+//!   the reference pipeline's fixtures come from) runs the vertical pass first instead
+//!   when the image loses more than twice as many rows as columns
+//!   (python-pillow/Pillow#9549); so does this port (see [`vertical_first`]), and the
+//!   two orders do give different bytes. A pass whose axis is the identity (same size,
+//!   whole box) is skipped, as Pillow does (running it would give the same bytes anyway).
 //!
 //! This is what torchvision's `RandomResizedCrop(..., interpolation=BICUBIC)` and
 //! `Resize(256, BICUBIC)` call on the PIL images the official ConMIM code loads.
@@ -456,6 +459,29 @@ impl Resizer {
             return;
         }
         let simd = self.simd_available();
+        if need_h && need_v && vertical_first(gx, gy) {
+            // Pillow 13: vertical pass first (over the columns the horizontal pass
+            // reads), then the horizontal pass on its rows.
+            self.v.compute(gy, false);
+            self.h.compute(gx, flip);
+            let (x0, x1) = self.h.span();
+            for b in &mut self.h.bounds {
+                b.0 -= x0;
+            }
+            if simd {
+                self.build_simd();
+            }
+            let mid_len = (x1 - x0) * 3;
+            let need = mid_len * gy.count;
+            if self.tmp.len() < need {
+                self.tmp.resize(need, 0);
+            }
+            let mut tmp = std::mem::take(&mut self.tmp);
+            self.v_pass(src, x0 * 3, stride, 0, mid_len, simd, &mut tmp[..need]);
+            self.h_pass(&tmp[..need], mid_len, 0..gy.count, simd, out, row_len);
+            self.tmp = tmp;
+            return;
+        }
         if need_h {
             self.h.compute(gx, flip);
             if simd {
@@ -587,6 +613,17 @@ impl Resizer {
             );
         }
     }
+}
+
+/// Pillow 13's order of the two passes (python-pillow/Pillow#9549, "if height is scaled
+/// down significantly more than width, resize vertically first"): vertical first when
+/// the image loses more than twice as many rows as columns. Pillow <= 12 always runs the
+/// horizontal pass first. (Inferred from Pillow 13.0's output: it matches this rule on
+/// every shape tried, and the other order differs.)
+fn vertical_first(gx: &Geometry, gy: &Geometry) -> bool {
+    let (w, h) = (gx.in_size as i64, gy.in_size as i64);
+    let (ow, oh) = (gx.out_size as i64, gy.out_size as i64);
+    oh < h && h - oh > 2 * (w - ow)
 }
 
 fn check_box(b: CropBox, w: u32, h: u32) -> Result<(), ImageProblem> {
@@ -1123,8 +1160,9 @@ mod tests {
     use crate::testkit;
 
     /// A literal transcription of Pillow's `ImagingResample` for RGB8 (`precompute_coeffs`,
-    /// `normalize_coeffs_8bpc`, `ImagingResampleInner`): one resize of the whole
-    /// `w` x `h` image with `box = [x0, y0, x1, y1]` to `xsize` x `ysize`.
+    /// `normalize_coeffs_8bpc`, `ImagingResampleInner`), with Pillow 13's choice of the
+    /// vertical pass first: one resize of the whole `w` x `h` image with
+    /// `box = [x0, y0, x1, y1]` to `xsize` x `ysize`.
     #[allow(clippy::needless_range_loop)]
     fn pil_resample(
         src: &[u8],
@@ -1202,6 +1240,12 @@ mod tests {
         let clip = |v: i32| (v >> 22).clamp(0, 255) as u8;
         let need_h = xsize != w || b[0] != 0.0 || b[2] != xsize as f32;
         let need_v = ysize != h || b[1] != 0.0 || b[3] != ysize as f32;
+        if need_h && need_v && ysize < h && (h - ysize) as i64 > 2 * (w as i64 - xsize as i64) {
+            // Pillow 13 (#9549): the vertical pass first, i.e. a vertical-only resize of
+            // the box's rows, then a horizontal-only one of its columns.
+            let v = pil_resample(src, w, h, [0.0, b[1], w as f32, b[3]], w, ysize);
+            return pil_resample(&v, w, ysize, [b[0], 0.0, b[2], ysize as f32], xsize, ysize);
+        }
         let (kv, mut bv, cv) = precompute(h as i32, b[1], b[3], ysize);
         let y_first = bv[0];
         let y_last = bv[ysize * 2 - 2] + bv[ysize * 2 - 1];
