@@ -13,7 +13,7 @@
 //!   then the vertical pass, rounded and clamped the same way. Pillow 13 (the version
 //!   the reference pipeline's fixtures come from) runs the vertical pass first instead
 //!   when the image loses more than twice as many rows as columns
-//!   (python-pillow/Pillow#9549); so does this port (see [`vertical_first`]), and the
+//!   (python-pillow/Pillow#9549); so does this port (`vertical_first`), and the
 //!   two orders do give different bytes. A pass whose axis is the identity (same size,
 //!   whole box) is skipped, as Pillow does (running it would give the same bytes anyway).
 //!
