@@ -26,11 +26,13 @@
 //! coefficient table is built for mirrored output columns): byte-identical to resizing
 //! and then calling [`crate::augment::color::hflip`], without the extra pass.
 //!
-//! With AVX2 (detected at run time) the horizontal pass takes four taps per step (one
-//! 16-byte load, a byte shuffle into channel pairs and `madd` with the 22-bit coefficients
-//! split into two 16-bit halves, which keeps the sums exact) on four rows at a time, and
-//! the vertical pass combines whole rows 32 values at a time with 32-bit multiplies. The
-//! portable fallback is the same integer arithmetic, scalar; both give the same bytes.
+//! With AVX2 (detected at run time) the horizontal pass takes two taps per step and two
+//! rows per vector (a 16-byte load per row, a byte shuffle into channel pairs and `madd`
+//! with the 22-bit coefficients split into two 16-bit halves, which keeps the sums exact),
+//! eight rows per coefficient load, and the vertical pass combines whole rows 32 values
+//! at a time with 32-bit multiplies; with AVX-VNNI both passes use `vpdpwssd` (the
+//! vertical one on interleaved row pairs; see `has_vnni`). The portable fallback is the same integer arithmetic, scalar; all give
+//! the same bytes.
 //!
 //! Cropping semantics, all without copying the source region:
 //! * [`Resizer::crop_resize`] (an integer box): torchvision's `resized_crop` =
@@ -101,8 +103,12 @@ fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
 }
 
-/// AVX-VNNI (`vpdpwssd` on 256-bit vectors) for the horizontal pass; the environment
-/// variable `CONMIM_NO_VNNI` turns it off (to compare the kernels).
+/// AVX-VNNI (`vpdpwssd` on 256-bit vectors) for both passes where the CPU has it; the
+/// environment variable `CONMIM_NO_VNNI` turns it off. Alone the resize is ~160 us per
+/// 224 view with it and ~180 us without (the old `fast_image_resize` path: ~190 us). In
+/// the loader both variants make the JPEG decode and strong ops that follow run slower
+/// (`bench_decode_after_resize`; cause not found, no hardware counters on the VM), VNNI
+/// less so in the loader, which is why it stays on.
 #[cfg(target_arch = "x86_64")]
 fn has_vnni() -> bool {
     use std::sync::OnceLock;
@@ -1574,6 +1580,60 @@ mod tests {
             }
             let us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
             println!("{variant:<10} {us:8.1} us per 224x224 view");
+        }
+    }
+
+    /// Whether the resize slows the decode that follows it (cache or frequency effects):
+    /// per variant, decode a JPEG then crop + resize it, timing the two separately.
+    #[test]
+    #[ignore]
+    fn bench_decode_after_resize() {
+        use crate::augment::params::ConMimParams;
+        use crate::image::pixels::Decoder;
+        use std::time::{Duration, Instant};
+        let lim = crate::image::ImageLimits::default();
+        let jpegs: Vec<Vec<u8>> = (0..4u64)
+            .map(|i| testkit::jpeg(&testkit::JpegSpec::rgb(500, 375, i)))
+            .collect();
+        let mut out = vec![0u8; 224 * 224 * 3];
+        for round in 0..3 {
+            for variant in ["new", "old", "portable", "none"] {
+                let mut d = Decoder::new();
+                let mut r = if variant == "portable" {
+                    Resizer::portable()
+                } else {
+                    Resizer::new()
+                };
+                let mut old = fir::FirResizer::new();
+                let (mut td, mut tr) = (Duration::ZERO, Duration::ZERO);
+                for i in 0..600u64 {
+                    let t0 = Instant::now();
+                    let (w, h) = d.decode_rgb(&jpegs[i as usize % 4], &lim).unwrap();
+                    let t1 = Instant::now();
+                    let p = ConMimParams::sample(0, 0, i, w, h);
+                    let c = (p.crop.top, p.crop.left, p.crop.height, p.crop.width);
+                    if variant == "none" {
+                    } else if variant == "old" {
+                        old.crop_resize(d.rgb(), w, h, c, &mut out, 224, 224)
+                            .unwrap();
+                        if p.flip {
+                            crate::augment::color::hflip(&mut out, 224, 224);
+                        }
+                    } else {
+                        r.crop_resize_flip(d.rgb(), w, h, c, p.flip, &mut out, 224, 224)
+                            .unwrap();
+                    }
+                    if i >= 100 {
+                        td += t1 - t0;
+                        tr += t1.elapsed();
+                    }
+                }
+                println!(
+                    "round {round} {variant}: decode {:.1} us, resize {:.1} us",
+                    td.as_secs_f64() * 2e3,
+                    tr.as_secs_f64() * 2e3
+                );
+            }
         }
     }
 
