@@ -31,8 +31,8 @@
 //! with the 22-bit coefficients split into two 16-bit halves, which keeps the sums exact),
 //! eight rows per coefficient load, and the vertical pass combines whole rows 32 values
 //! at a time with 32-bit multiplies; with AVX-VNNI both passes use `vpdpwssd` (the
-//! vertical one on interleaved row pairs; see `has_vnni`). The portable fallback is the same integer arithmetic, scalar; all give
-//! the same bytes.
+//! vertical one on interleaved row pairs; see `has_vnni`). The portable fallback is the
+//! same integer arithmetic, scalar; all give the same bytes.
 //!
 //! Cropping semantics, all without copying the source region:
 //! * [`Resizer::crop_resize`] (an integer box): torchvision's `resized_crop` =
