@@ -268,7 +268,7 @@ pub(crate) fn dist_timeout() -> std::time::Duration {
 
 /// The k-NN accuracy (top-1, top-5, %) of the teacher's current features.
 fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, allow_pipe: bool) -> Result<(f64, f64)> {
-    use super::finetune::run::{features, knn_classify};
+    use super::finetune::run::{knn_classify, train_val_features};
     let (vit, dev) = (&trainer.teacher.vit, trainer.device);
     let threads = trainer.cfg.data_threads;
     let batch = 256;
@@ -276,32 +276,46 @@ fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, allow_pipe: bool) -> Result<(f
         split: split.to_owned(),
         allow_pipe,
     };
-    let (tf, tl) = features(vit, dev, &m.train, &so(&m.train_split), batch, threads)?;
-    let (vf, vl) = features(vit, dev, &m.val, &so(&m.val_split), batch, threads)?;
-    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    let (tf, tl, vf, vl, classes) = train_val_features(
+        vit,
+        dev,
+        (&m.train, &so(&m.train_split)),
+        (&m.val, &so(&m.val_split)),
+        batch,
+        threads,
+    )?;
     knn_classify(&tf, &tl, &vf, &vl, classes, m.k, m.temperature)
+}
+
+/// torchrun's environment when launched with WORLD_SIZE > 1 (then `batch`, the global
+/// batch, must divide by it), and the device: `--device`, else the rank's
+/// `LOCAL_RANK` GPU under torchrun, else CUDA when available.
+pub(crate) fn dist_and_device(
+    device: Option<&str>,
+    batch: usize,
+) -> Result<(Option<DistEnv>, Device)> {
+    let dist_env = DistEnv::from_env()
+        .context("reading torchrun's environment")?
+        .filter(|e| e.world_size > 1);
+    let device = match (device, &dist_env) {
+        (None, Some(e)) => e.device(),
+        _ => parse_device(device)?,
+    };
+    if let Some(e) = &dist_env
+        && !batch.is_multiple_of(e.world_size)
+    {
+        bail!(
+            "--batch {batch} is the global batch and must divide by WORLD_SIZE {}",
+            e.world_size
+        );
+    }
+    Ok((dist_env, device))
 }
 
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
-    // Data parallelism when launched by torchrun (WORLD_SIZE > 1); --batch is global.
-    let dist_env = DistEnv::from_env()
-        .context("reading torchrun's environment")?
-        .filter(|e| e.world_size > 1);
-    let device = match (&o.device, &dist_env) {
-        (None, Some(e)) => e.device(),
-        _ => parse_device(o.device.as_deref())?,
-    };
-    if let Some(e) = &dist_env
-        && cfg.batch_size % e.world_size != 0
-    {
-        bail!(
-            "--batch {} is the global batch and must divide by WORLD_SIZE {}",
-            cfg.batch_size,
-            e.world_size
-        );
-    }
+    let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
     let resume_from = match &o.resume {

@@ -47,11 +47,11 @@ use super::layer_decay::param_groups_of;
 use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport};
 use crate::loader::{Loader, LoaderConfig, Task, default_threads};
 use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
-use crate::train::dist::{Backend, DistEnv, ProcessGroup};
+use crate::train::dist::{Backend, ProcessGroup};
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
-use crate::train::run::{check_writable, dist_timeout, parse_device, parse_set};
+use crate::train::run::{check_writable, dist_and_device, dist_timeout, parse_device, parse_set};
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
 use crate::train::vit::Config;
@@ -403,22 +403,7 @@ struct EvalLine {
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
     // Data parallelism under torchrun (WORLD_SIZE > 1): --batch is global.
-    let dist_env = DistEnv::from_env()
-        .context("reading torchrun's environment")?
-        .filter(|e| e.world_size > 1);
-    let device = match (&o.device, &dist_env) {
-        (None, Some(e)) => e.device(),
-        _ => parse_device(o.device.as_deref())?,
-    };
-    if let Some(e) = &dist_env
-        && cfg.batch_size % e.world_size != 0
-    {
-        bail!(
-            "--batch {} is the global batch and must divide by WORLD_SIZE {}",
-            cfg.batch_size,
-            e.world_size
-        );
-    }
+    let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
     let pg = match &dist_env {
         Some(e) => Some(
             ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
@@ -824,6 +809,22 @@ pub fn features(
     Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
 }
 
+/// [`features`] of a train and a val dataset, and the class count (largest label + 1
+/// over both): `(train, train labels, val, val labels, classes)`.
+pub fn train_val_features(
+    vit: &crate::train::vit::VisionTransformer,
+    device: Device,
+    train: (&str, &SourceOptions),
+    val: (&str, &SourceOptions),
+    batch: usize,
+    threads_: usize,
+) -> Result<(Tensor, Tensor, Tensor, Tensor, i64)> {
+    let (tf, tl) = features(vit, device, train.0, train.1, batch, threads_)?;
+    let (vf, vl) = features(vit, device, val.0, val.1, batch, threads_)?;
+    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    Ok((tf, tl, vf, vl, classes))
+}
+
 /// DINO's weighted k-NN classifier: for each val feature, the `k` most similar train
 /// features (cosine) vote for their class with weight `exp(sim / T)`; top-1 / top-5 of
 /// the summed votes (in %).
@@ -878,9 +879,8 @@ pub fn knn(
 ) -> Result<KnnResult> {
     let device = parse_device(device)?;
     let backbone = backbone_of(source, weights, device)?;
-    let (tf, tl) = features(&backbone.1, device, train.0, train.1, batch, threads_)?;
-    let (vf, vl) = features(&backbone.1, device, val.0, val.1, batch, threads_)?;
-    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    let (tf, tl, vf, vl, classes) =
+        train_val_features(&backbone.1, device, train, val, batch, threads_)?;
     let (acc1, acc5) = knn_classify(&tf, &tl, &vf, &vl, classes, k, temperature)?;
     Ok(KnnResult {
         k,
@@ -928,9 +928,8 @@ pub fn linear_probe(
     use tch::nn::{Module, OptimizerConfig};
     let device = parse_device(device)?;
     let backbone = backbone_of(source, weights, device)?;
-    let (tf, tl) = features(&backbone.1, device, train.0, train.1, batch, threads_)?;
-    let (vf, vl) = features(&backbone.1, device, val.0, val.1, batch, threads_)?;
-    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
+    let (tf, tl, vf, vl, classes) =
+        train_val_features(&backbone.1, device, train, val, batch, threads_)?;
     let mean = tf.mean_dim([0i64].as_slice(), true, None::<Kind>);
     let std = tf
         .std_mean_dim([0i64].as_slice(), false, true)
