@@ -73,20 +73,27 @@ fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .define("USE_C10D_GLOO", None)
         .file("src/train/dist_shim.cpp");
-    // NCCL needs the CUDA toolkit's full headers (nvcc's `crt/`, CCCL's `nv/target`),
-    // which the pip CUDA wheels do not ship: enabled only when `$CUDA_HOME/include`
-    // (default /usr/local/cuda) has them; nccl.h comes from the pip nvidia-nccl wheel.
+    // NCCL needs the CUDA toolkit's full headers (nvcc's `crt/`, CCCL's `nv/target`):
+    // `$CUDA_HOME/include` (default /usr/local/cuda) when it has them, else the pip
+    // wheels' `nvidia/cu13/include` next to torch (tools/requirements.txt installs
+    // nvidia-cuda-crt and nvidia-cuda-cccl there); nccl.h comes from nvidia-nccl.
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CONMIM_NO_NCCL");
     let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
-    let cuda_inc = std::path::Path::new(&cuda_home).join("include");
-    let nccl_inc = torch_root
-        .parent()
+    let site = torch_root.parent();
+    let complete = |d: &std::path::Path| {
+        d.join("nv/target").exists()
+            && d.join("crt/host_config.h").exists()
+            && d.join("cuda_runtime_api.h").exists()
+    };
+    let cuda_inc = std::iter::once(std::path::Path::new(&cuda_home).join("include"))
+        .chain(site.map(|p| p.join("nvidia/cu13/include")))
+        .find(|d| complete(d));
+    let nccl_inc = site
         .map(|p| p.join("nvidia/nccl/include"))
         .filter(|p| p.join("nccl.h").exists());
-    if let Some(nccl_inc) = nccl_inc
-        && cuda_inc.join("nv/target").exists()
-        && cuda_inc.join("crt/host_config.h").exists()
-    {
+    let want = std::env::var_os("CONMIM_NO_NCCL").is_none();
+    if let (true, Some(cuda_inc), Some(nccl_inc)) = (want, cuda_inc, nccl_inc) {
         b.include(&cuda_inc)
             .include(nccl_inc)
             .define("USE_C10D_NCCL", None)

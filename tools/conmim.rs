@@ -214,9 +214,27 @@ struct FinetuneArgs {
     /// Evaluate every N epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     eval_every: u32,
+    /// `auto` (OUT/checkpoints/last, written after every epoch, else fresh) or a
+    /// checkpoint directory. Without it, an OUT that holds a checkpoint is refused.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Stop cleanly after epoch N (checkpoint written), e.g. to fit a job's time slot;
+    /// `--resume auto` continues the same run.
+    #[arg(long, value_name = "N")]
+    stop_after_epoch: Option<u32>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[cfg(feature = "train")]
+fn resume_of(r: Option<&str>) -> conmim::train::run::Resume {
+    use conmim::train::run::Resume;
+    match r {
+        None => Resume::No,
+        Some("auto") => Resume::Auto,
+        Some(p) => Resume::Path(PathBuf::from(p)),
+    }
 }
 
 #[cfg(feature = "train")]
@@ -252,6 +270,8 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         device: a.device.clone(),
         eval_every: a.eval_every,
         progress: !a.quiet,
+        resume: resume_of(a.resume.as_deref()),
+        stop_after_epoch: a.stop_after_epoch,
     };
     let s = finetune(&o)?;
     let fmt = |r: &Option<conmim::train::finetune::run::EvalResult>| {
@@ -260,7 +280,8 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         })
     };
     println!(
-        "finetune: {} epochs x {} steps, {} samples in {:.1} s ({:.1} img/s), final loss {}; last {}; best {} (epoch {}); checkpoint {}",
+        "finetune: {}/{} epochs x {} steps, {} samples in {:.1} s ({:.1} img/s), final loss {}; last {}; best {} (epoch {}); checkpoint {}",
+        s.epochs_done,
         s.epochs,
         s.steps_per_epoch,
         s.samples,
@@ -527,12 +548,8 @@ struct PretrainArgs {
 
 #[cfg(feature = "train")]
 fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
-    use conmim::train::run::{PretrainOptions, Resume, pretrain};
-    let resume = match a.resume.as_deref() {
-        None => Resume::No,
-        Some("auto") => Resume::Auto,
-        Some(p) => Resume::Path(PathBuf::from(p)),
-    };
+    use conmim::train::run::{PretrainOptions, pretrain};
+    let resume = resume_of(a.resume.as_deref());
     let o = PretrainOptions {
         preset: a.preset.clone(),
         config_file: a.config.clone(),

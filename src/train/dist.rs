@@ -7,8 +7,8 @@
 //! rank makes the others fail with an error instead of hanging.
 //!
 //! The trainer joins a group with [`super::trainer::Trainer::join`] (rank 0's weights
-//! broadcast, gradients averaged per flat group, metrics averaged). Still to wire:
-//! `conmim pretrain` under torchrun (per-rank loader split, rank-0 checkpoints and logs).
+//! broadcast, metrics averaged) and averages gradients with [`GradReducer`]: libtorch's
+//! `c10d::Reducer`, DDP's bucketed all-reduce overlapped with the backward pass.
 
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Duration;
@@ -46,6 +46,25 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn conmim_pg_barrier(pg: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_reducer_new(
+        pg: *mut c_void,
+        params: *const *const torch_sys::C_tensor,
+        n: usize,
+        bucket_mb: f64,
+        first_bucket_mb: f64,
+        find_unused: c_int,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_reducer_prepare(
+        r: *mut c_void,
+        outputs: *const *const torch_sys::C_tensor,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn conmim_reducer_free(r: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
 }
 
 /// Stand-ins when the build had no gloo headers (see build.rs): every call errors.
@@ -98,6 +117,32 @@ mod no_gloo {
     }
     pub unsafe fn conmim_pg_barrier(_: *mut c_void, err: *mut c_char, err_len: usize) -> c_int {
         unsafe { fail(err, err_len) }
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn conmim_reducer_new(
+        _: *mut c_void,
+        _: *const *const torch_sys::C_tensor,
+        _: usize,
+        _: f64,
+        _: f64,
+        _: c_int,
+        _: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int {
+        unsafe { fail(err, err_len) }
+    }
+    pub unsafe fn conmim_reducer_prepare(
+        _: *mut c_void,
+        _: *const *const torch_sys::C_tensor,
+        _: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int {
+        unsafe { fail(err, err_len) }
+    }
+    pub unsafe fn conmim_reducer_free(_: *mut c_void, _: *mut c_char, _: usize) -> c_int {
+        0
     }
 }
 #[cfg(conmim_no_gloo)]
@@ -291,6 +336,180 @@ impl ProcessGroup {
         call("barrier", |e, n| unsafe {
             conmim_pg_barrier(self.ptr, e, n)
         })
+    }
+}
+
+impl ProcessGroup {
+    /// Checks that `params` hold the same values on every rank as on rank 0 (within
+    /// float noise; compared through their sum and absolute sum in f64): data-parallel
+    /// training keeps the replicas identical, so a difference means the gradient
+    /// averaging is broken. A collective.
+    pub fn check_replicas_agree(&self, params: &[&Tensor], what: &str) -> Result<()> {
+        let own = tch::no_grad(|| -> Result<Tensor> {
+            let (mut sum, mut abs) = (0f64, 0f64);
+            for p in params {
+                let p = p.f_to_kind(tch::Kind::Double)?;
+                sum += p.f_sum(tch::Kind::Double)?.double_value(&[]);
+                abs += p.f_abs()?.f_sum(tch::Kind::Double)?.double_value(&[]);
+            }
+            Ok(Tensor::from_slice(&[sum, abs]))
+        })?;
+        let root = own.copy();
+        self.broadcast(&root, 0)?;
+        let (a, b) = (Vec::<f64>::try_from(&own)?, Vec::<f64>::try_from(&root)?);
+        let tol = 1e-6 * b[1].abs().max(1.0);
+        if (a[0] - b[0]).abs() > tol || (a[1] - b[1]).abs() > tol {
+            return Err(TchError::Torch(format!(
+                "rank {}'s {what} differ from rank 0's (sum {} vs {}, |sum| {} vs {}): the \
+                 replicas diverged, so gradient averaging is broken",
+                self.rank, a[0], b[0], a[1], b[1]
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl ProcessGroup {
+    /// Every rank's loader position, in rank order (a collective: all ranks call it at
+    /// the same step, before rank 0 saves a checkpoint).
+    pub fn gather_loader_states(
+        &self,
+        own: &crate::loader::LoaderState,
+    ) -> Result<Vec<crate::loader::LoaderState>> {
+        const F: usize = 6;
+        let mut rows = vec![0i64; self.world_size * F];
+        let s = own;
+        let mine = [
+            s.stream.version as i64,
+            s.stream.epoch as i64,
+            s.stream.samples as i64,
+            s.stream.events as i64,
+            s.stream.fingerprint as i64,
+            s.next_batch as i64,
+        ];
+        rows[self.rank * F..(self.rank + 1) * F].copy_from_slice(&mine);
+        let t = Tensor::from_slice(&rows);
+        self.all_reduce_sum(&t)?;
+        let all = Vec::<i64>::try_from(&t)?;
+        Ok(all
+            .chunks(F)
+            .map(|r| crate::loader::LoaderState {
+                stream: crate::stream::StreamState {
+                    version: r[0] as u32,
+                    epoch: r[1] as u64,
+                    samples: r[2] as u64,
+                    events: r[3] as u64,
+                    fingerprint: r[4] as u64,
+                },
+                next_batch: r[5] as u64,
+            })
+            .collect())
+    }
+}
+
+/// The loader position rank `rank` of `world` resumes from: its own entry of a
+/// multi-rank checkpoint (`per_rank`), the single-process one (`single`) otherwise. A
+/// checkpoint of another world size is an error (its data split differs).
+pub fn resume_state(
+    per_rank: &[crate::loader::LoaderState],
+    single: Option<crate::loader::LoaderState>,
+    rank: usize,
+    world: usize,
+) -> std::result::Result<Option<crate::loader::LoaderState>, String> {
+    match (per_rank.len(), world) {
+        (0, _) if single.is_none() => Ok(None),
+        (0, 1) => Ok(single),
+        (n, w) if n == w => Ok(Some(per_rank[rank])),
+        (0, w) => Err(format!(
+            "the checkpoint is from a single-process run; resume it with one process (this \
+             run has WORLD_SIZE {w})"
+        )),
+        (n, w) => Err(format!(
+            "the checkpoint is from a {n}-rank run; resume it with WORLD_SIZE {n} (this run \
+             has {w})"
+        )),
+    }
+}
+
+/// DDP's default bucket sizes (MiB): the first bucket small, so that communication
+/// starts early in the backward pass, the others large.
+pub const BUCKET_MB: f64 = 25.0;
+pub const FIRST_BUCKET_MB: f64 = 1.0;
+
+/// Gradient averaging overlapped with the backward pass: libtorch's `c10d::Reducer`,
+/// the engine under PyTorch's `DistributedDataParallel`. The parameters' gradients are
+/// packed into buckets of about [`BUCKET_MB`] (reverse parameter order, then the order
+/// in which the first backward produced them); each bucket is all-reduced
+/// asynchronously as soon as all its gradients exist, while backward goes on, and when
+/// the backward pass ends every `.grad` holds the mean over the ranks.
+///
+/// Use: [`GradReducer::prepare`] right before each `backward()` whose gradients are to
+/// be averaged (a backward without it is local). Every rank must run the same
+/// parameters in the same order, and every parameter must get a gradient in every
+/// armed backward (DDP's `find_unused_parameters=False` contract; the reducer reports
+/// the parameters that did not).
+pub struct GradReducer {
+    ptr: *mut c_void,
+}
+
+// SAFETY: as for ProcessGroup: used from one thread at a time through its owner.
+unsafe impl Send for GradReducer {}
+
+impl std::fmt::Debug for GradReducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GradReducer")
+    }
+}
+
+impl GradReducer {
+    /// A reducer over `params` (trainable leaf tensors, all on one device) for `pg`.
+    pub fn new(pg: &ProcessGroup, params: &[&Tensor]) -> Result<Self> {
+        if params.is_empty() {
+            return Err(TchError::Torch(
+                "c10d reducer: no parameter to reduce".into(),
+            ));
+        }
+        let ptrs: Vec<*const torch_sys::C_tensor> = params.iter().map(|t| t.as_ptr()).collect();
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: live tensors and handle for the call; the shim copies the tensor handles.
+        call("reducer", |e, n| unsafe {
+            conmim_reducer_new(
+                pg.ptr,
+                ptrs.as_ptr(),
+                ptrs.len(),
+                BUCKET_MB,
+                FIRST_BUCKET_MB,
+                0,
+                &mut ptr,
+                e,
+                n,
+            )
+        })?;
+        Ok(GradReducer { ptr })
+    }
+
+    /// Arms the reducer for the next backward pass (rebuilding the buckets in
+    /// gradient-ready order once, after the first one: a collective on every rank).
+    pub fn prepare(&mut self) -> Result<()> {
+        // SAFETY: live handle; no outputs (every parameter is used).
+        call("reducer prepare", |e, n| unsafe {
+            conmim_reducer_prepare(self.ptr, std::ptr::null(), 0, e, n)
+        })
+    }
+}
+
+impl Drop for GradReducer {
+    fn drop(&mut self) {
+        let mut err = [0 as c_char; 512];
+        // SAFETY: the handle came from conmim_reducer_new and is freed once.
+        if unsafe { conmim_reducer_free(self.ptr, err.as_mut_ptr(), err.len()) } != 0 {
+            // SAFETY: the shim wrote a NUL-terminated message.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            eprintln!(
+                "conmim: freeing the c10d reducer: {}",
+                msg.to_string_lossy()
+            );
+        }
     }
 }
 

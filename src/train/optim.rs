@@ -134,20 +134,6 @@ fn global_norm(grads: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::f_cat(&norms, 0)?.norm())
 }
 
-impl FlatGrads {
-    /// Data parallelism: averages the gradients over the ranks of `pg` (one all-reduce
-    /// per group: a few large buckets) and recomputes the global norm from the averages.
-    pub fn all_reduce_mean(&mut self, pg: &super::dist::ProcessGroup) -> Result<()> {
-        for g in &mut self.grads {
-            if g.numel() > 0 {
-                pg.all_reduce_mean(g)?;
-            }
-        }
-        self.norm = tch::no_grad(|| global_norm(&self.grads))?;
-        Ok(())
-    }
-}
-
 /// Flat per-group gradients and their global norm ([`AdamW::gradients`]).
 #[derive(Debug)]
 pub struct FlatGrads {
@@ -280,6 +266,15 @@ impl AdamW {
             fused,
             step_tensor: None,
         })
+    }
+
+    /// Every parameter the optimiser updates (group order, then variable order): what
+    /// data parallelism averages the gradients of.
+    pub fn vars(&self) -> Vec<&Tensor> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.params.vars.iter())
+            .collect()
     }
 
     /// One update with learning rate `lr`, after clipping the global gradient norm to

@@ -234,17 +234,25 @@ pub(crate) fn check_writable(out: &Path) -> Result<()> {
 
 /// Keeps only metric lines with `step < before`.
 fn truncate_metrics(path: &Path, before: u64) -> Result<()> {
+    truncate_metrics_by(path, |v| {
+        v.get("step")
+            .and_then(|s| s.as_u64())
+            .is_some_and(|s| s < before)
+    })
+}
+
+/// Keeps only the metric lines (JSON objects) for which `keep` holds; a missing file
+/// is left missing.
+pub(crate) fn truncate_metrics_by(
+    path: &Path,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s < before)
-        })
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| keep(&v)))
         .collect();
     let mut body = kept.join("\n");
     if !body.is_empty() {
@@ -490,6 +498,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         }
     }
     pb.finish();
+    if let Some(pg) = &trainer.dist {
+        pg.check_replicas_agree(&trainer.opt.vars(), "student weights")?;
+    }
     metrics.flush()?;
     tb.flush()?;
     let wall = t0.elapsed().as_secs_f64();

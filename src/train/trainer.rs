@@ -89,6 +89,9 @@ pub struct Trainer {
     /// Data parallelism ([`Trainer::join`]): gradients and logged metrics are averaged
     /// over its ranks.
     pub dist: Option<super::dist::ProcessGroup>,
+    /// With `dist`: DDP's reducer over the student's parameters (gradient all-reduce in
+    /// buckets, overlapped with the backward pass).
+    pub reducer: Option<super::dist::GradReducer>,
     /// Every rank's loader position at the last [`Trainer::gather_loader_states`] (saved
     /// in checkpoints of multi-rank runs).
     pub rank_loader_states: Vec<LoaderState>,
@@ -123,6 +126,7 @@ impl Trainer {
         }
         Ok(Trainer {
             dist: None,
+            reducer: None,
             rank_loader_states: Vec::new(),
             amp,
             lr: cfg.lr_schedule(),
@@ -161,6 +165,10 @@ impl Trainer {
             }
             Ok(())
         })?;
+        self.reducer = Some(
+            super::dist::GradReducer::new(&pg, &self.opt.vars())
+                .context("setting up DDP's reducer")?,
+        );
         self.dist = Some(pg);
         Ok(())
     }
@@ -172,37 +180,12 @@ impl Trainer {
         let Some(pg) = &self.dist else {
             return Ok(());
         };
-        const F: usize = 6;
-        let mut rows = vec![0i64; pg.world_size * F];
         let Some(s) = self.loader_state else {
             bail!("rank {}: no loader position to save yet", pg.rank);
         };
-        let own = [
-            s.stream.version as i64,
-            s.stream.epoch as i64,
-            s.stream.samples as i64,
-            s.stream.events as i64,
-            s.stream.fingerprint as i64,
-            s.next_batch as i64,
-        ];
-        rows[pg.rank * F..(pg.rank + 1) * F].copy_from_slice(&own);
-        let t = Tensor::from_slice(&rows);
-        pg.all_reduce_sum(&t)
+        self.rank_loader_states = pg
+            .gather_loader_states(&s)
             .context("gathering loader positions")?;
-        let all = Vec::<i64>::try_from(&t)?;
-        self.rank_loader_states = all
-            .chunks(F)
-            .map(|r| LoaderState {
-                stream: crate::stream::StreamState {
-                    version: r[0] as u32,
-                    epoch: r[1] as u64,
-                    samples: r[2] as u64,
-                    events: r[3] as u64,
-                    fingerprint: r[4] as u64,
-                },
-                next_batch: r[5] as u64,
-            })
-            .collect();
         Ok(())
     }
 
@@ -211,19 +194,13 @@ impl Trainer {
     /// is an error (its data split differs).
     pub fn resume_loader_state(&self) -> Result<Option<LoaderState>> {
         let world = self.dist.as_ref().map_or(1, |d| d.world_size);
-        match (self.rank_loader_states.len(), world) {
-            (0, _) if self.loader_state.is_none() => Ok(None),
-            (0, 1) => Ok(self.loader_state),
-            (n, w) if n == w => Ok(Some(self.rank_loader_states[self.rank()])),
-            (0, w) => bail!(
-                "the checkpoint is from a single-process run; resume it with one process \
-                 (this run has WORLD_SIZE {w})"
-            ),
-            (n, w) => bail!(
-                "the checkpoint is from a {n}-rank run; resume it with WORLD_SIZE {n} (this \
-                 run has {w})"
-            ),
-        }
+        super::dist::resume_state(
+            &self.rank_loader_states,
+            self.loader_state,
+            self.rank(),
+            world,
+        )
+        .map_err(anyhow::Error::msg)
     }
 
     /// This process's rank (0 without data parallelism).
@@ -310,11 +287,12 @@ impl Trainer {
         // The loss in fp32 (a no-op cast on the CPU).
         let (proj, target) = (proj.to_kind(Kind::Float), target.to_kind(Kind::Float));
         let out = conmim_loss(&proj, &target, mask, self.cfg.temperature)?;
-        out.loss.backward();
-        let mut grads = self.opt.gradients()?;
-        if let Some(pg) = &self.dist {
-            grads.all_reduce_mean(pg).context("averaging gradients")?;
+        if let Some(r) = &mut self.reducer {
+            r.prepare().context("arming the gradient all-reduce")?;
         }
+        // With a reducer, the gradients come out of backward averaged over the ranks.
+        out.loss.f_backward().context("the backward pass")?;
+        let grads = self.opt.gradients()?;
         between()?;
         // The step's one device sync.
         let parts: Vec<Tensor> = [&out.loss.detach(), &out.masked, &grads.norm, &out.accuracy]

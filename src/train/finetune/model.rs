@@ -272,10 +272,36 @@ pub struct FinetuneState {
     pub step: u64,
     pub acc1: Option<f64>,
     pub acc5: Option<f64>,
+    /// What `--resume` needs besides the weights (in `checkpoints/last`, whose
+    /// `optimizer.safetensors` holds the AdamW moments); `None` in `checkpoints/best`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<ResumeState>,
 }
 
-/// Writes `net` and `state` as checkpoint `dir` (replacing it atomically).
-pub fn save(dir: &Path, net: &Classifier, state: &FinetuneState) -> Result<()> {
+/// The run's position at the end of an epoch, for `conmim finetune --resume`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResumeState {
+    /// Samples trained on so far (all ranks).
+    pub samples: u64,
+    pub final_loss: Option<f64>,
+    pub last: Option<super::run::EvalResult>,
+    pub best: Option<super::run::EvalResult>,
+    pub best_epoch: Option<u32>,
+    /// Every rank's loader position after its last batch of the epoch (one entry for a
+    /// single process).
+    pub loader_states: Vec<crate::loader::LoaderState>,
+    /// The optimiser's groups and their variables ([`crate::train::optim::AdamW::layout`]).
+    pub optimizer_layout: Vec<Vec<String>>,
+}
+
+/// Writes `net` and `state` as checkpoint `dir` (replacing it atomically), and the
+/// optimiser's moments when `opt` is given (a resumable checkpoint).
+pub fn save(
+    dir: &Path,
+    net: &Classifier,
+    state: &FinetuneState,
+    opt: Option<&crate::train::optim::AdamW>,
+) -> Result<()> {
     let parent = dir.parent().context("checkpoint path has no parent")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().context("checkpoint path has no name")?;
@@ -288,6 +314,15 @@ pub fn save(dir: &Path, net: &Classifier, state: &FinetuneState) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     Tensor::write_safetensors(&net.cpu_tensors(), tmp.join(checkpoint::MODEL_FILE))
         .with_context(|| format!("writing {}", tmp.display()))?;
+    if let Some(opt) = opt {
+        let t: Vec<(String, Tensor)> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&t, tmp.join(checkpoint::OPTIMIZER_FILE))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
     crate::format::atomic_write_json(&tmp.join(checkpoint::STATE_FILE), state)?;
     let old = parent.join(format!(
         ".old-{}-{}",
@@ -318,6 +353,14 @@ pub fn load(path: &Path, device: Device) -> Result<(Classifier, FinetuneState, P
             path.display()
         )
     })?;
+    let state = read_state(&dir)?;
+    let net = Classifier::new(&state.net, device)?;
+    load_weights(&net, &dir)?;
+    Ok((net, state, dir))
+}
+
+/// Reads and checks the `state.json` of fine-tuning checkpoint `dir`.
+pub fn read_state(dir: &Path) -> Result<FinetuneState> {
     let sp = dir.join(checkpoint::STATE_FILE);
     let text = std::fs::read(&sp).with_context(|| format!("reading {}", sp.display()))?;
     let state: FinetuneState = serde_json::from_slice(&text).with_context(|| {
@@ -334,7 +377,12 @@ pub fn load(path: &Path, device: Device) -> Result<(Classifier, FinetuneState, P
             state.kind
         );
     }
-    let net = Classifier::new(&state.net, device)?;
+    Ok(state)
+}
+
+/// Copies the weights of checkpoint `dir` into `net` (in place: variables that live in
+/// an optimiser's flat buffers stay there). Every tensor must match by name and shape.
+pub fn load_weights(net: &Classifier, dir: &Path) -> Result<()> {
     let file = dir.join(checkpoint::MODEL_FILE);
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&file)
         .with_context(|| format!("reading {}", file.display()))?
@@ -365,6 +413,5 @@ pub fn load(path: &Path, device: Device) -> Result<(Classifier, FinetuneState, P
             v.f_copy_(t)?;
         }
         Ok(())
-    })?;
-    Ok((net, state, dir))
+    })
 }

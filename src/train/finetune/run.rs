@@ -39,19 +39,22 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::config::FinetuneConfig;
 use super::layer_decay::param_groups_of;
-use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport};
+use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport, ResumeState};
 use crate::loader::{Loader, LoaderConfig, Task, default_threads};
-use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
+use crate::stream::{Remainder, ShardList, SourceOptions, Stream, StreamConfig};
 use crate::train::dist::{Backend, ProcessGroup};
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
-use crate::train::run::{check_writable, dist_and_device, dist_timeout, parse_device, parse_set};
+use crate::train::run::{
+    Resume, check_writable, dist_and_device, dist_timeout, parse_device, parse_set,
+    truncate_metrics_by,
+};
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
 use crate::train::vit::Config;
@@ -85,10 +88,16 @@ pub struct FinetuneOptions {
     /// Evaluate every this many epochs (and always after the last).
     pub eval_every: u32,
     pub progress: bool,
+    /// Continue from `OUT/checkpoints/last` (written at the end of every epoch) or a
+    /// given checkpoint; [`Resume::No`] refuses an OUT that already holds one.
+    pub resume: Resume,
+    /// Stop cleanly after this epoch (its checkpoint written), as a preemptible job
+    /// would; `--resume auto` continues the run. `None`: run every epoch.
+    pub stop_after_epoch: Option<u32>,
 }
 
 /// Top-1 / top-5 of one evaluation.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
     pub images: u64,
     pub acc1: f64,
@@ -112,6 +121,10 @@ pub struct FinetuneSummary {
     pub last: Option<EvalResult>,
     pub best: Option<EvalResult>,
     pub best_epoch: Option<u32>,
+    /// Epochs completed (fewer than `epochs` after `stop_after_epoch`).
+    pub epochs_done: u32,
+    /// The step this invocation started from (0, or the resumed checkpoint's).
+    pub resumed_at_step: u64,
     pub checkpoint: PathBuf,
 }
 
@@ -399,6 +412,64 @@ struct EvalLine {
     val_images: u64,
 }
 
+/// Restores weights, optimiser moments and step from resumable checkpoint `dir`
+/// (a `checkpoints/last`) into `net` / `opt`, and returns the run position saved with
+/// it. The checkpoint must come from the same config: the schedules, the data order
+/// and the optimiser layout all depend on it.
+fn resume(
+    dir: &Path,
+    net: &Classifier,
+    opt: &mut AdamW,
+    cfg: &FinetuneConfig,
+    net_cfg: &Config,
+    device: Device,
+) -> Result<ResumeState> {
+    let state = model::read_state(dir)?;
+    if &state.config != cfg {
+        let (a, b) = (
+            serde_json::to_value(&state.config)?,
+            serde_json::to_value(cfg)?,
+        );
+        let differ: Vec<String> = match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: checkpoint {v}, this run {}",
+                        b.get(k).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect(),
+            _ => vec![],
+        };
+        bail!(
+            "the checkpoint was written with another config ({}); resume with the same \
+             preset, --set and flags",
+            differ.join("; ")
+        );
+    }
+    if &state.net != net_cfg {
+        bail!("the checkpoint's network differs from this run's");
+    }
+    let r = state.resume.clone().context(
+        "the checkpoint holds no resume data (a `best` checkpoint, or one written before \
+         conmim could resume fine-tuning): resume from checkpoints/last",
+    )?;
+    if r.optimizer_layout != opt.layout() {
+        bail!("the checkpoint's optimiser layout differs from this run's");
+    }
+    model::load_weights(net, dir)?;
+    let file = dir.join(crate::train::checkpoint::OPTIMIZER_FILE);
+    let t: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .into_iter()
+        .map(|(k, t)| (k, t.to_device(device)))
+        .collect();
+    opt.load_state(&t, state.step)?;
+    Ok(r)
+}
+
 /// Runs `conmim finetune`.
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
@@ -448,6 +519,21 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     if main {
         check_writable(&o.out)?;
     }
+    let last_dir = crate::train::checkpoint::dir_of(&o.out).join("last");
+    let has_last = last_dir
+        .join(crate::train::checkpoint::STATE_FILE)
+        .is_file();
+    let resume_from = match &o.resume {
+        Resume::No if has_last => bail!(
+            "{} already holds fine-tuning checkpoint {}; pass --resume auto to continue it, \
+             or another --out",
+            o.out.display(),
+            last_dir.display()
+        ),
+        Resume::No => None,
+        Resume::Auto => has_last.then(|| last_dir.clone()),
+        Resume::Path(p) => Some(p.clone()),
+    };
 
     tch::manual_seed((cfg.seed >> 1) as i64);
     let net_cfg: Config = cfg.net_config();
@@ -497,12 +583,37 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         std::fs::create_dir_all(&d)?;
         d
     };
-    crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)?;
-    crate::format::atomic_write_json(&log_dir.join("init.json"), &init_report)?;
     if let Some(k) = cfg.train_last_blocks {
         freeze_all_but_last(&net, k);
     }
     let mut opt = optimizer(&net, &cfg)?;
+    let resumed = match &resume_from {
+        Some(dir) => Some(
+            resume(dir, &net, &mut opt, &cfg, &net_cfg, device)
+                .with_context(|| format!("resuming from {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)?;
+    if resumed.is_none() {
+        crate::format::atomic_write_json(&log_dir.join("init.json"), &init_report)?;
+    }
+    let start_step = opt.step;
+    if let (Some(dir), true) = (&resume_from, o.progress && main) {
+        eprintln!(
+            "conmim finetune: resumed from {} after epoch {} (step {start_step})",
+            dir.display(),
+            start_step / steps_per_epoch
+        );
+    }
+    // Data parallelism: DDP's reducer averages the gradients during backward.
+    let mut reducer = match &pg {
+        Some(pg) => Some(
+            crate::train::dist::GradReducer::new(pg, &opt.vars())
+                .context("setting up DDP's reducer")?,
+        ),
+        None => None,
+    };
     let sched = CosineSchedule {
         peak: cfg.scaled_lr(),
         final_value: cfg.scaled_min_lr(),
@@ -521,9 +632,19 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let classes = net_cfg.num_classes;
 
     let metrics_path = log_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    // Keep what the resumed checkpoint covers: train lines before its step and the
+    // evaluations up to it (nothing when starting fresh).
+    truncate_metrics_by(&metrics_path, |v| {
+        let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(u64::MAX);
+        step < start_step || (v.get("acc1").is_some() && step <= start_step)
+    })?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
     let mut tb = EventWriter::create(&log_dir.join("tb"))?;
+    tb.session_start(start_step)?;
     let ck = crate::train::checkpoint::dir_of(&log_dir);
     let mut lc = train_loader_config(&cfg);
     if world > 1 {
@@ -533,8 +654,23 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             .with_env_distribution()
             .context("splitting the data by rank")?;
     }
-    let mut loader =
-        Loader::open(&o.data, &train_opts, lc).with_context(|| format!("opening {}", o.data))?;
+    let resume_at = match &resumed {
+        Some(r) => crate::train::dist::resume_state(&r.loader_states, None, rank, world)
+            .map_err(anyhow::Error::msg)?,
+        None => None,
+    };
+    let mut loader = match &resume_at {
+        None => {
+            Loader::open(&o.data, &train_opts, lc).with_context(|| format!("opening {}", o.data))?
+        }
+        Some(st) => {
+            let stream = Stream::open(&o.data, &train_opts, lc.stream.clone())
+                .with_context(|| format!("opening {}", o.data))?;
+            Loader::with_state(stream, lc, st).context("resuming the training loader")?
+        }
+    };
+    // The position after the last batch trained on (saved at the end of each epoch).
+    let mut loader_state: Option<crate::loader::LoaderState>;
     let pb = if o.progress && main {
         ProgressBar::new(total)
     } else {
@@ -547,15 +683,22 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
+    pb.set_position(start_step);
     let t0 = Instant::now();
     let mut last_t = Instant::now();
-    let (mut samples, mut final_loss) = (0u64, None);
-    let (mut best, mut best_epoch, mut last): (
-        Option<EvalResult>,
-        Option<u32>,
-        Option<EvalResult>,
-    ) = (None, None, None);
-    for step in 0..total {
+    let r0 = resumed.clone();
+    let (mut samples, mut final_loss) = (
+        r0.as_ref().map_or(0, |r| r.samples),
+        r0.as_ref().and_then(|r| r.final_loss),
+    );
+    let (mut best, mut best_epoch, mut last) = (
+        r0.as_ref().and_then(|r| r.best),
+        r0.as_ref().and_then(|r| r.best_epoch),
+        r0.as_ref().and_then(|r| r.last),
+    );
+    let samples_at_start = samples;
+    let mut epochs_done = (start_step / steps_per_epoch) as u32;
+    for step in start_step..total {
         let epoch = (step / steps_per_epoch) as u32;
         let batch = match loader.next() {
             Some(b) => b.context("loading training data")?,
@@ -569,6 +712,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         let host = Tensor::from_slice(batch.weak()).view([b as i64, s, s, 3]);
         let x = crate::train::cuda::upload(&host, device)?;
         let labels = Tensor::from_slice(batch.labels()).to_device(device);
+        loader_state = Some(batch.state());
         drop(batch);
         let mut x = crate::train::input::normalize_nhwc(
             &x,
@@ -583,7 +727,10 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         };
         let logits = net.logits(&x, true, amp)?;
         let loss = soft_target_cross_entropy(&logits, &targets);
-        loss.backward();
+        if let Some(r) = &mut reducer {
+            r.prepare().context("arming the gradient all-reduce")?;
+        }
+        loss.f_backward().context("the backward pass")?;
         let grads = opt.gradients()?;
         let got = Vec::<f64>::try_from(
             Tensor::stack(
@@ -638,6 +785,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 step: step + 1,
                 acc1: None,
                 acc5: None,
+                resume: None,
             };
             if is_last || done.is_multiple_of(o.eval_every.max(1)) {
                 let r = evaluate_dist(
@@ -679,20 +827,46 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                     best = Some(r);
                     best_epoch = Some(done);
                     if main {
-                        model::save(&ck.join("best"), &net, &state)?;
+                        model::save(&ck.join("best"), &net, &state, None)?;
                     }
                 }
             }
+            let own = loader_state.context("no training batch in the epoch")?;
+            let loader_states = match &pg {
+                Some(pg) => pg
+                    .gather_loader_states(&own)
+                    .context("gathering loader positions")?,
+                None => vec![own],
+            };
+            state.resume = Some(ResumeState {
+                samples,
+                final_loss,
+                last,
+                best,
+                best_epoch,
+                loader_states,
+                optimizer_layout: opt.layout(),
+            });
             if main {
-                model::save(&ck.join("last"), &net, &state)?;
+                model::save(&ck.join("last"), &net, &state, Some(&opt))?;
             }
             metrics.flush()?;
             tb.flush()?;
+            epochs_done = done;
+            if o.stop_after_epoch.is_some_and(|k| done >= k) && !is_last {
+                pb.println(format!(
+                    "stopping after epoch {done} (--stop-after-epoch); continue with --resume auto"
+                ));
+                break;
+            }
         }
     }
     pb.finish();
     metrics.flush()?;
     tb.flush()?;
+    if let Some(pg) = &pg {
+        pg.check_replicas_agree(&opt.vars(), "fine-tuned weights")?;
+    }
     let wall = t0.elapsed().as_secs_f64();
     let summary = FinetuneSummary {
         preset: cfg.preset.clone(),
@@ -703,11 +877,13 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         steps_per_epoch,
         samples,
         wall_s: wall,
-        img_s: samples as f64 / wall.max(1e-9),
+        img_s: (samples - samples_at_start) as f64 / wall.max(1e-9),
         final_loss,
         last,
         best,
         best_epoch,
+        epochs_done,
+        resumed_at_step: start_step,
         checkpoint: ck.join("best"),
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)?;
@@ -1084,6 +1260,8 @@ mod tests {
             device: Some("cpu".into()),
             eval_every: 1,
             progress: false,
+            resume: Resume::No,
+            stop_after_epoch: None,
         }
     }
 
@@ -1130,6 +1308,81 @@ mod tests {
             }),
         };
         pretrain(&o).unwrap();
+    }
+
+    /// The metric lines of a run without the wall-clock field.
+    fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("img_s");
+                v
+            })
+            .collect()
+    }
+
+    /// Issue 5: fine-tuning resumes exactly. Three epochs in one go equal one epoch,
+    /// `--stop-after-epoch 1`, then `--resume auto` for the other two: the same losses,
+    /// learning rates, gradient norms and evaluations, and bit-identical final weights
+    /// (CPU). A fresh run into an OUT that holds a checkpoint is refused.
+    #[test]
+    fn issue5_finetune_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        labelled(dir.path(), "train", &[6, 6], 4);
+        labelled(dir.path(), "val", &[3, 4], 4);
+        let full = dir.path().join("full");
+        let mut o = ft_opts(dir.path(), &full, None);
+        o.epochs = Some(3);
+        let a = finetune(&o).unwrap();
+        assert_eq!((a.epochs_done, a.resumed_at_step), (3, 0));
+
+        let part = dir.path().join("part");
+        let mut o = ft_opts(dir.path(), &part, None);
+        o.epochs = Some(3);
+        o.stop_after_epoch = Some(1);
+        let b1 = finetune(&o).unwrap();
+        assert_eq!(b1.epochs_done, 1);
+        assert!(
+            part.join("checkpoints/last/optimizer.safetensors")
+                .is_file()
+        );
+        o.stop_after_epoch = None;
+        let err = format!("{:#}", finetune(&o).unwrap_err());
+        assert!(err.contains("--resume auto"), "{err}");
+        o.resume = Resume::Auto;
+        let b = finetune(&o).unwrap();
+        assert_eq!((b.epochs_done, b.resumed_at_step), (3, 3));
+        assert_eq!(b.samples, a.samples);
+        assert_eq!(b.last, a.last);
+        assert_eq!(b.best, a.best);
+        assert_eq!(b.best_epoch, a.best_epoch);
+        assert_eq!(b.final_loss, a.final_loss);
+        assert_eq!(metric_lines(&part), metric_lines(&full));
+        let read = |run: &Path| -> Vec<(String, Vec<f32>)> {
+            let mut t =
+                Tensor::read_safetensors(run.join("checkpoints/last/model.safetensors")).unwrap();
+            t.sort_by(|x, y| x.0.cmp(&y.0));
+            t.into_iter()
+                .map(|(n, t)| (n, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
+                .collect()
+        };
+        assert_eq!(
+            read(&part),
+            read(&full),
+            "bit-identical weights after resuming"
+        );
+
+        // A checkpoint of another config is refused, naming the difference.
+        let mut other = ft_opts(dir.path(), &part, None);
+        other.epochs = Some(4);
+        other.resume = Resume::Auto;
+        let err = format!("{:#}", finetune(&other).unwrap_err());
+        assert!(
+            err.contains("another config") && err.contains("epochs"),
+            "{err}"
+        );
     }
 
     /// Issue 5: partial fine-tuning of the last k blocks: everything below is frozen
@@ -1217,7 +1470,8 @@ mod tests {
     /// Issue 6: `conmim finetune` under `torchrun --nproc-per-node 2` (Gloo, CPU):
     /// global batch 4 = 2 per rank over disjoint shards, and the evaluation counts every
     /// validation sample exactly once across the ranks (3 on one, 4 on the other), with
-    /// the same result on both ranks; rank 0 writes the run directory.
+    /// the same result on both ranks; rank 0 writes the run directory; and the two
+    /// replicas end with the same weights (the run checks it: gradients averaged).
     #[test]
     fn issue6_finetune_under_torchrun() {
         if !crate::train::dist::AVAILABLE {

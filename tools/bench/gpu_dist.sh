@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# tools/bench/gpu_dist.sh — issue 6's GPU checks in one call: the NCCL path under
+# torchrun (world size 1, c10d ProcessGroupNCCL + DDP's reducer) against the same run
+# as a plain single process, loader-fed ViT-S ConMIM pretraining on the same data;
+# prints both img/s (median of the second half of the steps) and the overhead.
+#
+# Usage (GPU machine, repository root, release binaries built with --features train in
+# $BIN, a Python with torch, so that `torchrun` is on PATH or next to $PY):
+#   BIN=target/release OUT=/tmp/out tools/bench/gpu_dist.sh
+# Environment: STEPS (default 200), BATCH (256), THREADS (14), DATA (made when missing).
+set -uo pipefail
+BIN=${BIN:-target/release}
+OUT=${OUT:-/tmp/conmim-gpu}
+PY=${PY:-python3}
+STEPS=${STEPS:-200}
+BATCH=${BATCH:-256}
+THREADS=${THREADS:-14}
+DATA=${DATA:-/tmp/conmim-bench-data}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$($PY -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
+TORCHRUN=$(command -v torchrun || echo "$(dirname "$(command -v "$PY")")/torchrun")
+[ -f "$DATA/train.manifest.json" ] || "$BIN/conmim-bench" make-data --out "$DATA" --images 6000 > "$OUT/make-data.log" 2>&1
+common=(--preset small --data "$DATA" --steps "$STEPS" --batch "$BATCH" --threads "$THREADS"
+    --device cuda --save-every 100000 --quiet)
+rm -rf "$OUT/plain" "$OUT/nccl1"
+timeout 300 "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/plain" > "$OUT/plain.log" 2>&1
+echo "plain rc=$?"
+timeout 300 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
+    "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/nccl1" > "$OUT/nccl1.log" 2>&1
+echo "torchrun nccl rc=$?"
+$PY - "$OUT" <<'PY'
+import json, statistics, sys
+out = sys.argv[1]
+def rate(run):
+    try:
+        rows = [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl") if '"loss"' in l]
+    except OSError:
+        return None
+    v = [r["img_s"] for r in rows[len(rows) // 2:]]
+    return statistics.median(v) if v else None
+p, d = rate("plain"), rate("nccl1")
+res = {"plain_img_s": p, "torchrun_nccl_world1_img_s": d,
+       "overhead_pct": None if not (p and d) else 100.0 * (p - d) / p}
+print(json.dumps(res))
+json.dump(res, open(f"{out}/dist.json", "w"))
+PY
+grep -h "nccl\|NCCL\|error" "$OUT/nccl1.log" | tail -n 5
