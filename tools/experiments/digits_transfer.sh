@@ -17,7 +17,7 @@
 # feature `train` (BIN, default target/release): source tools/env.sh; LIBTORCH_USE_PYTORCH=1
 # cargo build --release --features train --bins. scikit-learn is installed into the venv
 # when missing. Environment: DEVICE (cpu|cuda, default: CUDA when available), THREADS
-# (loader threads, default 2), PRE_STEPS (1000), FT_EPOCHS (30).
+# (loader threads, default 2), PRE_STEPS (2000), FT_EPOCHS (30).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -26,7 +26,7 @@ source "$root/tools/env.sh"
 out="${1:?usage: digits_transfer.sh OUT}"
 bin="${BIN:-$root/target/release}"
 threads="${THREADS:-2}"
-pre_steps="${PRE_STEPS:-1000}"
+pre_steps="${PRE_STEPS:-2000}"
 ft_epochs="${FT_EPOCHS:-30}"
 dev=()
 [ -n "${DEVICE:-}" ] && dev=(--device "$DEVICE")
@@ -55,7 +55,7 @@ rm -rf "$out/init" "$out/pre" "$out/ft-pre" "$out/ft-scratch"
 "$bin/conmim" pretrain "${common_pre[@]}" --out "$out/init" --steps 1 --lr 0 --warmup-steps 0 >/dev/null
 echo "digits: pretraining $pre_steps steps"
 "$bin/conmim" pretrain "${common_pre[@]}" --out "$out/pre" --steps "$pre_steps" --lr 3e-2 \
-    --save-every $((pre_steps / 4)) --keep 10 | tail -n 1
+    --save-every $((pre_steps / 8)) --keep 10 | tail -n 1
 knn() {
     "$bin/conmim" knn "$1" --train-data "$data" --val-data "$data" --threads "$threads" "${dev[@]}"
 }
