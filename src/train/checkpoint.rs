@@ -135,13 +135,7 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
         let mut model = cpu_named("student", &trainer.student.vs);
         model.extend(cpu_named("teacher", &trainer.teacher.vs));
         Tensor::write_safetensors(&model, tmp.join(MODEL_FILE))?;
-        let opt: Vec<(String, Tensor)> = trainer
-            .opt
-            .state_tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.to_device(Device::Cpu).contiguous()))
-            .collect();
-        Tensor::write_safetensors(&opt, tmp.join(OPTIMIZER_FILE))?;
+        write_optimizer(&trainer.opt, &tmp.join(OPTIMIZER_FILE))?;
         let state = CheckpointState {
             format: FORMAT,
             step,
@@ -184,6 +178,26 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
         }
     }
     Ok(final_dir)
+}
+
+/// Writes the AdamW moments of `opt` to `file` (safetensors, on the CPU).
+pub fn write_optimizer(opt: &crate::train::optim::AdamW, file: &Path) -> Result<()> {
+    let t: Vec<(String, Tensor)> = opt
+        .state_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&t, file).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+/// Reads what [`write_optimizer`] wrote, onto `device` (for `AdamW::load_state`).
+pub fn read_optimizer(file: &Path, device: Device) -> Result<Vec<(String, Tensor)>> {
+    Ok(Tensor::read_safetensors(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .into_iter()
+        .map(|(k, t)| (k, t.to_device(device)))
+        .collect())
 }
 
 /// Reads a checkpoint's `state.json`.
@@ -288,14 +302,9 @@ impl Trainer {
                 .into_iter()
                 .collect();
         let opt_file = dir.join(OPTIMIZER_FILE);
-        let opt_tensors = Tensor::read_safetensors(&opt_file)
-            .with_context(|| format!("reading {}", opt_file.display()))?;
+        let opt_tensors = read_optimizer(&opt_file, self.device)?;
         load_vs(&self.student.vs, "student", &tensors, &model_file)?;
         load_vs(&self.teacher.vs, "teacher", &tensors, &model_file)?;
-        let opt_tensors: Vec<(String, Tensor)> = opt_tensors
-            .into_iter()
-            .map(|(k, t)| (k, t.to_device(self.device)))
-            .collect();
         self.opt.load_state(&opt_tensors, state.step)?;
         self.loader_state = state.loader_state;
         self.rank_loader_states = state.rank_loader_states.clone();

@@ -315,13 +315,7 @@ pub fn save(
     Tensor::write_safetensors(&net.cpu_tensors(), tmp.join(checkpoint::MODEL_FILE))
         .with_context(|| format!("writing {}", tmp.display()))?;
     if let Some(opt) = opt {
-        let t: Vec<(String, Tensor)> = opt
-            .state_tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.to_device(Device::Cpu).contiguous()))
-            .collect();
-        Tensor::write_safetensors(&t, tmp.join(checkpoint::OPTIMIZER_FILE))
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        checkpoint::write_optimizer(opt, &tmp.join(checkpoint::OPTIMIZER_FILE))?;
     }
     crate::format::atomic_write_json(&tmp.join(checkpoint::STATE_FILE), state)?;
     let old = parent.join(format!(

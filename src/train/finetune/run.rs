@@ -461,11 +461,7 @@ fn resume(
     }
     model::load_weights(net, dir)?;
     let file = dir.join(crate::train::checkpoint::OPTIMIZER_FILE);
-    let t: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
-        .with_context(|| format!("reading {}", file.display()))?
-        .into_iter()
-        .map(|(k, t)| (k, t.to_device(device)))
-        .collect();
+    let t = crate::train::checkpoint::read_optimizer(&file, device)?;
     opt.load_state(&t, state.step)?;
     Ok(r)
 }
@@ -1558,6 +1554,7 @@ mod tests {
     /// a plain forward pass of each sample.
     #[test]
     fn issue5_evaluation_sees_every_sample_exactly_once() {
+        let _rng = crate::train::testing::seeded(0); // libtorch's global generator
         let dir = tempfile::tempdir().unwrap();
         labelled(dir.path(), "val", &[5, 3, 5], 4);
         let cfg = build_config(&ft_opts(dir.path(), dir.path(), None)).unwrap();
