@@ -229,6 +229,12 @@ struct CompareArgs {
     /// The peer script.
     #[arg(long, default_value = "tools/bench/torch_loader.py")]
     peer: PathBuf,
+    /// Run the pair this many times, alternating (ours, peer, ours, peer, ...), and
+    /// report every round's ratio and their median: on a shared or throttling machine
+    /// the speed drifts over minutes, and alternating exposes both sides to the same
+    /// drift.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 /// Per-image milliseconds of each stage (CPU time summed over threads).
@@ -580,32 +586,99 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
 
 fn compare(c: &CompareArgs) -> Result<()> {
     let a = &c.loader;
-    let ours = bench_loader(&LoaderArgs {
-        json: true,
-        ..a.clone()
-    })?;
     let python = c
         .python
         .clone()
         .or_else(|| std::env::var_os("CONMIM_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
-    let data = if std::path::Path::new(&a.data).is_dir() {
-        a.data.clone()
-    } else {
+    if !std::path::Path::new(&a.data).is_dir() {
         bail!(
             "compare needs a dataset directory for the peer script, got {}",
             a.data
         );
+    }
+    let mut rounds = Vec::new();
+    for round in 1..=c.rounds {
+        if c.rounds > 1 {
+            eprintln!("round {round}/{}", c.rounds);
+        }
+        let ours = bench_loader(&LoaderArgs {
+            json: true,
+            ..a.clone()
+        })?;
+        let peer = run_peer(&python, &c.peer, a)?;
+        let peer_rate = peer["img_per_s"]
+            .as_f64()
+            .context("peer JSON has no img_per_s")?;
+        let peer_threads = peer["threads"].as_u64().unwrap_or(a.threads as u64).max(1) as f64;
+        let ratio = (ours.img_per_s / ours.threads as f64) / (peer_rate / peer_threads);
+        if c.rounds > 1 {
+            eprintln!(
+                "round {round}: conmim {:.0} img/s, pytorch {peer_rate:.0} img/s, per-core ratio {ratio:.2}x",
+                ours.img_per_s
+            );
+        }
+        rounds.push((ours, peer, peer_rate, peer_threads, ratio));
+    }
+    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.4).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = if ratios.len() % 2 == 1 {
+        ratios[ratios.len() / 2]
+    } else {
+        (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
     };
+    if a.json {
+        let (ours, peer, _, _, ratio) = &rounds[0];
+        let mut j = serde_json::json!({
+            "conmim": ours,
+            "pytorch": peer,
+            "per_core_ratio": if rounds.len() == 1 { *ratio } else { median },
+        });
+        if rounds.len() > 1 {
+            j["rounds"] = rounds
+                .iter()
+                .map(|(o, p, _, _, r)| serde_json::json!({"conmim": o, "pytorch": p, "per_core_ratio": r}))
+                .collect();
+            j["per_core_ratio_min"] = ratios[0].into();
+            j["per_core_ratio_max"] = ratios[ratios.len() - 1].into();
+        }
+        println!("{j}");
+    } else {
+        let (ours, _, peer_rate, peer_threads, ratio) = &rounds[rounds.len() - 1];
+        print_report(ours, false)?;
+        println!(
+            "pytorch peer: {peer_rate:.0} img/s with {peer_threads} workers ({:.0} img/s per worker)",
+            peer_rate / peer_threads
+        );
+        if rounds.len() == 1 {
+            println!("per-core ratio conmim / pytorch: {ratio:.1}x");
+        } else {
+            let each: Vec<String> = rounds.iter().map(|r| format!("{:.2}x", r.4)).collect();
+            println!(
+                "per-core ratio conmim / pytorch over {} alternating rounds: median {median:.2}x (each: {})",
+                rounds.len(),
+                each.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs the peer script with the loader's settings and returns its JSON object.
+fn run_peer(
+    python: &std::path::Path,
+    script: &std::path::Path,
+    a: &LoaderArgs,
+) -> Result<serde_json::Value> {
     eprintln!(
         "running the PyTorch peer: {} {} ({} s)",
         python.display(),
-        c.peer.display(),
+        script.display(),
         a.seconds
     );
-    let out = Command::new(&python)
-        .arg(&c.peer)
-        .args(["--data", &data, "--split", &a.split])
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--data", &a.data, "--split", &a.split])
         .args(["--threads", &a.threads.to_string()])
         .args(["--batch", &a.batch.to_string()])
         .args(["--seconds", &a.seconds.to_string()])
@@ -623,28 +696,7 @@ fn compare(c: &CompareArgs) -> Result<()> {
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
         .context("the peer script printed no JSON object")?;
-    let peer: serde_json::Value = serde_json::from_str(line).context("peer JSON")?;
-    let peer_rate = peer["img_per_s"]
-        .as_f64()
-        .context("peer JSON has no img_per_s")?;
-    let peer_threads = peer["threads"].as_u64().unwrap_or(a.threads as u64).max(1) as f64;
-    let ratio = (ours.img_per_s / ours.threads as f64) / (peer_rate / peer_threads);
-    if a.json {
-        let j = serde_json::json!({
-            "conmim": ours,
-            "pytorch": peer,
-            "per_core_ratio": ratio,
-        });
-        println!("{j}");
-    } else {
-        print_report(&ours, false)?;
-        println!(
-            "pytorch peer: {peer_rate:.0} img/s with {peer_threads} workers ({:.0} img/s per worker)",
-            peer_rate / peer_threads
-        );
-        println!("per-core ratio conmim / pytorch: {ratio:.1}x");
-    }
-    Ok(())
+    serde_json::from_str(line).context("peer JSON")
 }
 
 /// ImageNet's common sizes.

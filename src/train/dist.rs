@@ -431,6 +431,48 @@ pub fn resume_state(
     }
 }
 
+/// Where a rank writes its logs (config, metrics, TensorBoard events, summary): rank 0
+/// into the run directory `out`, every other rank into a scratch directory of its own
+/// under the system temp dir, removed again when this guard drops (so multi-rank runs
+/// leave nothing behind; only rank 0's logs are the run's).
+#[derive(Debug)]
+pub struct LogDir {
+    path: std::path::PathBuf,
+    scratch: bool,
+}
+
+impl LogDir {
+    /// The log directory of `rank` (`tag` names the command in the scratch name).
+    pub fn for_rank(out: &std::path::Path, rank: usize, tag: &str) -> std::io::Result<Self> {
+        if rank == 0 {
+            return Ok(LogDir {
+                path: out.to_path_buf(),
+                scratch: false,
+            });
+        }
+        let path =
+            std::env::temp_dir().join(format!("conmim-{tag}-rank{rank}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(LogDir {
+            path,
+            scratch: true,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if self.scratch {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// DDP's default bucket sizes (MiB): the first bucket small, so that communication
 /// starts early in the backward pass, the others large.
 pub const BUCKET_MB: f64 = 25.0;
@@ -525,6 +567,21 @@ mod tests {
     use super::*;
     use std::process::{Command, Stdio};
     use std::time::Instant;
+
+    #[test]
+    fn other_ranks_log_to_a_scratch_dir_that_is_removed() {
+        let out = tempfile::tempdir().unwrap();
+        let main = LogDir::for_rank(out.path(), 0, "test").unwrap();
+        assert_eq!(main.path(), out.path());
+        drop(main);
+        assert!(out.path().is_dir(), "rank 0's run directory must stay");
+        let other = LogDir::for_rank(out.path(), 1, "test").unwrap();
+        let scratch = other.path().to_path_buf();
+        assert_ne!(scratch, out.path());
+        std::fs::write(scratch.join("metrics.jsonl"), "{}\n").unwrap();
+        drop(other);
+        assert!(!scratch.exists(), "{} left behind", scratch.display());
+    }
 
     #[test]
     fn env_parsing() {

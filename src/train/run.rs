@@ -347,19 +347,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             .context("joining the process group")?;
         trainer.join(pg)?;
     }
-    // Rank 0 writes the run directory; other ranks log to a scratch directory.
+    // Rank 0 writes the run directory; other ranks log to a scratch directory that is
+    // removed at the end.
     let main = trainer.rank() == 0;
-    let log_dir = if main {
-        o.out.clone()
-    } else {
-        let d = std::env::temp_dir().join(format!(
-            "conmim-rank{}-{}",
-            trainer.rank(),
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&d)?;
-        d
-    };
+    let log_guard = crate::train::dist::LogDir::for_rank(&o.out, trainer.rank(), "pretrain")?;
+    let log_dir = log_guard.path();
     if let Some(p) = &resume_from {
         trainer
             .load_checkpoint(p)

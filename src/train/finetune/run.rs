@@ -571,14 +571,10 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             }
         );
     }
-    // Rank 0 writes the run directory; the other ranks log to a scratch directory.
-    let log_dir = if main {
-        o.out.clone()
-    } else {
-        let d = std::env::temp_dir().join(format!("conmim-ft-rank{rank}-{}", std::process::id()));
-        std::fs::create_dir_all(&d)?;
-        d
-    };
+    // Rank 0 writes the run directory; the other ranks log to a scratch directory that
+    // is removed at the end.
+    let log_guard = crate::train::dist::LogDir::for_rank(&o.out, rank, "finetune")?;
+    let log_dir = log_guard.path();
     if let Some(k) = cfg.train_last_blocks {
         freeze_all_but_last(&net, k);
     }
