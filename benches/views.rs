@@ -5,7 +5,8 @@
 //! `cargo bench --bench views` (knobs: `BENCH_DATA`, a dataset directory of tar shards,
 //! default `/tmp/bench-data` as `conmim-bench make-data` writes it, else built into
 //! `target/bench-views`; `BENCH_IMAGES`, default 1000; `BENCH_ROUNDS`, default 3 passes
-//! over the images per strategy, best pass reported).
+//! over the images per strategy, best pass reported; `BENCH_ONLY`, run only the strategies
+//! whose name contains it, e.g. `default` under `perf record`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -110,7 +111,11 @@ fn main() {
         "{:<38} {:>8} {:>8} {:>8} {:>8} {:>8}  decode paths",
         "strategy", "img/s", "decode", "resize", "strong", "total"
     );
+    let only: String = env_or("BENCH_ONLY", String::new());
     for (name, strategy) in strategies {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let mut vm = ViewMaker::with_strategy(strategy);
         let mut best: Option<(f64, [f64; 3])> = None;
         let mut paths = std::collections::BTreeMap::<String, usize>::new();
