@@ -6,9 +6,10 @@
 //! `target/bench-data`).
 //!
 //! Reports, on files already in the page cache (all runs read the same warm files):
-//! 1. Python ShardWriter (copy, 1 process), 2. conmim-shard copy mode (header-only
-//! validation, `BENCH_THREADS` threads), 3. the decode-bound rate of all cores (decode
-//! from memory, no I/O, no writing), 4. conmim-shard `--decode` on all cores.
+//! 1. Python ShardWriter (copy, 1 process),
+//! 2. conmim-shard copy mode (header-only validation, `BENCH_THREADS` threads),
+//! 3. the decode-bound rate of all cores (decode from memory, no I/O, no writing),
+//! 4. conmim-shard `--decode` on all cores.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

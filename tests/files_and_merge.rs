@@ -95,7 +95,15 @@ fn read_dataset(out: &Path, name: &str) -> Dataset {
             entry.url
         );
         let mut scanned = Vec::new();
-        let n = scan_shard(&path, |s| Ok(scanned.push(s)), |i| panic!("{i:?}")).unwrap();
+        let n = scan_shard(
+            &path,
+            |s| {
+                scanned.push(s);
+                Ok(())
+            },
+            |i| panic!("{i:?}"),
+        )
+        .unwrap();
         assert_eq!(n, entry.nsamples, "{}", entry.url);
         for s in scanned {
             let row = &rows[next_row];
@@ -495,7 +503,7 @@ fn parts_merge_into_the_single_run_dataset() {
     let before = part_files(&shared);
 
     // Missing part: refused, nothing touched.
-    let e = merge(&shared, "train", &[shared.clone()], false)
+    let e = merge(&shared, "train", std::slice::from_ref(&shared), false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("2/3") && e.contains("missing"), "{e}");

@@ -361,7 +361,15 @@ mod tests {
         assert_eq!(done.filesize, std::fs::metadata(&path).unwrap().len());
         assert_eq!(md5_file(&path).unwrap().0, done.md5sum);
         let mut seen = Vec::new();
-        let n = scan_shard(&path, |s| Ok(seen.push(s)), |i| panic!("{i:?}")).unwrap();
+        let n = scan_shard(
+            &path,
+            |s| {
+                seen.push(s);
+                Ok(())
+            },
+            |i| panic!("{i:?}"),
+        )
+        .unwrap();
         assert_eq!(n, 2);
         assert_eq!(seen[0].key, "k1");
         assert_eq!((seen[0].offset, seen[0].length), (a.offset, a.length));
@@ -399,7 +407,15 @@ mod tests {
         }
         b.into_inner().unwrap();
         let mut seen = Vec::new();
-        scan_shard(&path, |s| Ok(seen.push(s)), |i| panic!("{i:?}")).unwrap();
+        scan_shard(
+            &path,
+            |s| {
+                seen.push(s);
+                Ok(())
+            },
+            |i| panic!("{i:?}"),
+        )
+        .unwrap();
         assert_eq!(seen.len(), 2);
         assert_eq!((seen[0].offset, seen[0].length), (0, 1024));
         // GNU long-name entry: header + name block, then the real header + data.

@@ -127,10 +127,10 @@ impl ShardConfig {
                 self.max_reject_frac
             ));
         }
-        if let Some(r) = self.reencode {
-            if r.max_side == 0 || !(1..=100).contains(&r.quality) {
-                return bad("--max-side must be > 0 and --quality within 1..100".into());
-            }
+        if let Some(r) = self.reencode
+            && (r.max_side == 0 || !(1..=100).contains(&r.quality))
+        {
+            return bad("--max-side must be > 0 and --quality within 1..100".into());
         }
         if self.limits.min_side == 0 || self.limits.min_side > self.limits.max_side {
             return bad("image limits: need 1 <= min side <= max side".into());

@@ -117,21 +117,21 @@ pub fn build(
             Entry::Reject(r) => {
                 // Each part reports the enumeration rejects that hash to it, so merged
                 // parts list every reject exactly once.
-                if let Some(p) = part {
-                    if !p.contains(seed, &r.source) {
-                        info.other_parts += 1;
-                        return Ok(());
-                    }
+                if let Some(p) = part
+                    && !p.contains(seed, &r.source)
+                {
+                    info.other_parts += 1;
+                    return Ok(());
                 }
                 rejects.push(r);
                 info.enum_rejects += 1;
             }
             Entry::Item(item) => {
-                if let Some(p) = part {
-                    if !p.contains(seed, &item.key) {
-                        info.other_parts += 1;
-                        return Ok(());
-                    }
+                if let Some(p) = part
+                    && !p.contains(seed, &item.key)
+                {
+                    info.other_parts += 1;
+                    return Ok(());
                 }
                 let b = hash_str(seed, &item.key) % buckets;
                 let w = &mut writers[b as usize];

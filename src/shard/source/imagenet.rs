@@ -89,13 +89,13 @@ impl Imagenet {
                 "no WNID folders (nXXXXXXXX) found",
             ));
         }
-        if let Some(n) = expect_classes {
-            if wnids.len() != n {
-                return Err(Error::input(
-                    &class_dir,
-                    format!("found {} class folders, expected {n}", wnids.len()),
-                ));
-            }
+        if let Some(n) = expect_classes
+            && wnids.len() != n
+        {
+            return Err(Error::input(
+                &class_dir,
+                format!("found {} class folders, expected {n}", wnids.len()),
+            ));
         }
         let val_labels = match split {
             Split::Train => None,
@@ -344,15 +344,15 @@ impl Source for Imagenet {
 
     fn enumerate(&self, emit: &mut dyn FnMut(Entry) -> Result<()>) -> Result<()> {
         let mut counting = |e: Entry| {
-            if let Entry::Item(it) = &e {
-                if let Some(l) = it.label {
-                    *self
-                        .counts
-                        .lock()
-                        .expect("counts")
-                        .entry(self.wnids[l as usize].clone())
-                        .or_default() += 1;
-                }
+            if let Entry::Item(it) = &e
+                && let Some(l) = it.label
+            {
+                *self
+                    .counts
+                    .lock()
+                    .expect("counts")
+                    .entry(self.wnids[l as usize].clone())
+                    .or_default() += 1;
             }
             emit(e)
         };
@@ -367,9 +367,10 @@ impl Source for Imagenet {
         debug_assert_eq!(ctx.follow_symlinks, self.follow_symlinks);
         let img = load_image_file(&self.root, item, ctx)?;
         let label = item.label.unwrap_or_default();
-        let mut members = Vec::with_capacity(2);
-        members.push((img.info.format.ext().to_owned(), Vec::new()));
-        members.push(("cls".to_owned(), label.to_string().into_bytes()));
+        let mut members = vec![
+            (img.info.format.ext().to_owned(), Vec::new()),
+            ("cls".to_owned(), label.to_string().into_bytes()),
+        ];
         let row = image_row(item, &img, &members);
         members[0].1 = img.bytes;
         Ok(Sample { members, row })

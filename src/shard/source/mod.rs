@@ -191,10 +191,10 @@ thread_local! {
 
 fn real_root(root: &Path) -> std::result::Result<PathBuf, (String, String)> {
     REAL_ROOT.with(|cell| {
-        if let Some((given, real)) = &*cell.borrow() {
-            if given == root {
-                return Ok(real.clone());
-            }
+        if let Some((given, real)) = &*cell.borrow()
+            && given == root
+        {
+            return Ok(real.clone());
         }
         let real = root.canonicalize().map_err(|e| {
             (
@@ -227,14 +227,14 @@ pub fn check_image(
         Validation::Header => image::probe(&bytes, &ctx.limits)?,
         Validation::Decode => image::decode_check(&bytes, &ctx.limits)?,
     };
-    if let Some(re) = ctx.reencode {
-        if let Some((new, info)) = image::reencode(&bytes, &ctx.limits, re.max_side, re.quality)? {
-            return Ok(LoadedImage {
-                bytes: new,
-                info,
-                reencoded: true,
-            });
-        }
+    if let Some(re) = ctx.reencode
+        && let Some((new, info)) = image::reencode(&bytes, &ctx.limits, re.max_side, re.quality)?
+    {
+        return Ok(LoadedImage {
+            bytes: new,
+            info,
+            reencoded: true,
+        });
     }
     Ok(LoadedImage {
         bytes,

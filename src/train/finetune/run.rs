@@ -637,7 +637,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         .with_context(|| format!("opening {}", metrics_path.display()))?;
     let mut tb = EventWriter::create(&log_dir.join("tb"))?;
     tb.session_start(start_step)?;
-    let ck = crate::train::checkpoint::dir_of(&log_dir);
+    let ck = crate::train::checkpoint::dir_of(log_dir);
     let mut lc = train_loader_config(&cfg);
     if world > 1 {
         // Per-rank batch; shards split by RANK / WORLD_SIZE (the stream's epoch rules).
