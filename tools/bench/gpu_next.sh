@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# tools/bench/gpu_next.sh — the GPU checks the open issues still need, in one call, in
+# order of priority, under one deadline (a lent machine has 15 minutes in all, start-up
+# included):
+#   1. issue 6: NCCL under torchrun (world size 1) vs the plain single process,
+#      loader-fed ViT-S pretraining, and the overhead (tools/bench/gpu_dist.sh);
+#   2. issue 4: training img/s of ViT-B and ViT-L (timm-style) vs PyTorch eager, same GPU;
+#   3. issue 3: the loader on all cores, then against the PyTorch peer (needs webdataset:
+#      WHEELS=dir of wheels to install it offline), if time is left.
+# A step whose time limit does not fit in what is left of DEADLINE_S is skipped (and
+# logged as skipped), so the call always returns inside the deadline with what it has.
+#
+# Usage (GPU machine, repository root, release binaries built with --features train in
+# $BIN, stripped to fit the carry limit):
+#   BIN=.gpu OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
+# Results: $OUT/next.log (one line per step), $OUT/<step>.out / .log, $OUT/dist/.
+set -uo pipefail
+BIN=${BIN:-target/release}
+OUT=${OUT:-/tmp/conmim-gpu}
+PY=${PY:-python3}
+DEADLINE_S=${DEADLINE_S:-480}
+DATA=${DATA:-/tmp/conmim-bench-data}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$($PY -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
+t0=$(date +%s)
+left() { echo $(( DEADLINE_S - ($(date +%s) - t0) )); }
+log() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/next.log"; }
+step() { # step NAME LIMIT_S CMD...: stdout -> NAME.out, stderr -> NAME.log
+    local name=$1 to=$2; shift 2
+    if [ "$(left)" -lt "$to" ]; then
+        log "skip $name (needs ${to}s, $(left)s left)"
+        return
+    fi
+    log "start $name"
+    timeout "$to" "$@" > "$OUT/$name.out" 2> "$OUT/$name.log"
+    log "end $name rc=$? $(tail -c 300 "$OUT/$name.out" | tr '\n' ' ')"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; \
+  $PY -c 'import torch;print(torch.__version__)'; } > "$OUT/machine.txt" 2>&1
+NT=$(nproc)
+[ -f "$DATA/train.manifest.json" ] ||
+    "$BIN/conmim-bench" make-data --out "$DATA" --images 6000 --per-shard 250 > "$OUT/make_data.log" 2>&1
+log "data ready"
+
+# 1. Issue 6.
+step dist 240 env BIN="$BIN" OUT="$OUT/dist" PY="$PY" DATA="$DATA" STEPS=120 \
+    THREADS=$((NT - 2)) tools/bench/gpu_dist.sh
+
+# 2. Issue 4: ViT-B and ViT-L, Rust vs PyTorch eager.
+R=("$BIN/conmim-bench" train --json)
+T=($PY tools/bench/torch_train.py --device cuda)
+step rust_base_timm 120 "${R[@]}" --preset base --timm-style --batch 256 --steps 20 --warmup 8
+step torch_base 150 "${T[@]}" --model base --batch 256 --steps 20 --warmup 8
+step rust_large_timm 150 "${R[@]}" --preset large --timm-style --batch 128 --steps 15 --warmup 6
+step torch_large 150 "${T[@]}" --model large --batch 128 --steps 15 --warmup 6
+
+# 3. Issue 3: the loader on all cores, then side by side with the peer.
+step loader_all 40 "$BIN/conmim-bench" loader --data "$DATA" --threads "$NT" --batch 256 \
+    --seconds 15 --decode-seconds 3 --json
+if [ -n "${WHEELS:-}" ] && ! $PY -c 'import webdataset' 2>/dev/null; then
+    $PY -m pip install -q --no-index --find-links "$WHEELS" webdataset braceexpand > "$OUT/pip.log" 2>&1
+fi
+if $PY -c 'import webdataset' 2>/dev/null; then
+    step compare_all 100 env CONMIM_PYTHON="$PY" "$BIN/conmim-bench" compare --data "$DATA" \
+        --threads "$NT" --batch 256 --seconds 15 --decode-seconds 0 --json
+else
+    log "skip compare_all (no webdataset for the peer; set WHEELS)"
+fi
+log "done"
