@@ -3,10 +3,12 @@
 //! batching): where a loader thread's time goes, and what each decoding choice buys.
 //!
 //! `cargo bench --bench views` (knobs: `BENCH_DATA`, a dataset directory of tar shards,
-//! default `/tmp/bench-data` as `conmim-bench make-data` writes it, else built into
-//! `target/bench-views`; `BENCH_IMAGES`, default 1000; `BENCH_ROUNDS`, default 3 passes
-//! over the images per strategy, best pass reported; `BENCH_ONLY`, run only the strategies
-//! whose name contains it, e.g. `default` under `perf record`).
+//! default `/tmp/bench-data` as `conmim-bench make-data` writes it; without one, the same
+//! mix of ImageNet-like JPEGs is generated in memory; `BENCH_IMAGES`, default 1000;
+//! `BENCH_ROUNDS`, default 3 passes over the images per strategy, best pass reported;
+//! `BENCH_ONLY`, run only the strategies whose name contains it, e.g. `default` under
+//! `perf record`). Under `cargo test --all-targets` (no `--bench` argument) it is a
+//! smoke run on 8 generated images, so the benchmark cannot rot.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,24 @@ use std::time::Instant;
 use conmim::augment::views::{DecodePath, DecodeStrategy, ViewMaker};
 use conmim::image::ImageLimits;
 use conmim::image::turbo::{ALL_SCALES, FAST_SCALES};
+use conmim::testkit::{JpegSpec, derive_seed, jpeg};
+
+/// ImageNet's common sizes (as `conmim-bench make-data`).
+const SIZES: &[(u32, u32)] = &[(500, 375), (375, 500), (500, 333), (333, 500), (640, 480)];
+
+/// `n` ImageNet-like JPEGs (sizes above, quality 75-96), made in memory.
+fn generated(n: usize) -> Vec<Vec<u8>> {
+    (0..n as u64)
+        .map(|i| {
+            let r = derive_seed(0, i);
+            let (w, h) = SIZES[(r % SIZES.len() as u64) as usize];
+            jpeg(&JpegSpec {
+                quality: 75 + ((r >> 16) % 22) as u8,
+                ..JpegSpec::rgb(w, h, r)
+            })
+        })
+        .collect()
+}
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
@@ -51,26 +71,20 @@ fn load_jpegs(dir: &Path, limit: usize) -> Vec<Vec<u8>> {
 }
 
 fn main() {
-    let images: usize = env_or("BENCH_IMAGES", 1000);
-    let rounds: usize = env_or("BENCH_ROUNDS", 3);
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let images: usize = env_or("BENCH_IMAGES", if smoke { 8 } else { 1000 });
+    let rounds: usize = env_or("BENCH_ROUNDS", if smoke { 1 } else { 3 });
     let dir = PathBuf::from(env_or("BENCH_DATA", "/tmp/bench-data".to_string()));
-    assert!(
-        dir.is_dir(),
-        "{}: no dataset; run `conmim-bench make-data --out {} --images 2000` first",
-        dir.display(),
-        dir.display()
-    );
-    let jpegs = load_jpegs(&dir, images);
-    assert!(
-        !jpegs.is_empty(),
-        "{}: no .jpg members found",
-        dir.display()
-    );
+    let (jpegs, from) = if !smoke && dir.is_dir() {
+        (load_jpegs(&dir, images), dir.display().to_string())
+    } else {
+        (generated(images), "generated in memory".to_string())
+    };
+    assert!(!jpegs.is_empty(), "{from}: no .jpg members found");
     let mb = jpegs.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;
     println!(
-        "{} JPEGs ({mb:.1} MB) from {}, {rounds} rounds, best round per strategy",
+        "{} JPEGs ({mb:.1} MB) {from}, {rounds} rounds, best round per strategy",
         jpegs.len(),
-        dir.display()
     );
     let limits = ImageLimits::default();
     let size = 224u32;
