@@ -10,8 +10,12 @@
 # A step whose time limit does not fit in what is left of DEADLINE_S is skipped (and
 # logged as skipped), so the call always returns inside the deadline with what it has.
 #
-# Usage (GPU machine, repository root, release binaries built with --features train in
-# $BIN, stripped to fit the carry limit):
+# Usage: here, build and strip the binaries into the git-ignored .gpu/ (the carry limit is
+# 64 MiB; with debuginfo they are ~177 MB):
+#   source tools/env.sh; LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
+#     cargo build --release --features train --bins
+#   mkdir -p .gpu && for b in conmim conmim-bench; do strip -o .gpu/$b target/release/$b; done
+# then on the GPU machine (repository root; carry .gpu):
 #   BIN=.gpu OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
 # Results: $OUT/next.log (one line per step), $OUT/<step>.out / .log, $OUT/dist/.
 set -uo pipefail
