@@ -76,7 +76,7 @@ fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", if smoke { 1 } else { 3 });
     let dir = PathBuf::from(env_or("BENCH_DATA", "/tmp/bench-data".to_string()));
     let (jpegs, from) = if !smoke && dir.is_dir() {
-        (load_jpegs(&dir, images), dir.display().to_string())
+        (load_jpegs(&dir, images), format!("from {}", dir.display()))
     } else {
         (generated(images), "generated in memory".to_string())
     };
