@@ -15,8 +15,9 @@
 #   source tools/env.sh; LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
 #     cargo build --release --features train --bins
 #   mkdir -p .gpu && for b in conmim conmim-bench; do strip -o .gpu/$b target/release/$b; done
-# then on the GPU machine (repository root; carry .gpu):
-#   BIN=.gpu OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
+#   $CONMIM_PYTHON -m pip download --no-deps -d .gpu/wheels webdataset braceexpand
+# (about 8 MB each, 16 MB in all), then on the GPU machine (repository root; carry .gpu):
+#   BIN=.gpu WHEELS=.gpu/wheels OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
 # Results: $OUT/next.log (one line per step), $OUT/<step>.out / .log, $OUT/dist/.
 set -uo pipefail
 BIN=${BIN:-target/release}
