@@ -294,6 +294,10 @@ impl ProcessGroup {
             )
         })
         .map_err(|e| {
+            let e = match e {
+                TchError::Torch(m) => m,
+                other => other.to_string(),
+            };
             TchError::Torch(format!(
                 "{e} (rank {} of {}, store {}:{})",
                 env.rank, env.world_size, env.master_addr, env.master_port
@@ -897,6 +901,47 @@ mod tests {
             })
             .collect();
         wait_all(children)
+    }
+
+    /// The NCCL backend on a machine without CUDA (CI, this VM) is a clear error that
+    /// names the backend, never a crash or a hang: the shim's ProcessGroupNCCL (built
+    /// when the CUDA and NCCL headers are there) refuses without a GPU, and a build
+    /// without NCCL says so. With CUDA, world size 1 must simply work.
+    #[test]
+    fn nccl_world_one_works_with_cuda_and_is_a_clear_error_without() {
+        let env = DistEnv {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: free_port(),
+            agent_store: false,
+        };
+        let r = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(10));
+        if let Err(e) = &r
+            && e.to_string().contains("no NCCL backend")
+        {
+            return; // built without the CUDA/NCCL headers: said plainly, nothing to run
+        }
+        if tch::Cuda::is_available() {
+            let pg = r.unwrap();
+            let t = Tensor::from_slice(&[2.0f32]).to_device(Device::Cuda(0));
+            pg.all_reduce_sum(&t).unwrap();
+            let got = Vec::<f32>::try_from(&t.to_device(Device::Cpu)).unwrap();
+            assert_eq!(got, [2.0]);
+            return;
+        }
+        let msg = r.err().expect("NCCL without a GPU must fail").to_string();
+        let low = msg.to_lowercase();
+        assert!(
+            low.contains("nccl") && (low.contains("gpu") || low.contains("cuda")),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("frame #"),
+            "no C++ backtrace in the message: {msg}"
+        );
+        assert_eq!(msg.matches("Internal torch error").count(), 1, "{msg}");
     }
 
     fn free_port() -> u16 {

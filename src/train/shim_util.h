@@ -1,7 +1,12 @@
 // Shared by conmim's C++ shims (shim.cpp, dist_shim.cpp): the exception-to-error-code
 // convention. Every exported function returns 0 on success, or 1 with the C++
 // exception's message copied into `err` (NUL-terminated, truncated to `err_len`).
+// libtorch's own errors (c10::Error) give their message without the C++ backtrace
+// that `what()` appends: the backtrace says nothing a user can act on, and it would
+// fill the buffer before the context the Rust side adds.
 #pragma once
+
+#include <c10/util/Exception.h>
 
 #include <cstring>
 #include <exception>
@@ -16,6 +21,10 @@ inline void copy_err(const char* what, char* err, size_t err_len) {
 
 #define CONMIM_TRY try {
 #define CONMIM_CATCH                                               \
+    }                                                              \
+    catch (const c10::Error& e) {                                  \
+        conmim::copy_err(e.what_without_backtrace(), err, err_len); \
+        return 1;                                                  \
     }                                                              \
     catch (const std::exception& e) {                              \
         conmim::copy_err(e.what(), err, err_len);                  \
