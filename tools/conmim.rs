@@ -245,6 +245,13 @@ fn weights_of(w: WeightsArg) -> conmim::train::export::Weights {
     }
 }
 
+/// Whether this process prints the run's summary: a plain run, or rank 0 of a
+/// torchrun job (every rank holds the same global figures; torch scripts print once).
+#[cfg(feature = "train")]
+fn rank_zero() -> bool {
+    std::env::var("RANK").map_or(true, |r| r.trim() == "0")
+}
+
 #[cfg(feature = "train")]
 fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
     use conmim::train::finetune::run::{FinetuneOptions, finetune};
@@ -274,6 +281,9 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         stop_after_epoch: a.stop_after_epoch,
     };
     let s = finetune(&o)?;
+    if !rank_zero() {
+        return Ok(());
+    }
     let fmt = |r: &Option<conmim::train::finetune::run::EvalResult>| {
         r.map_or("-".to_owned(), |r| {
             format!("top-1 {:.2}% top-5 {:.2}%", r.acc1, r.acc5)
@@ -583,6 +593,9 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
             }),
     };
     let s = pretrain(&o)?;
+    if !rank_zero() {
+        return Ok(());
+    }
     println!(
         "pretrain: {} steps ({} -> {} of {}), {} samples in {:.1} s ({:.1} img/s, {:.0}% waiting for data), final loss {}, checkpoint {}",
         s.steps,
