@@ -188,6 +188,57 @@ fn resumed_loader_continues_exactly() {
     }
 }
 
+/// A loader state does not resume a loader whose settings would shape other batches
+/// (it would continue "exactly" into different output); a state saved before the
+/// settings were recorded still resumes.
+#[test]
+fn issue3_resuming_with_other_loader_settings_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[9, 7], &[]);
+    let mut l = open(dir.path(), config(2, 4, 2));
+    let state = l.next().unwrap().unwrap().state();
+    drop(l);
+    let resume = |cfg: LoaderConfig, state: &conmim::loader::LoaderState| {
+        let stream = Stream::open(
+            dir.path().to_str().unwrap(),
+            &SourceOptions::default(),
+            cfg.stream.clone(),
+        )
+        .unwrap();
+        Loader::with_state(stream, cfg, state)
+    };
+    type Change = fn(&mut LoaderConfig);
+    let changes: [(&str, Change); 4] = [
+        ("batch size", |c| c.batch_size = 3),
+        ("image size", |c| c.image_size = 48),
+        ("mask", |c| c.mask.ratio = 0.5),
+        ("task", |c| c.task = Task::ClassifyTrain),
+    ];
+    for (what, change) in changes {
+        let mut cfg = config(2, 4, 2);
+        change(&mut cfg);
+        let err = resume(cfg, &state)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: resumed"));
+        assert!(
+            err.to_string().contains("other loader settings"),
+            "{what}: {err}"
+        );
+    }
+    // Thread count and prefetch do not change the batches: allowed.
+    let mut cfg = config(3, 4, 2);
+    cfg.prefetch = 4;
+    assert!(resume(cfg, &state).is_ok());
+    // A state from before the field existed (no `settings` key) resumes unchecked.
+    let mut json: serde_json::Value = serde_json::to_value(state).unwrap();
+    json.as_object_mut().unwrap().remove("settings").unwrap();
+    let old: conmim::loader::LoaderState = serde_json::from_value(json).unwrap();
+    assert_eq!(old.settings, 0);
+    let mut cfg = config(2, 4, 2);
+    cfg.batch_size = 3;
+    assert!(resume(cfg, &old).is_ok());
+}
+
 #[test]
 fn corrupt_samples_are_skipped_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -420,4 +471,47 @@ fn dropping_the_loader_mid_epoch_is_prompt() {
     assert_eq!(first.len(), 2);
     drop(first);
     assert!(t.elapsed().as_secs() < 5, "drop took {:?}", t.elapsed());
+}
+
+/// A consumer that keeps every batch alive (`collect()` into a `Vec`) holds more than
+/// the pool's `prefetch + 1` buffers: the loader must grow the pool, not deadlock.
+#[test]
+fn issue3_a_consumer_holding_every_batch_does_not_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[10, 10, 10], &[]);
+    let mut cfg = config(2, 3, 1);
+    cfg.prefetch = 1;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dir.path().to_owned();
+    std::thread::spawn(move || {
+        let l = open(&path, cfg);
+        let held: Vec<Batch> = l.map(|b| b.unwrap()).collect();
+        let ptrs: HashSet<usize> = held.iter().map(|b| b.weak().as_ptr() as usize).collect();
+        let _ = tx.send((
+            held.len(),
+            ptrs.len(),
+            held.iter().map(|b| b.len()).sum::<usize>(),
+        ));
+    });
+    let (batches, distinct, samples) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the loader deadlocked while the consumer held its batches");
+    assert_eq!((batches, samples), (10, 30));
+    assert_eq!(distinct, 10, "every held batch has its own buffers");
+
+    // Holding a few and dropping the rest: the extra buffers are counted, and a loader
+    // whose consumer drops its batches grows nothing.
+    let mut cfg = config(2, 3, 1);
+    cfg.prefetch = 1;
+    let mut l = open(dir.path(), cfg.clone());
+    let kept: Vec<Batch> = (&mut l).take(4).map(|b| b.unwrap()).collect();
+    assert_eq!(kept.len(), 4);
+    assert!(l.stats().grown_buffers >= 2, "{:?}", l.stats());
+    drop(kept);
+    assert_eq!(l.map(|b| b.unwrap().len()).sum::<usize>(), 18);
+    let mut l = open(dir.path(), cfg);
+    for b in &mut l {
+        b.unwrap();
+    }
+    assert_eq!(l.stats().grown_buffers, 0);
 }

@@ -408,6 +408,82 @@ fn jpeg_decode() {
     check(&["decode"]);
 }
 
+/// The loader's default JPEG path is libjpeg-turbo (the library PIL links): its full
+/// decode (scale 8/8, the whole image as the region) equals PIL's bit for bit, and a
+/// region decode equals the same window of PIL's full decode away from the region's
+/// border (chroma upsampling there sees no neighbours outside the region).
+#[test]
+fn jpeg_decode_libjpeg_turbo_equals_pil() {
+    use conmim::image::turbo::{Region, TurboDecoder};
+    let fx = load();
+    let mut seen = 0;
+    for case in fx.cases.iter().filter(|c| c.op == "decode") {
+        seen += 1;
+        let bytes = fx.inputs[&case.input].encoded.as_ref().expect("jpeg");
+        let mut t = TurboDecoder::new().expect("turbojpeg handle");
+        let h = t.read_header(bytes).expect("header");
+        assert!(h.supports_fast_path(), "{h:?}");
+        let (w, ht) = (h.width, h.height);
+        let full = Region {
+            x: 0,
+            y: 0,
+            w,
+            h: ht,
+        };
+        assert_eq!(t.decode(bytes, 8, full).expect("decode"), (w, ht));
+        let d = diff(t.rgb(), &case.expected, 0);
+        assert_eq!(
+            (d.max, d.over_bulk),
+            (0, 0),
+            "{}: full decode differs from PIL",
+            case.name
+        );
+
+        // A region one iMCU in from the left (x must be iMCU-aligned), 8 rows down, and
+        // 8 columns / rows short of the far edges. Measured: only the region's first and
+        // last columns differ (by up to 71 levels on this image), which is why the loader
+        // decodes `REGION_MARGIN` extra pixels around every crop.
+        let m = h.mcu_width().expect("mcu width");
+        let r = Region {
+            x: m,
+            y: 8,
+            w: w - m - 8,
+            h: ht - 16,
+        };
+        let edge = 1;
+        t.read_header(bytes).expect("header");
+        let (rw, rh) = t.decode(bytes, 8, r).expect("region decode");
+        assert_eq!((rw, rh), (r.w, r.h));
+        let (mut inner_max, mut edge_max) = (0u8, 0u8);
+        for y in 0..rh {
+            for x in 0..rw {
+                for c in 0..3 {
+                    let got = t.rgb()[((y * rw + x) * 3 + c) as usize];
+                    let want = case.expected[(((y + r.y) * w + x + r.x) * 3 + c) as usize];
+                    let e = got.abs_diff(want);
+                    let inner = x >= edge && y >= edge && x + edge < rw && y + edge < rh;
+                    if inner {
+                        inner_max = inner_max.max(e);
+                    } else {
+                        edge_max = edge_max.max(e);
+                    }
+                }
+            }
+        }
+        println!(
+            "{}: region decode max |d| {inner_max} inside, {edge_max} at the edges",
+            case.name
+        );
+        assert_eq!(inner_max, 0, "{}: region decode differs inside", case.name);
+        assert!(
+            edge_max > 0,
+            "{}: the edge effect is gone: update the comment above",
+            case.name
+        );
+    }
+    assert!(seen > 0, "no decode fixture");
+}
+
 /// Every op in the index has a stated tolerance and a test above; the index is complete.
 #[test]
 fn index_is_covered() {

@@ -335,8 +335,11 @@ fn config_validation_and_serde() {
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving the files of `root`: `/ok/NAME` the
-/// file, `/flaky/NAME` the file after two `503`s, anything else `404`. One request per
-/// connection (`Connection: close`). Returns the base URL and the request log.
+/// file, `/flaky/NAME` the file after two `503`s, `/stall-head/NAME` nothing at all
+/// (for 5 s), `/stall-body/NAME` the headers and the first 5000 bytes of the file,
+/// then nothing (for 5 s); anything else `404`. One request per connection
+/// (`Connection: close`), each on its own thread. Returns the base URL and the
+/// request log.
 fn serve(root: &Path) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -346,44 +349,64 @@ fn serve(root: &Path) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
+            let (root, seen) = (root.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    return;
                 }
-            }
-            let n = {
-                let mut seen = seen.lock().unwrap();
-                seen.push(path.clone());
-                seen.iter().filter(|p| **p == path).count()
-            };
-            let file = |name: &str| std::fs::read(root.join(name)).ok();
-            let (status, body) = match path.split_once('/').map(|x| x.1) {
-                Some(p) if p.starts_with("ok/") => match file(&p[3..]) {
-                    Some(b) => ("200 OK", b),
-                    None => ("404 Not Found", Vec::new()),
-                },
-                Some(p) if p.starts_with("flaky/") && n <= 2 => {
-                    ("503 Service Unavailable", b"busy".to_vec())
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
                 }
-                Some(p) if p.starts_with("flaky/") => match file(&p[6..]) {
-                    Some(b) => ("200 OK", b),
-                    None => ("404 Not Found", Vec::new()),
-                },
-                _ => ("404 Not Found", b"no such shard".to_vec()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(&body);
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(path.clone());
+                    seen.iter().filter(|p| **p == path).count()
+                };
+                let file = |name: &str| std::fs::read(root.join(name)).ok();
+                let stall = || std::thread::sleep(std::time::Duration::from_secs(5));
+                let (status, body) = match path.split_once('/').map(|x| x.1) {
+                    Some(p) if p.starts_with("stall-head/") => {
+                        stall();
+                        return;
+                    }
+                    Some(p) if p.starts_with("stall-body/") => {
+                        let b = file(&p[11..]).unwrap();
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            b.len()
+                        );
+                        let _ = conn.write_all(head.as_bytes());
+                        let _ = conn.write_all(&b[..5000]);
+                        let _ = conn.flush();
+                        stall();
+                        return;
+                    }
+                    Some(p) if p.starts_with("ok/") => match file(&p[3..]) {
+                        Some(b) => ("200 OK", b),
+                        None => ("404 Not Found", Vec::new()),
+                    },
+                    Some(p) if p.starts_with("flaky/") && n <= 2 => {
+                        ("503 Service Unavailable", b"busy".to_vec())
+                    }
+                    Some(p) if p.starts_with("flaky/") => match file(&p[6..]) {
+                        Some(b) => ("200 OK", b),
+                        None => ("404 Not Found", Vec::new()),
+                    },
+                    _ => ("404 Not Found", b"no such shard".to_vec()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(&body);
+            });
         }
     });
     (base, log)
@@ -499,4 +522,106 @@ fn http_connection_refused_is_retried_then_reported() {
     let err = o.open(&url).err().unwrap().to_string();
     assert!(err.contains(&url) && err.contains("2 retries"), "{err}");
     assert!(t.elapsed() >= std::time::Duration::from_millis(60));
+}
+
+/// An opener that gives up on a silent server after 300 ms.
+fn impatient_http(retries: u32) -> HttpOpener {
+    HttpOpener {
+        retries,
+        backoff: std::time::Duration::from_millis(5),
+        ..HttpOpener::with_timeouts(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_millis(300),
+        )
+    }
+}
+
+#[test]
+fn issue3_http_a_silent_server_times_out_is_retried_then_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, log) = serve(tmp.path());
+    let url = format!("{base}/stall-head/x.tar");
+    let t = std::time::Instant::now();
+    let err = impatient_http(1).open(&url).err().unwrap().to_string();
+    assert!(err.contains(&url) && err.contains("1 retries"), "{err}");
+    assert!(
+        err.to_lowercase().contains("timeout") || err.contains("timed out"),
+        "{err}"
+    );
+    // Two attempts of ~0.3 s each, far below the server's 5 s silence.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(count(&log, "/stall-head/x.tar"), 2);
+}
+
+#[test]
+fn issue3_http_a_body_stalling_mid_shard_is_a_damaged_shard_and_the_stream_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[8, 3]);
+    let (base, _log) = serve(tmp.path());
+    let names: Vec<String> = (0..2)
+        .map(|i| conmim::format::shard_name("train", i))
+        .collect();
+    let urls = vec![
+        format!("{base}/stall-body/{}", names[0]),
+        format!("{base}/ok/{}", names[1]),
+    ];
+    let opener = Arc::new(DefaultOpener {
+        http: impatient_http(0),
+        ..DefaultOpener::default()
+    });
+    let c = StreamConfig {
+        shuffle_shards: false,
+        shuffle_buffer: 0,
+        equalize_samples: false,
+        ..cfg(0, 0, 1)
+    };
+    let list = ShardList::from_urls(urls.clone(), false).unwrap();
+    let t = std::time::Instant::now();
+    let mut s = Stream::new(list, c, opener).unwrap();
+    let got = keys(&mut s);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    // 5000 bytes hold the first two samples (2048 bytes each) of shard 0.
+    assert_eq!(got, ["s0_0", "s0_1", "s1_0", "s1_1", "s1_2"]);
+    let errors = s.take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, urls[0]);
+}
+
+#[test]
+fn issue6_a_remote_manifest_resolves_its_shards_next_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[4, 3, 5]);
+    let (base, _log) = serve(tmp.path());
+    let opts = SourceOptions::default();
+    let local = ShardList::resolve(tmp.path().to_str().unwrap(), &opts).unwrap();
+    let manifest = format!("{base}/ok/train.manifest.json");
+    for spec in [manifest.clone(), format!("{base}/ok/")] {
+        let remote = ShardList::resolve(&spec, &opts).unwrap();
+        assert_eq!(remote.len(), 3);
+        for (r, l) in remote.shards().iter().zip(local.shards()) {
+            let name = Path::new(&l.url).file_name().unwrap().to_str().unwrap();
+            assert_eq!(r.url, format!("{base}/ok/{name}"));
+            assert_eq!(r.nsamples, l.nsamples);
+        }
+        assert_eq!(remote.total_samples(), Some(12));
+    }
+    // Streams like the local dataset, sample counts (and so rank equalising) included.
+    let mut over_http = Stream::open(&manifest, &opts, cfg(5, 0, 1)).unwrap();
+    let mut on_disk = stream(tmp.path(), cfg(5, 0, 1));
+    assert_eq!(keys(&mut over_http), keys(&mut on_disk));
+    // A missing remote manifest names its URL.
+    let missing = format!("{base}/ok/val.manifest.json");
+    let err = ShardList::resolve(&missing, &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&missing) && err.contains("404"), "{err}");
 }

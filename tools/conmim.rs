@@ -18,14 +18,16 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+#[path = "source_args.rs"]
+mod source_args;
+use source_args::SourceArgs;
+
 use conmim::augment::views::ViewMaker;
 use conmim::loader::{
     DEFAULT_IMAGE_SIZE, IMAGE_EXTS, MaskConfig, MaskKind, image_member, mask_rng,
 };
 use conmim::preview::{self, PreviewRow};
-use conmim::stream::{
-    DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, DEFAULT_SPLIT, SourceOptions, Stream, StreamConfig,
-};
+use conmim::stream::{DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, DEFAULT_SPLIT, Stream, StreamConfig};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -126,14 +128,8 @@ struct LinearArgs {
 #[cfg(feature = "train")]
 fn linear_cmd(a: &LinearArgs) -> Result<()> {
     let k = &a.knn;
-    let topts = SourceOptions {
-        split: k.train_split.clone(),
-        allow_pipe: false,
-    };
-    let vopts = SourceOptions {
-        split: k.val_split.clone(),
-        allow_pipe: false,
-    };
+    let topts = k.source.options(&k.train_split)?;
+    let vopts = k.source.options(&k.val_split)?;
     let val = k.val_data.clone().unwrap_or_else(|| k.train_data.clone());
     let r = conmim::train::finetune::run::linear_probe(
         &k.checkpoint,
@@ -175,9 +171,8 @@ struct FinetuneArgs {
     /// Validation split.
     #[arg(long, default_value = "val")]
     val_split: String,
-    /// Accept pipe:CMD shard URLs.
-    #[arg(long)]
-    allow_pipe: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Pretrained weights: a pretraining run or checkpoint directory, or a .safetensors.
     #[arg(long)]
     init: Option<PathBuf>,
@@ -263,7 +258,8 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         train_split: a.split.clone(),
         val_data: a.val_data.clone(),
         val_split: a.val_split.clone(),
-        allow_pipe: a.allow_pipe,
+        allow_pipe: a.source.allow_pipe,
+        http: a.source.http()?,
         init: a.init.clone(),
         init_weights: weights_of(a.init_weights),
         out: a.out.clone(),
@@ -317,9 +313,8 @@ struct EvalArgs {
     /// Split.
     #[arg(long, default_value = "val")]
     split: String,
-    /// Accept pipe:CMD shard URLs.
-    #[arg(long)]
-    allow_pipe: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Batch size.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -336,10 +331,7 @@ struct EvalArgs {
 
 #[cfg(feature = "train")]
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
-    let opts = SourceOptions {
-        split: a.split.clone(),
-        allow_pipe: a.allow_pipe,
-    };
+    let opts = a.source.options(&a.split)?;
     let (r, dir) = conmim::train::finetune::run::eval_checkpoint(
         &a.checkpoint,
         &a.data,
@@ -388,18 +380,14 @@ struct KnnArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 #[cfg(feature = "train")]
 fn knn_cmd(a: &KnnArgs) -> Result<()> {
-    let topts = SourceOptions {
-        split: a.train_split.clone(),
-        allow_pipe: false,
-    };
-    let vopts = SourceOptions {
-        split: a.val_split.clone(),
-        allow_pipe: false,
-    };
+    let topts = a.source.options(&a.train_split)?;
+    let vopts = a.source.options(&a.val_split)?;
     let val = a.val_data.clone().unwrap_or_else(|| a.train_data.clone());
     let r = conmim::train::finetune::run::knn(
         &a.checkpoint,
@@ -501,9 +489,8 @@ struct PretrainArgs {
     /// Split whose manifest a dataset directory is read for.
     #[arg(long, default_value = DEFAULT_SPLIT)]
     split: String,
-    /// Accept pipe:CMD shard URLs.
-    #[arg(long)]
-    allow_pipe: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Run directory.
     #[arg(long)]
     out: PathBuf,
@@ -566,7 +553,8 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
         sets: a.sets.clone(),
         data: a.data.clone(),
         split: a.split.clone(),
-        allow_pipe: a.allow_pipe,
+        allow_pipe: a.source.allow_pipe,
+        http: a.source.http()?,
         out: a.out.clone(),
         steps: a.steps,
         batch: a.batch,
@@ -611,6 +599,17 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
             .as_ref()
             .map_or("-".into(), |p| p.display().to_string()),
     );
+    if s.skipped_samples + s.shard_errors > 0 {
+        eprintln!(
+            "pretrain: skipped {} corrupt samples and {} damaged/unreachable shards (cap: \
+             --set max_errors=N); the first:",
+            s.skipped_samples, s.shard_errors
+        );
+        for e in s.errors.iter().take(10) {
+            let key = if e.key.is_empty() { "(shard)" } else { &e.key };
+            eprintln!("  {} {key}: {}", e.shard, e.message);
+        }
+    }
     Ok(())
 }
 
@@ -665,9 +664,8 @@ struct PreviewArgs {
     /// Sample shuffle buffer; keep the training value to see the samples training sees.
     #[arg(long, default_value_t = DEFAULT_SHUFFLE_BUFFER)]
     shuffle_buffer: usize,
-    /// Accept pipe:CMD shard URLs (they run shell commands).
-    #[arg(long)]
-    allow_pipe: bool,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 /// One sample of the picture.
@@ -685,10 +683,7 @@ fn preview_cmd(a: &PreviewArgs) -> Result<()> {
         .with_context(|| format!("--size {} with --mask {:?}", a.size, a.mask))?;
     let grid = masker.grid();
     let patch = mask_cfg.patch_size;
-    let opts = SourceOptions {
-        split: a.split.clone(),
-        allow_pipe: a.allow_pipe,
-    };
+    let opts = a.source.options(&a.split)?;
     let cfg = StreamConfig {
         seed: a.seed,
         shuffle_buffer: a.shuffle_buffer,

@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+#[path = "source_args.rs"]
+mod source_args;
+use source_args::SourceArgs;
+
 use conmim::image::ImageLimits;
 use conmim::image::pixels::Decoder;
 use conmim::loader::{Loader, LoaderConfig, LoaderStats, MaskConfig, MaskKind, Task};
@@ -210,9 +214,12 @@ struct LoaderArgs {
     /// Seconds of the single-thread plain-decode baseline (0 = skip).
     #[arg(long, default_value_t = 3.0)]
     decode_seconds: f64,
-    /// Accept `pipe:` sources.
-    #[arg(long)]
-    allow_pipe: bool,
+    /// Corrupt samples tolerated (skipped, counted and named in the report) before the
+    /// run fails; default: skip them all.
+    #[arg(long, value_name = "N")]
+    max_errors: Option<u64>,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Print one JSON object on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -328,6 +335,7 @@ fn loader_config(a: &LoaderArgs) -> LoaderConfig {
             MaskArg::Cell => MaskKind::Cell,
             MaskArg::Block => MaskKind::Block,
         }),
+        max_errors: a.max_errors,
         ..LoaderConfig::default()
     }
 }
@@ -368,6 +376,7 @@ fn sub(a: &LoaderStats, b: &LoaderStats) -> LoaderStats {
         samples: a.samples - b.samples,
         dropped: a.dropped - b.dropped,
         batches: a.batches - b.batches,
+        grown_buffers: a.grown_buffers - b.grown_buffers,
     }
 }
 
@@ -375,10 +384,7 @@ fn bench_loader(a: &LoaderArgs) -> Result<Report> {
     if a.seconds.is_nan() || a.seconds <= 0.0 {
         bail!("--seconds must be positive");
     }
-    let opts = SourceOptions {
-        split: a.split.clone(),
-        allow_pipe: a.allow_pipe,
-    };
+    let opts = a.source.options(&a.split)?;
     let cfg = loader_config(a);
     cfg.validate().context("invalid loader settings")?;
     let pb = ProgressBar::new_spinner();

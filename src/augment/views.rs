@@ -954,6 +954,58 @@ mod tests {
         );
     }
 
+    /// Region decoding is exact: with the same scales, decoding only the crop's region
+    /// (plus [`REGION_MARGIN`]) gives the same views, bit for bit, as decoding the whole
+    /// image. With `tests/parity.rs` (libjpeg-turbo's full decode equals PIL's, and the
+    /// resize equals Pillow's) this makes the default full-resolution path equal to
+    /// PIL decode + `resized_crop` end to end; only DCT-scaled decodes differ
+    /// ([`SCALED_TOL`]).
+    #[test]
+    fn region_decode_equals_whole_image_decode() {
+        use SamplingFactor::*;
+        let files = [
+            jpeg_with(500, 375, 1, 75, R_4_2_0, false),
+            jpeg_with(375, 500, 3, 95, R_4_4_4, false),
+            jpeg_with(333, 251, 4, 90, R_4_2_2, false),
+            jpeg_with(333, 251, 5, 85, R_4_2_0, true),
+            jpeg_with(960, 720, 6, 85, R_4_2_0, false),
+        ];
+        let samples = if cfg!(debug_assertions) { 8 } else { 48 };
+        let size = 224;
+        let n = (size * size * 3) as usize;
+        let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+        let mut regions = 0;
+        for scales in [&[][..], turbo::FAST_SCALES] {
+            let mut region = ViewMaker::with_strategy(DecodeStrategy::Turbo { scales, crop: true });
+            let mut whole = ViewMaker::with_strategy(DecodeStrategy::Turbo {
+                scales,
+                crop: false,
+            });
+            for (f, bytes) in files.iter().enumerate() {
+                for sample in 0..samples {
+                    region
+                        .train_view(bytes, &limits(), 11, 0, sample, size, &mut a)
+                        .unwrap();
+                    let path = region.last_path();
+                    whole
+                        .train_view(bytes, &limits(), 11, 0, sample, size, &mut b)
+                        .unwrap();
+                    let num = |p| match p {
+                        DecodePath::Turbo { num, .. } => num,
+                        other => panic!("file {f}: {other:?}"),
+                    };
+                    assert_eq!(num(path), num(whole.last_path()), "file {f}");
+                    if let DecodePath::Turbo { cropped: true, .. } = path {
+                        regions += 1;
+                    }
+                    let max = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max();
+                    assert_eq!(max, Some(0), "file {f} sample {sample} ({path:?})");
+                }
+            }
+        }
+        assert!(regions > 0, "no crop took the region path");
+    }
+
     #[test]
     fn eval_view_fast_path_agrees_with_full_decode() {
         let mut fast = ViewMaker::new();

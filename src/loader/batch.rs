@@ -13,6 +13,10 @@ pub struct LoaderState {
     pub stream: StreamState,
     /// Index within the epoch of the next batch.
     pub next_batch: u64,
+    /// [`LoaderConfig::settings_fingerprint`](super::LoaderConfig::settings_fingerprint)
+    /// of the loader that saved it (0: unknown, from a state saved before it existed).
+    #[serde(default)]
+    pub settings: u64,
 }
 
 /// The buffers of one batch; recycled through the pool.
@@ -136,8 +140,9 @@ impl Batch {
 impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            // The loader may be gone: then the buffers are simply freed.
-            let _ = self.pool.send(buf);
+            // The loader may be gone, or the pool full (buffers grown for a consumer
+            // that held every batch): then the buffers are simply freed. Never blocks.
+            let _ = self.pool.try_send(buf);
         }
     }
 }

@@ -289,6 +289,26 @@ impl LoaderConfig {
             .map_err(Error::Config)
     }
 
+    /// A hash of the settings that shape the batches beyond the stream's order (batch
+    /// size, `drop_last`, image size, task, mask, eval resize, augmentations, label
+    /// member): a [`super::LoaderState`] saved under other settings does not resume.
+    pub fn settings_fingerprint(&self) -> u64 {
+        let s = format!(
+            "{}|{}|{}|{:?}|{:?}|{}|{}|{}|{}",
+            self.batch_size,
+            self.drop_last,
+            self.image_size,
+            self.task,
+            self.mask,
+            self.eval_resize,
+            self.rand_augment,
+            self.reprob,
+            self.label_ext
+        );
+        // Never 0 (the "unknown" of states saved before the field existed).
+        crate::seed::hash_str(0x4c4f_4144, &s).max(1)
+    }
+
     /// Bytes of one view of one sample.
     pub fn view_bytes(&self) -> usize {
         self.image_size as usize * self.image_size as usize * 3

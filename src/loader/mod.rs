@@ -21,8 +21,12 @@
 //!   so every job in flight holds a slot and the reorder window is bounded by the slot
 //!   count (`2 * threads + 2`); this also makes the ordering deadlock-free (the sample
 //!   the collator waits for always owns a slot). Batch buffers come from a pool of
-//!   `prefetch + 1` batches that the consumer returns by dropping [`Batch`]es. Steady
-//!   state allocates no output buffers: slots, batch buffers, key strings and each
+//!   `prefetch + 1` batches that the consumer returns by dropping [`Batch`]es. A
+//!   consumer that keeps more batches alive than that (collects them, say) is not
+//!   deadlocked: when it waits for a batch while every buffer is in its hands, the
+//!   collator allocates one more (counted in [`LoaderStats::grown_buffers`]); the
+//!   extra buffers are freed when the pool is full again. Steady state allocates no
+//!   output buffers: slots, batch buffers, key strings and each
 //!   worker's decode buffers are reused (the raw compressed bytes of each sample are
 //!   still read into fresh buffers by the tar reader).
 //! * **Errors.** A sample that fails to decode is skipped, counted and logged with its
@@ -139,6 +143,7 @@ struct Counters {
     samples: AtomicU64,
     dropped: AtomicU64,
     batches: AtomicU64,
+    grown_buffers: AtomicU64,
 }
 
 /// A snapshot of the loader's counters. Stage times are summed over threads: divided
@@ -172,6 +177,9 @@ pub struct LoaderStats {
     pub dropped: u64,
     /// Batches delivered.
     pub batches: u64,
+    /// Batch buffers allocated beyond the pool because the consumer held every pooled
+    /// batch while waiting for the next one (0 for a consumer that drops its batches).
+    pub grown_buffers: u64,
 }
 
 impl Counters {
@@ -192,6 +200,7 @@ impl Counters {
             samples: n(&self.samples),
             dropped: n(&self.dropped),
             batches: n(&self.batches),
+            grown_buffers: n(&self.grown_buffers),
         }
     }
 }
@@ -298,6 +307,8 @@ pub struct Loader {
     cfg: LoaderConfig,
     out: Option<Receiver<Out>>,
     stop: Arc<AtomicBool>,
+    /// Set while [`Loader::next`] waits for a batch (see [`Collator::take`]).
+    consumer_waiting: Arc<AtomicBool>,
     counters: Arc<Counters>,
     errors: Arc<Mutex<ErrorLog>>,
     joined: Vec<JoinHandle<()>>,
@@ -325,6 +336,14 @@ impl Loader {
     /// the same source and config: the batches that follow equal those the saved
     /// loader would have yielded after that batch.
     pub fn with_state(mut stream: Stream, cfg: LoaderConfig, state: &LoaderState) -> Result<Self> {
+        if state.settings != 0 && state.settings != cfg.settings_fingerprint() {
+            return Err(Error::Config(
+                "the loader state was saved with other loader settings (batch size, \
+                 drop_last, image size, task, mask, eval resize, augmentations or label \
+                 member); resume with the settings it was saved with"
+                    .into(),
+            ));
+        }
         stream.restore(&state.stream)?;
         Self::start(stream, cfg, Some(state.next_batch))
     }
@@ -342,6 +361,7 @@ impl Loader {
             None
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let consumer_waiting = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let errors = Arc::new(Mutex::new(ErrorLog::default()));
         let last_shard = Arc::new(Mutex::new(String::new()));
@@ -426,6 +446,8 @@ impl Loader {
             free: free_tx,
             pool_rx,
             pool_tx,
+            consumer_waiting: consumer_waiting.clone(),
+            conmim: cfg.task.is_conmim(),
             stop: stop.clone(),
             counters: counters.clone(),
             errors: errors.clone(),
@@ -435,6 +457,7 @@ impl Loader {
             current: None,
             epoch,
             next_batch: next_batch.unwrap_or(0),
+            settings: cfg.settings_fingerprint(),
         };
         joined.push(
             std::thread::Builder::new()
@@ -446,6 +469,7 @@ impl Loader {
             cfg,
             out: Some(out_rx),
             stop,
+            consumer_waiting,
             counters,
             errors,
             joined,
@@ -508,7 +532,9 @@ impl Iterator for Loader {
         if self.finished {
             return None;
         }
+        self.consumer_waiting.store(true, Ordering::SeqCst);
         let out = self.out.as_ref()?.recv();
+        self.consumer_waiting.store(false, Ordering::SeqCst);
         match out {
             Ok(Out::Batch(b)) => Some(Ok(b)),
             Ok(Out::Error(e)) => {
@@ -854,6 +880,8 @@ struct Collator {
     free: Sender<Slot>,
     pool_rx: Receiver<BatchBuf>,
     pool_tx: Sender<BatchBuf>,
+    consumer_waiting: Arc<AtomicBool>,
+    conmim: bool,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
     errors: Arc<Mutex<ErrorLog>>,
@@ -863,6 +891,8 @@ struct Collator {
     current: Option<BatchBuf>,
     epoch: u64,
     next_batch: u64,
+    /// [`LoaderConfig::settings_fingerprint`], stamped on every state.
+    settings: u64,
 }
 
 /// Whether the collator goes on.
@@ -1033,7 +1063,21 @@ impl Collator {
                         self.current = Some(b);
                         break;
                     }
-                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Relaxed) => {}
+                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Relaxed) => {
+                        // No buffer came back for a whole poll, no batch is queued and
+                        // the consumer waits for one: it holds every pooled batch, and
+                        // waiting longer would deadlock. Allocate one more.
+                        if self.out.is_empty() && self.consumer_waiting.load(Ordering::SeqCst) {
+                            self.counters.grown_buffers.fetch_add(1, Ordering::Relaxed);
+                            self.current = Some(BatchBuf::new(
+                                self.batch_size,
+                                self.view_bytes,
+                                self.conmim,
+                                self.mask_len,
+                            ));
+                            break;
+                        }
+                    }
                     Err(_) => return Flow::Stop,
                 }
             }
@@ -1075,6 +1119,7 @@ impl Collator {
                 } else {
                     0
                 },
+                settings: self.settings,
             },
             image_size: self.image_size,
             view_bytes: self.view_bytes,

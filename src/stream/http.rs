@@ -11,6 +11,8 @@ use std::io::{self, BufReader, Read};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::url::{Opener, READ_BUFFER};
 use crate::error::{Error, Result};
 
@@ -22,6 +24,48 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(200);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit for each read from the connection (an idle timeout).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The http(s) client settings of a source ([`super::SourceOptions::http`]); the
+/// defaults are the `DEFAULT_*` constants above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Retries after the first attempt on retryable failures (connection errors,
+    /// timeouts, `5xx`, `408`, `429`).
+    pub retries: u32,
+    /// Wait before the first retry, in milliseconds; doubled for each further retry.
+    pub backoff_ms: u64,
+    /// Limit for establishing a connection (TLS included), in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Limit for each read (headers and body), in milliseconds: a server that sends
+    /// nothing for this long is a failed attempt (before the body) or a damaged shard
+    /// (in the middle of it).
+    pub read_timeout_ms: u64,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            retries: DEFAULT_RETRIES,
+            backoff_ms: DEFAULT_BACKOFF.as_millis() as u64,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+            read_timeout_ms: DEFAULT_READ_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl HttpOptions {
+    /// Timeouts must be positive (a zero timeout would fail every request).
+    pub fn validate(&self) -> Result<()> {
+        if self.connect_timeout_ms == 0 || self.read_timeout_ms == 0 {
+            return Err(Error::Config(format!(
+                "http timeouts must be positive (connect {} ms, read {} ms)",
+                self.connect_timeout_ms, self.read_timeout_ms
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Opens http(s) URLs as streaming GET bodies. The agent (connection pool) is shared
 /// by clones. `connect_timeout` / `read_timeout` are baked into `agent` by
@@ -60,6 +104,18 @@ impl HttpOpener {
             backoff: DEFAULT_BACKOFF,
             connect_timeout,
             read_timeout,
+        }
+    }
+
+    /// An opener with these settings.
+    pub fn from_options(o: &HttpOptions) -> Self {
+        HttpOpener {
+            retries: o.retries,
+            backoff: Duration::from_millis(o.backoff_ms),
+            ..HttpOpener::with_timeouts(
+                Duration::from_millis(o.connect_timeout_ms),
+                Duration::from_millis(o.read_timeout_ms),
+            )
         }
     }
 
@@ -156,5 +212,28 @@ mod tests {
         assert_eq!(o.delay(0), Duration::from_millis(5));
         assert_eq!(o.delay(2), Duration::from_millis(20));
         assert_eq!(o.retries, DEFAULT_RETRIES);
+    }
+
+    #[test]
+    fn options_default_to_the_constants_and_validate() {
+        let o = HttpOpener::from_options(&HttpOptions::default());
+        assert_eq!(
+            (o.retries, o.backoff, o.connect_timeout, o.read_timeout),
+            (
+                DEFAULT_RETRIES,
+                DEFAULT_BACKOFF,
+                DEFAULT_CONNECT_TIMEOUT,
+                DEFAULT_READ_TIMEOUT
+            )
+        );
+        assert!(HttpOptions::default().validate().is_ok());
+        let zero = HttpOptions {
+            read_timeout_ms: 0,
+            ..HttpOptions::default()
+        };
+        assert!(zero.validate().is_err());
+        let o: HttpOptions = serde_json::from_str(r#"{"retries": 7}"#).unwrap();
+        assert_eq!((o.retries, o.read_timeout_ms), (7, 60_000));
+        assert!(serde_json::from_str::<HttpOptions>(r#"{"retry": 7}"#).is_err());
     }
 }

@@ -83,6 +83,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::shard::existing::expand_braces;
 pub use http::{
     DEFAULT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, HttpOpener,
+    HttpOptions,
 };
 pub use plan::{
     DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, ENV_RANK, ENV_WORLD_SIZE, EpochPlan, MAX_SHUFFLE_BUFFER,
@@ -227,7 +228,7 @@ impl Stream {
     /// [`DefaultOpener`] (pipes as `opts.allow_pipe` says).
     pub fn open(spec: &str, opts: &SourceOptions, cfg: StreamConfig) -> Result<Self> {
         let list = ShardList::resolve(spec, opts)?;
-        Stream::new(list, cfg, Arc::new(DefaultOpener::new(opts.allow_pipe)))
+        Stream::new(list, cfg, Arc::new(DefaultOpener::from_options(opts)))
     }
 
     /// The shard list.

@@ -339,6 +339,53 @@ mod tests {
         assert!(limits[0].unwrap() >= 20);
     }
 
+    /// Resampled mode as documented: `ceil(n / w)` draws per epoch, uniform with
+    /// replacement, a pure function of (seed, epoch, rank), independent across ranks.
+    #[test]
+    fn resampled_plans() {
+        let (n, w) = (10, 3);
+        let l = list(n, Some(5));
+        let plan = |seed: u64, rank: usize, epoch: u64| {
+            let cfg = StreamConfig {
+                seed,
+                rank,
+                world_size: w,
+                mode: Mode::Resampled,
+                ..Default::default()
+            };
+            cfg.validate_for(&l).unwrap();
+            epoch_plan(&l, &cfg, epoch)
+        };
+        let p = plan(1, 0, 0);
+        assert_eq!(p.shards.len(), n.div_ceil(w));
+        assert_eq!(
+            p.sample_limit, None,
+            "no equalising: ranks draw independently"
+        );
+        assert_eq!(plan(1, 0, 0).shards, p.shards, "deterministic");
+        assert_ne!(plan(1, 1, 0).shards, p.shards, "ranks differ");
+        assert_ne!(plan(1, 0, 1).shards, p.shards, "epochs differ");
+        assert_ne!(plan(2, 0, 0).shards, p.shards, "seeds differ");
+        let mut counts = vec![0u32; n];
+        let mut repeats = 0;
+        for epoch in 0..2000 {
+            let s = plan(1, 2, epoch).shards;
+            let mut d = s.clone();
+            d.sort();
+            d.dedup();
+            repeats += usize::from(d.len() < s.len());
+            for i in s {
+                counts[i] += 1;
+            }
+        }
+        // 8,000 draws over 10 shards: 800 each expected (sd ~27).
+        assert!(
+            counts.iter().all(|&c| (680..=920).contains(&c)),
+            "{counts:?}"
+        );
+        assert!(repeats > 0, "drawn with replacement");
+    }
+
     #[test]
     fn env_parsing() {
         assert_eq!(parse_dist_env(None, None).unwrap(), None);

@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::http::HttpOpener;
+use super::http::{HttpOpener, HttpOptions};
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 
@@ -40,6 +40,8 @@ pub struct SourceOptions {
     pub split: String,
     /// Accept `pipe:` URLs (they run shell commands).
     pub allow_pipe: bool,
+    /// Retries and timeouts of `http(s)://` shards and manifests.
+    pub http: HttpOptions,
 }
 
 impl Default for SourceOptions {
@@ -47,6 +49,7 @@ impl Default for SourceOptions {
         SourceOptions {
             split: DEFAULT_SPLIT.to_owned(),
             allow_pipe: false,
+            http: HttpOptions::default(),
         }
     }
 }
@@ -71,6 +74,20 @@ fn refuse_pipes(shards: &[ShardSpec], allow_pipe: bool) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Largest manifest read over http (a manifest of a million shards is ~100 MB).
+const MAX_REMOTE_MANIFEST: u64 = 1 << 30;
+
+/// `entry` of a manifest at URL `manifest` (`https://host/dir/x.manifest.json`): a
+/// URL or an absolute path as is, a relative path joined to the manifest's URL
+/// directory (`https://host/dir/entry`).
+fn join_url(manifest: &str, entry: &str) -> String {
+    if is_url(entry) || Path::new(entry).is_absolute() {
+        return entry.to_owned();
+    }
+    let dir = manifest.rsplit_once('/').map_or(manifest, |(d, _)| d);
+    format!("{dir}/{}", entry.trim_start_matches("./"))
 }
 
 /// `entry` made relative to `dir` unless it is a URL or an absolute path.
@@ -103,7 +120,10 @@ impl ShardList {
 
     /// Resolves a source spec, tried in this order:
     /// 1. `pipe:CMD` — one command shard (refused unless `allow_pipe`);
-    /// 2. something with `://` — a URL, brace-expanded;
+    /// 2. something with `://` — a URL, brace-expanded; except an `http(s)://` URL
+    ///    ending in `.manifest.json`, a remote manifest (its relative shard names
+    ///    joined to the manifest's URL directory, sample counts included), or ending
+    ///    in `/`, a remote dataset directory (its `{split}.manifest.json`);
     /// 3. a directory — a dataset: `{dir}/{split}.manifest.json`, its shard list joined
     ///    to the directory, sample counts included;
     /// 4. an existing `*.manifest.json` file — the same, relative to its directory;
@@ -115,6 +135,14 @@ impl ShardList {
         let path = Path::new(spec);
         if spec.starts_with(PIPE_PREFIX) {
             return Self::from_urls(vec![spec.to_owned()], opts.allow_pipe);
+        }
+        let http = spec.starts_with("http://") || spec.starts_with("https://");
+        if http && spec.ends_with('/') {
+            let manifest = format!("{spec}{}", crate::format::manifest_name(&opts.split));
+            return Self::from_remote_manifest(&manifest, opts);
+        }
+        if http && spec.ends_with(".manifest.json") {
+            return Self::from_remote_manifest(spec, opts);
         }
         if spec.contains("://") {
             return Self::from_urls(super::expand_braces(spec)?, opts.allow_pipe);
@@ -164,6 +192,32 @@ impl ShardList {
             })
             .collect();
         refuse_pipes(&shards, allow_pipe)?;
+        Ok(ShardList { shards })
+    }
+
+    /// The shards of a manifest at an `http(s)://` URL (fetched with `opts.http`'s
+    /// retries and timeouts), relative entries joined to the URL's directory.
+    pub fn from_remote_manifest(url: &str, opts: &SourceOptions) -> Result<Self> {
+        opts.http.validate()?;
+        let mut body = HttpOpener::from_options(&opts.http).open(url)?;
+        let mut bytes = Vec::new();
+        (&mut body)
+            .take(MAX_REMOTE_MANIFEST)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(url, e))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: PathBuf::from(url),
+            source: e,
+        })?;
+        let shards: Vec<ShardSpec> = manifest
+            .shardlist
+            .iter()
+            .map(|e| ShardSpec {
+                url: join_url(url, &e.url),
+                nsamples: Some(e.nsamples),
+            })
+            .collect();
+        refuse_pipes(&shards, opts.allow_pipe)?;
         Ok(ShardList { shards })
     }
 
@@ -305,6 +359,14 @@ pub struct DefaultOpener {
 }
 
 impl DefaultOpener {
+    /// An opener for `opts`: pipes as `allow_pipe` says, http with `opts.http`.
+    pub fn from_options(opts: &SourceOptions) -> Self {
+        DefaultOpener {
+            allow_pipe: opts.allow_pipe,
+            http: HttpOpener::from_options(&opts.http),
+        }
+    }
+
     /// An opener; `allow_pipe` enables `pipe:` URLs.
     pub fn new(allow_pipe: bool) -> Self {
         DefaultOpener {

@@ -127,6 +127,7 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
             let opts = SourceOptions {
                 split: o.split.clone(),
                 allow_pipe: false,
+                ..SourceOptions::default()
             };
             let mut loader = t.open_loader(data, &opts, None)?;
             let mut step = 0u64;

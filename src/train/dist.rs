@@ -380,7 +380,7 @@ impl ProcessGroup {
         &self,
         own: &crate::loader::LoaderState,
     ) -> Result<Vec<crate::loader::LoaderState>> {
-        const F: usize = 6;
+        const F: usize = 7;
         let mut rows = vec![0i64; self.world_size * F];
         let s = own;
         let mine = [
@@ -390,6 +390,7 @@ impl ProcessGroup {
             s.stream.events as i64,
             s.stream.fingerprint as i64,
             s.next_batch as i64,
+            s.settings as i64,
         ];
         rows[self.rank * F..(self.rank + 1) * F].copy_from_slice(&mine);
         let t = Tensor::from_slice(&rows);
@@ -406,6 +407,7 @@ impl ProcessGroup {
                     fingerprint: r[4] as u64,
                 },
                 next_batch: r[5] as u64,
+                settings: r[6] as u64,
             })
             .collect())
     }

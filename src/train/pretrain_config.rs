@@ -55,6 +55,10 @@ pub struct PretrainConfig {
     pub data_threads: usize,
     /// Sample shuffle buffer.
     pub shuffle_buffer: usize,
+    /// Corrupt samples tolerated (skipped, counted, named in the log and the summary)
+    /// before the run stops with an error; `None` (the default) skips them all.
+    #[serde(default)]
+    pub max_errors: Option<u64>,
 }
 
 /// The preset names.
@@ -92,6 +96,7 @@ impl PretrainConfig {
             mask_ratio: 0.75,
             data_threads: 0,
             shuffle_buffer: crate::stream::DEFAULT_SHUFFLE_BUFFER,
+            max_errors: None,
         })
     }
 
@@ -242,6 +247,7 @@ impl PretrainConfig {
                 ratio: self.mask_ratio,
                 ..MaskConfig::default()
             },
+            max_errors: self.max_errors,
             ..Default::default()
         }
     }

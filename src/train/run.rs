@@ -39,7 +39,7 @@ use super::input::DeviceBatch;
 use super::pretrain_config::PretrainConfig;
 use super::tensorboard::EventWriter;
 use super::trainer::Trainer;
-use crate::stream::SourceOptions;
+use crate::stream::{HttpOptions, SourceOptions};
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,8 @@ pub struct PretrainOptions {
     pub data: String,
     pub split: String,
     pub allow_pipe: bool,
+    /// Retries and timeouts of http(s) sources.
+    pub http: HttpOptions,
     pub out: PathBuf,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
@@ -109,6 +111,13 @@ pub struct Summary {
     pub final_loss: Option<f64>,
     pub mean_loss_last_10: Option<f64>,
     pub checkpoint: Option<PathBuf>,
+    /// Corrupt samples this process's loader skipped (counted; the first ones named in
+    /// `errors`). The config's `max_errors` bounds it.
+    pub skipped_samples: u64,
+    /// Shards this process's loader could not open or found damaged.
+    pub shard_errors: u64,
+    /// The first skipped samples and failed shards (shard, key, message).
+    pub errors: Vec<crate::loader::FailedItem>,
 }
 
 #[derive(Serialize)]
@@ -275,14 +284,15 @@ pub(crate) fn dist_timeout() -> std::time::Duration {
 }
 
 /// The k-NN accuracy (top-1, top-5, %) of the teacher's current features.
-fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, allow_pipe: bool) -> Result<(f64, f64)> {
+fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, o: &PretrainOptions) -> Result<(f64, f64)> {
     use super::finetune::run::{knn_classify, train_val_features};
     let (vit, dev) = (&trainer.teacher.vit, trainer.device);
     let threads = trainer.cfg.data_threads;
     let batch = 256;
     let so = |split: &str| SourceOptions {
         split: split.to_owned(),
-        allow_pipe,
+        allow_pipe: o.allow_pipe,
+        http: o.http,
     };
     let (tf, tl, vf, vl, classes) = train_val_features(
         vit,
@@ -379,6 +389,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let opts = SourceOptions {
         split: o.split.clone(),
         allow_pipe: o.allow_pipe,
+        http: o.http,
     };
     let state = trainer.resume_loader_state()?;
     let mut loader = trainer.open_loader(&o.data, &opts, state.as_ref())?;
@@ -475,7 +486,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
                 let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
                 last_ck = Some(p);
                 if let Some(m) = &o.knn {
-                    let (a1, a5) = knn_monitor(&trainer, m, o.allow_pipe)
+                    let (a1, a5) = knn_monitor(&trainer, m, o)
                         .with_context(|| format!("k-NN monitor at step {step}"))?;
                     writeln!(
                         metrics,
@@ -496,6 +507,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     metrics.flush()?;
     tb.flush()?;
     let wall = t0.elapsed().as_secs_f64();
+    let log = loader.errors();
     let summary = Summary {
         preset: cfg.preset.clone(),
         device: format!("{device:?}"),
@@ -510,6 +522,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         mean_loss_last_10: (!recent.is_empty())
             .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
         checkpoint: last_ck.or(resume_from),
+        skipped_samples: log.sample_errors,
+        shard_errors: log.shard_errors,
+        errors: log.shards.into_iter().chain(log.samples).collect(),
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)
         .context("writing summary.json")?;
@@ -539,6 +554,7 @@ mod tests {
             data: data.to_str().unwrap().into(),
             split: "train".into(),
             allow_pipe: false,
+            http: Default::default(),
             out: out.to_path_buf(),
             steps: Some(6),
             batch: Some(4),

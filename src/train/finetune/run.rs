@@ -71,6 +71,8 @@ pub struct FinetuneOptions {
     pub val_data: Option<String>,
     pub val_split: String,
     pub allow_pipe: bool,
+    /// Retries and timeouts of http(s) sources.
+    pub http: crate::stream::HttpOptions,
     /// Pretrained weights (run / checkpoint directory, or .safetensors); `None`: random
     /// initialisation (the baseline).
     pub init: Option<PathBuf>,
@@ -487,11 +489,13 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let train_opts = SourceOptions {
         split: o.train_split.clone(),
         allow_pipe: o.allow_pipe,
+        http: o.http,
     };
     let val_data = o.val_data.clone().unwrap_or_else(|| o.data.clone());
     let val_opts = SourceOptions {
         split: o.val_split.clone(),
         allow_pipe: o.allow_pipe,
+        http: o.http,
     };
     let n_train = ShardList::resolve(&o.data, &train_opts)
         .with_context(|| format!("opening {} (split {})", o.data, o.train_split))?
@@ -1239,6 +1243,7 @@ mod tests {
             val_data: None,
             val_split: "val".into(),
             allow_pipe: false,
+            http: Default::default(),
             init,
             init_weights: Weights::Teacher,
             out: out.to_path_buf(),
@@ -1277,6 +1282,7 @@ mod tests {
             data: data.to_str().unwrap().into(),
             split: "train".into(),
             allow_pipe: false,
+            http: Default::default(),
             out: out.to_path_buf(),
             steps: Some(2),
             batch: Some(4),
@@ -1560,6 +1566,7 @@ mod tests {
         let opts = SourceOptions {
             split: "val".into(),
             allow_pipe: false,
+            ..SourceOptions::default()
         };
         let r = evaluate(&net, data, &opts, 36, 4, 2, false).unwrap();
         assert_eq!(r.images, 13);
@@ -1673,6 +1680,7 @@ mod tests {
         let opts = SourceOptions {
             split: "val".into(),
             allow_pipe: false,
+            ..SourceOptions::default()
         };
         let (r, ck) = eval_checkpoint(
             &out.join("checkpoints/last"),
@@ -1699,6 +1707,7 @@ mod tests {
         let topts = SourceOptions {
             split: "train".into(),
             allow_pipe: false,
+            ..SourceOptions::default()
         };
         let d = data.to_str().unwrap();
         for src in [&pre, &out] {

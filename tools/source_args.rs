@@ -1,0 +1,55 @@
+//! The source flags shared by the CLIs that stream shards: `--allow-pipe` and the
+//! http(s) retries and timeouts. Included by each binary (`#[path]`), so every
+//! command spells and documents them the same way.
+
+use anyhow::{Result, bail};
+use clap::Args;
+use conmim::stream::{
+    DEFAULT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, HttpOptions,
+    SourceOptions,
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Accept pipe:CMD shard URLs (they run shell commands).
+    #[arg(long)]
+    pub allow_pipe: bool,
+    /// http(s) shards and manifests: retries after a failed attempt (connection error,
+    /// timeout, 5xx, 408, 429), with exponential backoff from 0.2 s.
+    #[arg(long, default_value_t = DEFAULT_RETRIES, value_name = "N")]
+    pub http_retries: u32,
+    /// http(s): seconds a server may send nothing before the attempt fails (before the
+    /// body: retried; in the middle of a shard: the shard is reported as damaged).
+    #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs_f64(), value_name = "S")]
+    pub http_timeout: f64,
+    /// http(s): seconds allowed to connect (TLS included).
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT.as_secs_f64(), value_name = "S")]
+    pub http_connect_timeout: f64,
+}
+
+impl SourceArgs {
+    /// The http settings, checked.
+    pub fn http(&self) -> Result<HttpOptions> {
+        let ms = |flag: &str, s: f64| -> Result<u64> {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("--{flag} must be a positive number of seconds (got {s})");
+            }
+            Ok((s * 1e3).ceil() as u64)
+        };
+        Ok(HttpOptions {
+            retries: self.http_retries,
+            backoff_ms: DEFAULT_BACKOFF.as_millis() as u64,
+            connect_timeout_ms: ms("http-connect-timeout", self.http_connect_timeout)?,
+            read_timeout_ms: ms("http-timeout", self.http_timeout)?,
+        })
+    }
+
+    /// The source options for `split`.
+    pub fn options(&self, split: &str) -> Result<SourceOptions> {
+        Ok(SourceOptions {
+            split: split.to_owned(),
+            allow_pipe: self.allow_pipe,
+            http: self.http()?,
+        })
+    }
+}
