@@ -1,20 +1,21 @@
 //! The `conmim-bench` command line: the `loader --json` contract (one JSON object on
 //! stdout with at least `img_per_s`, `threads`, `batch`, `images`) on data made by
-//! `conmim-bench make-data`, and its errors.
+//! `conmim-bench make-data`, its errors, and `compare` running the PyTorch peer script
+//! (`tools/bench/torch_loader.py`, with the venv's torch / torchvision / webdataset).
 
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
 fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_conmim-bench"))
 }
 
-#[test]
-fn issue3_loader_json_contract() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
+fn make_data(data: &Path) {
     let out = bench()
         .args(["make-data", "--images", "24", "--per-shard", "8", "--out"])
-        .arg(&data)
+        .arg(data)
         .output()
         .unwrap();
     assert!(
@@ -23,6 +24,13 @@ fn issue3_loader_json_contract() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(data.join("train.manifest.json").is_file());
+}
+
+#[test]
+fn issue3_loader_json_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
 
     let out = bench()
         .args(["loader", "--data"])
@@ -91,4 +99,63 @@ fn issue3_loader_errors_name_the_problem() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--http-timeout"), "{stderr}");
+}
+
+/// `compare` runs both loaders on the same shards with the same view size and prints
+/// the per-core ratio; it refuses settings the peer does not implement.
+#[test]
+fn issue3_compare_runs_the_pytorch_peer_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/torch_loader.py");
+    let run = |extra: &[&str]| {
+        bench()
+            .arg("compare")
+            .arg("--python")
+            .arg(common::python())
+            .arg("--peer")
+            .arg(&peer)
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--threads",
+                "1",
+                "--batch",
+                "4",
+                "--seconds",
+                "1",
+                "--size",
+                "64",
+            ])
+            .args(["--decode-seconds", "0", "--shuffle-buffer", "16"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"));
+    assert_eq!(v["conmim"]["image_size"], 64, "{v}");
+    assert_eq!(
+        v["pytorch"]["size"], 64,
+        "the peer must make the same views: {v}"
+    );
+    assert!(v["pytorch"]["img_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let ratio = v["per_core_ratio"].as_f64().unwrap();
+    let want = (v["conmim"]["img_per_s"].as_f64().unwrap() / 1.0)
+        / (v["pytorch"]["img_per_s"].as_f64().unwrap()
+            / v["pytorch"]["threads"].as_f64().unwrap_or(1.0));
+    assert!(
+        (ratio - want).abs() < 1e-9 * want.max(1.0),
+        "{ratio} vs {want}"
+    );
+
+    let out = run(&["--mask", "cell"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--mask patch"), "{stderr}");
 }

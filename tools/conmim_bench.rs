@@ -603,6 +603,16 @@ fn compare(c: &CompareArgs) -> Result<()> {
             a.data
         );
     }
+    // The peer implements the ConMIM pair with the random patch mask only: comparing
+    // anything else would time different work.
+    if !matches!(a.task, TaskArg::Conmim) || !matches!(a.mask, MaskArg::Patch) {
+        bail!(
+            "compare runs the peer's ConMIM transform with the random patch mask: use \
+             --task conmim --mask patch (got --task {:?} --mask {:?})",
+            a.task,
+            a.mask
+        );
+    }
     let mut rounds = Vec::new();
     for round in 1..=c.rounds {
         if c.rounds > 1 {
@@ -689,6 +699,8 @@ fn run_peer(
         .args(["--batch", &a.batch.to_string()])
         .args(["--seconds", &a.seconds.to_string()])
         .args(["--seed", &a.seed.to_string()])
+        .args(["--size", &a.size.to_string()])
+        .args(["--shuffle-buffer", &a.shuffle_buffer.to_string()])
         .arg("--json")
         .stderr(std::process::Stdio::inherit())
         .output()
