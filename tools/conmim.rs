@@ -599,17 +599,8 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
             .as_ref()
             .map_or("-".into(), |p| p.display().to_string()),
     );
-    if s.skipped_samples + s.shard_errors > 0 {
-        eprintln!(
-            "pretrain: skipped {} corrupt samples and {} damaged/unreachable shards (cap: \
-             --set max_errors=N); the first:",
-            s.skipped_samples, s.shard_errors
-        );
-        for e in s.errors.iter().take(10) {
-            let key = if e.key.is_empty() { "(shard)" } else { &e.key };
-            eprintln!("  {} {key}: {}", e.shard, e.message);
-        }
-    }
+    // (Capped by `--set max_errors=N`.)
+    source_args::print_skipped("pretrain: ", s.skipped_samples, s.shard_errors, &s.errors);
     Ok(())
 }
 

@@ -214,8 +214,8 @@ struct LoaderArgs {
     /// Seconds of the single-thread plain-decode baseline (0 = skip).
     #[arg(long, default_value_t = 3.0)]
     decode_seconds: f64,
-    /// Corrupt samples tolerated (skipped, counted and named in the report) before the
-    /// run fails; default: skip them all.
+    /// Corrupt samples tolerated (skipped, counted in the report, the first ones named
+    /// on stderr) before the run fails; default: skip them all.
     #[arg(long, value_name = "N")]
     max_errors: Option<u64>,
     #[command(flatten)]
@@ -444,6 +444,13 @@ fn bench_loader(a: &LoaderArgs) -> Result<Report> {
     let errors = loader.errors();
     drop(loader);
     pb.finish_and_clear();
+    let first: Vec<_> = errors
+        .shards
+        .iter()
+        .chain(&errors.samples)
+        .cloned()
+        .collect();
+    source_args::print_skipped("", errors.sample_errors, errors.shard_errors, &first);
     if nq > 0 {
         let n = nq as f64;
         q.jobs /= n;

@@ -1,9 +1,10 @@
-//! The source flags shared by the CLIs that stream shards: `--allow-pipe` and the
-//! http(s) retries and timeouts. Included by each binary (`#[path]`), so every
-//! command spells and documents them the same way.
+//! What the CLIs that stream shards share: the source flags (`--allow-pipe`, the
+//! http(s) retries and timeouts) and the report of what the loader skipped. Included
+//! by each binary (`#[path]`), so every command spells and reports them the same way.
 
 use anyhow::{Result, bail};
 use clap::Args;
+use conmim::loader::FailedItem;
 use conmim::stream::{
     DEFAULT_BACKOFF, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, HttpOptions,
     SourceOptions,
@@ -51,5 +52,22 @@ impl SourceArgs {
             allow_pipe: self.allow_pipe,
             http: self.http()?,
         })
+    }
+}
+
+/// Prints, on stderr, how many corrupt samples and failed shards the loader skipped and
+/// the first few of them (shard, key, message); nothing when there were none.
+#[allow(dead_code)] // `conmim` reports with it only when built with `train`
+pub fn print_skipped(prefix: &str, samples: u64, shards: u64, first: &[FailedItem]) {
+    if samples + shards == 0 {
+        return;
+    }
+    eprintln!(
+        "{prefix}skipped {samples} corrupt samples and {shards} damaged/unreachable shards; \
+         the first:"
+    );
+    for e in first.iter().take(10) {
+        let key = if e.key.is_empty() { "(shard)" } else { &e.key };
+        eprintln!("  {} {key}: {}", e.shard, e.message);
     }
 }

@@ -671,6 +671,56 @@ mod tests {
         );
     }
 
+    /// A corrupt sample is skipped, counted and named in the summary; with
+    /// `max_errors = 0` the run stops with an error naming it.
+    #[test]
+    fn issue3_pretrain_reports_and_caps_corrupt_samples() {
+        let _rng = seeded(9);
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        crate::testkit::write_sharded(&data, "train", &[6, 6], |i, j| {
+            let key = format!("s{i}_{j}");
+            let jpg = if key == "s1_4" {
+                b"\xff\xd8\xff\xe0 not a jpeg at all".to_vec()
+            } else {
+                crate::testkit::jpeg(&crate::testkit::JpegSpec::rgb(40, 36, (i * 100) as u64 + j))
+            };
+            (
+                key,
+                vec![("jpg".to_owned(), jpg), ("cls".to_owned(), b"1".to_vec())],
+            )
+        })
+        .unwrap();
+        // 3 steps of 4: epoch 0 (11 good samples, 2 batches) is passed completely.
+        let mut o = opts(&data, &dir.path().join("run"));
+        o.steps = Some(3);
+        o.resume = Resume::No;
+        let s = pretrain(&o).unwrap();
+        // Once per epoch the loader passed (it reads ahead of the steps: 1 to 3).
+        assert!(s.skipped_samples >= 1, "{s:?}");
+        assert_eq!(s.errors.len() as u64, s.skipped_samples);
+        assert_eq!(s.errors[0].epoch, 0);
+        assert_eq!(s.shard_errors, 0);
+        assert_eq!(s.errors[0].key, "s1_4", "{s:?}");
+        assert!(s.errors[0].shard.ends_with("train-000001.tar"), "{s:?}");
+        let json = std::fs::read_to_string(dir.path().join("run/summary.json")).unwrap();
+        assert!(
+            json.contains("\"skipped_samples\"") && json.contains("s1_4"),
+            "{json}"
+        );
+
+        let mut o = opts(&data, &dir.path().join("capped"));
+        o.steps = Some(3);
+        o.resume = Resume::No;
+        o.sets.push("max_errors=0".into());
+        let err = format!(
+            "{:#}",
+            pretrain(&o).expect_err("max_errors=0 must stop the run")
+        );
+        assert!(err.contains("s1_4"), "{err}");
+    }
+
     #[test]
     fn pretrain_runs_resumes_and_rejects_bad_input() {
         let _rng = seeded(9);
