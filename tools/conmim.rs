@@ -579,6 +579,7 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
                 k: conmim::train::finetune::run::KNN_K,
                 temperature: conmim::train::finetune::run::KNN_TEMPERATURE,
             }),
+        fault_exit_after_step: None,
     };
     let s = pretrain(&o)?;
     if !rank_zero() {

@@ -81,6 +81,10 @@ pub struct PretrainOptions {
     pub progress: bool,
     /// The k-NN monitor, run on the teacher at every checkpoint (rank 0).
     pub knn: Option<KnnMonitor>,
+    /// Fault injection for tests: the process exits (status 3, no cleanup, as if
+    /// killed) right after this step.
+    #[doc(hidden)]
+    pub fault_exit_after_step: Option<u64>,
 }
 
 /// `conmim pretrain --knn-train-data D --knn-val-data D`: DINO's weighted k-NN
@@ -499,6 +503,10 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
                 }
             }
         }
+        if o.fault_exit_after_step == Some(step) {
+            metrics.flush()?;
+            std::process::exit(3);
+        }
     }
     pb.finish();
     if let Some(pg) = &trainer.dist {
@@ -569,6 +577,7 @@ mod tests {
             keep: 2,
             progress: false,
             knn: None,
+            fault_exit_after_step: None,
         }
     }
 
@@ -597,6 +606,16 @@ mod tests {
             o.steps = Some(steps.parse().unwrap());
             o.save_every = 4;
         }
+        // "RANK:STEP": that rank dies right after that step.
+        if let Ok(spec) = std::env::var("CONMIM_PRETRAIN_CHILD_DIE") {
+            let (rank, step) = spec.split_once(':').unwrap();
+            if std::env::var("RANK").unwrap() == rank {
+                o.fault_exit_after_step = Some(step.parse().unwrap());
+            }
+        }
+        if let Ok(every) = std::env::var("CONMIM_PRETRAIN_CHILD_SAVE_EVERY") {
+            o.save_every = every.parse().unwrap();
+        }
         let s = pretrain(&o).unwrap();
         println!("PRETRAIN_OK samples {}", s.samples);
     }
@@ -615,7 +634,7 @@ mod tests {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[6, 6]);
-        let torchrun = |out: &Path, steps: Option<u64>| -> String {
+        let launch = |out: &Path, steps: Option<u64>, env: &[(&str, &str)]| {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
@@ -637,13 +656,18 @@ mod tests {
             if let Some(s) = steps {
                 c.env("CONMIM_PRETRAIN_CHILD_STEPS", s.to_string());
             }
+            c.envs(env.iter().copied());
             let o = c.output().unwrap();
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&o.stdout),
                 String::from_utf8_lossy(&o.stderr)
             );
-            assert!(o.status.success(), "{text}");
+            (o.status.success(), text)
+        };
+        let torchrun = |out: &Path, steps: Option<u64>| -> String {
+            let (ok, text) = launch(out, steps, &[]);
+            assert!(ok, "{text}");
             text
         };
         // Whole run: 6 steps x global batch 4, counted once per rank.
@@ -668,6 +692,45 @@ mod tests {
             losses(&part),
             want,
             "resumed 2-rank run equals the whole run"
+        );
+
+        // A real failure: rank 1 dies (exit, no cleanup) right after step 3. The job
+        // fails, promptly, with rank 0's checkpoint of step 2 intact; `--resume auto`
+        // under torchrun again continues from it, to the same losses as the whole run
+        // (steps 1-3 were logged twice: the rerun's lines come last).
+        let crashed = dir.path().join("crashed");
+        let t0 = std::time::Instant::now();
+        let (ok, text) = launch(
+            &crashed,
+            Some(6),
+            &[
+                ("CONMIM_PRETRAIN_CHILD_DIE", "1:3"),
+                ("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2"),
+                ("CONMIM_DIST_TIMEOUT_S", "20"),
+            ],
+        );
+        assert!(!ok, "a dead rank must fail the job:\n{text}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the job took {:?} to fail",
+            t0.elapsed()
+        );
+        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&crashed))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, [2], "{text}");
+        let text = torchrun(&crashed, Some(6));
+        assert!(text.contains("resumed from"), "{text}");
+        let mut last = std::collections::BTreeMap::new();
+        for (step, loss) in losses(&crashed) {
+            last.insert(step, loss);
+        }
+        assert_eq!(
+            last.into_iter().collect::<Vec<_>>(),
+            want,
+            "resumed after a dead rank equals the whole run"
         );
     }
 

@@ -1304,6 +1304,7 @@ mod tests {
                 k: 20,
                 temperature: 0.07,
             }),
+            fault_exit_after_step: None,
         };
         pretrain(&o).unwrap();
     }
