@@ -7,7 +7,7 @@
 //! `image` crate and are converted to RGB8 (alpha dropped), then copied into the buffer;
 //! that path allocates per image.
 //!
-//! Error handling matches [`decode_check`](super::decode_check): [`probe`](super::probe)
+//! Error handling matches [`decode_check`](super::decode_check): [`probe`]
 //! first (limits hold before any pixel allocation), JPEG in strict mode with a lenient
 //! retry for non-truncation errors.
 

@@ -12,12 +12,15 @@
 //!
 //! # Sources
 //! [`ShardList::resolve`] takes a dataset directory (`{dir}/{split}.manifest.json`),
-//! a manifest, a brace pattern (`data/train-{000000..000146}.tar`, see
-//! [`expand_braces`]), a single `.tar`, a list file, a URL or a `pipe:CMD`. `pipe:`
+//! a manifest (local, or an `http(s)://` URL ending in `.manifest.json` or `/`, whose
+//! relative shard names resolve next to it), a brace pattern
+//! (`data/train-{000000..000146}.tar`, see [`expand_braces`]), a single `.tar`, a list
+//! file, a URL or a `pipe:CMD`. `pipe:`
 //! runs `sh -c CMD` and is refused (at resolution *and* at opening, with
 //! [`Error::Config`]) unless `allow_pipe` is set, so a shard list cannot run commands
 //! by default. http(s) URLs are read by [`HttpOpener`] (streaming GET, retries with
-//! backoff); any other source plugs into [`Opener`] / [`DefaultOpener`].
+//! backoff, connect and read timeouts: [`HttpOptions`] in [`SourceOptions::http`]); any
+//! other source plugs into [`Opener`] / [`DefaultOpener`].
 //!
 //! # Epoch semantics
 //! Let `n` be the number of shards, `w` the world size, `r` the rank, `e` the epoch
