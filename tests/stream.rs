@@ -337,9 +337,12 @@ fn config_validation_and_serde() {
 /// A tiny HTTP/1.1 server on 127.0.0.1 serving the files of `root`: `/ok/NAME` the
 /// file, `/flaky/NAME` the file after two `503`s, `/stall-head/NAME` nothing at all
 /// (for 5 s), `/stall-body/NAME` the headers and the first 5000 bytes of the file,
-/// then nothing (for 5 s); anything else `404`. One request per connection
-/// (`Connection: close`), each on its own thread. Returns the base URL and the
-/// request log.
+/// then nothing (for 5 s); `/drop-body/NAME` the first 5000 bytes then a closed
+/// connection, and on a request with `Range: bytes=N-` a `206` with the rest;
+/// `/drop-norange/NAME` the same, but ranges are ignored (a `200` with the whole file);
+/// anything else `404`. One request per connection (`Connection: close`), each on its
+/// own thread. Returns the base URL and the request log (a ranged request is logged
+/// as `PATH @N`).
 fn serve(root: &Path) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -357,20 +360,53 @@ fn serve(root: &Path) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
                     return;
                 }
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let mut range: Option<usize> = None;
                 loop {
                     let mut h = String::new();
                     if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                         break;
                     }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = v.trim().trim_end_matches('-').parse().ok();
+                    }
                 }
                 let n = {
                     let mut seen = seen.lock().unwrap();
-                    seen.push(path.clone());
-                    seen.iter().filter(|p| **p == path).count()
+                    seen.push(match range {
+                        Some(at) => format!("{path} @{at}"),
+                        None => path.clone(),
+                    });
+                    seen.iter().filter(|p| p.starts_with(&path)).count()
                 };
                 let file = |name: &str| std::fs::read(root.join(name)).ok();
                 let stall = || std::thread::sleep(std::time::Duration::from_secs(5));
                 let (status, body) = match path.split_once('/').map(|x| x.1) {
+                    Some(p) if p.starts_with("drop-body/") || p.starts_with("drop-norange/") => {
+                        let name = p.split_once('/').unwrap().1;
+                        let b = file(name).unwrap();
+                        let honour = p.starts_with("drop-body/");
+                        let head = match range {
+                            Some(at) if honour => format!(
+                                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {at}-{}/{}\r\n\
+                                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                                b.len() - 1,
+                                b.len(),
+                                b.len() - at
+                            ),
+                            _ => format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                b.len()
+                            ),
+                        };
+                        let _ = conn.write_all(head.as_bytes());
+                        match range {
+                            Some(at) if honour => drop(conn.write_all(&b[at..])),
+                            // The first request of each: 5000 bytes, then the connection drops.
+                            _ if n == 1 => drop(conn.write_all(&b[..5000])),
+                            _ => drop(conn.write_all(&b)),
+                        }
+                        return;
+                    }
                     Some(p) if p.starts_with("stall-head/") => {
                         stall();
                         return;
@@ -624,4 +660,50 @@ fn issue6_a_remote_manifest_resolves_its_shards_next_to_it() {
         .unwrap()
         .to_string();
     assert!(err.contains(&missing) && err.contains("404"), "{err}");
+}
+
+/// A connection that drops in the middle of a shard is resumed with a range request,
+/// and the stream sees the whole shard; a server that ignores ranges (answers `200`)
+/// works too (the bytes already read are skipped).
+#[test]
+fn issue3_http_a_dropped_connection_is_resumed_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    dataset(tmp.path(), &[8]);
+    let (base, log) = serve(tmp.path());
+    let name = conmim::format::shard_name("train", 0);
+    let want = std::fs::read(tmp.path().join(&name)).unwrap();
+    for kind in ["drop-body", "drop-norange"] {
+        let path = format!("/{kind}/{name}");
+        let mut r = fast_http().open(&format!("{base}{path}")).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut got).unwrap();
+        assert!(
+            got == want,
+            "{kind}: {} of {} bytes, not the file",
+            got.len(),
+            want.len()
+        );
+        let requests: Vec<String> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with(&path))
+            .cloned()
+            .collect();
+        assert_eq!(requests, [path.clone(), format!("{path} @5000")], "{kind}");
+    }
+    // Through a stream: all 8 samples, no shard error.
+    let url = format!("{base}/drop-body/{name}");
+    let list = ShardList::from_urls(vec![url], false).unwrap();
+    let opener = Arc::new(DefaultOpener {
+        http: fast_http(),
+        ..DefaultOpener::default()
+    });
+    let c = StreamConfig {
+        shuffle_buffer: 0,
+        ..cfg(0, 0, 1)
+    };
+    let mut s = Stream::new(list, c, opener).unwrap();
+    assert_eq!(keys(&mut s).len(), 8);
+    assert!(s.take_errors().is_empty());
 }

@@ -16,11 +16,13 @@ pub struct SourceArgs {
     #[arg(long)]
     pub allow_pipe: bool,
     /// http(s) shards and manifests: retries after a failed attempt (connection error,
-    /// timeout, 5xx, 408, 429), with exponential backoff from 0.2 s.
+    /// timeout, 5xx, 408, 429), with exponential backoff from 0.2 s; also the resumes
+    /// (range requests) of a shard whose connection fails in the middle.
     #[arg(long, default_value_t = DEFAULT_RETRIES, value_name = "N")]
     pub http_retries: u32,
     /// http(s): seconds a server may send nothing before the attempt fails (before the
-    /// body: retried; in the middle of a shard: the shard is reported as damaged).
+    /// body: retried; in the middle of a shard: resumed from there, within
+    /// --http-retries, else the shard is reported as damaged).
     #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs_f64(), value_name = "S")]
     pub http_timeout: f64,
     /// http(s): seconds allowed to connect (TLS included).

@@ -4,8 +4,13 @@
 //! retries with exponential backoff on connection-level failures (refused, reset,
 //! DNS, timeouts, protocol errors) and on `5xx`, `408` and `429` statuses; any other
 //! non-success status (`404`, `403`, ...) fails at once. Every error names the URL.
-//! A failure in the middle of the body is not retried: it surfaces as a read error,
-//! which the shard reader reports as a damaged shard (the stream goes on).
+//! A failure in the middle of the body (a reset or closed connection, a read timeout)
+//! is resumed where it stopped: a new GET with `Range: bytes=N-` (a `206` continues
+//! the bytes; a server that ignores ranges answers `200`, and the first `N` bytes are
+//! read and dropped), with the same backoff and up to `retries` resumes per shard.
+//! The shard reader sees one uninterrupted byte stream. Past the retries, the read
+//! error surfaces, and the shard reader reports a damaged shard (its samples so far
+//! are kept; the stream goes on).
 
 use std::io::{self, BufReader, Read};
 use std::path::PathBuf;
@@ -31,15 +36,15 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 #[serde(default, deny_unknown_fields)]
 pub struct HttpOptions {
     /// Retries after the first attempt on retryable failures (connection errors,
-    /// timeouts, `5xx`, `408`, `429`).
+    /// timeouts, `5xx`, `408`, `429`), and resumes of each shard's body.
     pub retries: u32,
     /// Wait before the first retry, in milliseconds; doubled for each further retry.
     pub backoff_ms: u64,
     /// Limit for establishing a connection (TLS included), in milliseconds.
     pub connect_timeout_ms: u64,
     /// Limit for each read (headers and body), in milliseconds: a server that sends
-    /// nothing for this long is a failed attempt (before the body) or a damaged shard
-    /// (in the middle of it).
+    /// nothing for this long is a failed attempt (before the body) or a resume (in the
+    /// middle of it; a damaged shard once `retries` resumes are spent).
     pub read_timeout_ms: u64,
 }
 
@@ -127,15 +132,57 @@ impl HttpOpener {
 
     /// One attempt: the body reader, or the error and whether it is worth retrying.
     fn attempt(&self, url: &str) -> std::result::Result<Box<dyn Read + Send>, (io::Error, bool)> {
-        match self.agent.get(url).call() {
+        let body = self.attempt_from(url, 0)?;
+        let body = BodyReader {
+            inner: body,
+            url: url.to_owned(),
+            opener: self.clone(),
+            pos: 0,
+            resumes: 0,
+        };
+        Ok(Box::new(BufReader::with_capacity(READ_BUFFER, body)))
+    }
+
+    /// One GET of `url`'s body from byte `from` on (a `Range` request when `from > 0`),
+    /// or the error and whether it is worth retrying.
+    fn attempt_from(
+        &self,
+        url: &str,
+        from: u64,
+    ) -> std::result::Result<ureq::BodyReader<'static>, (io::Error, bool)> {
+        let mut req = self.agent.get(url);
+        if from > 0 {
+            req = req.header("Range", format!("bytes={from}-"));
+        }
+        match req.call() {
             Ok(resp) => {
                 let status = resp.status();
+                if from > 0 && status.as_u16() == 206 {
+                    let start = resp
+                        .headers()
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("bytes "))
+                        .and_then(|v| v.split('-').next())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    if start != Some(from) {
+                        let msg = format!("resumed at byte {from}, but the server sent {start:?}");
+                        return Err((io::Error::other(msg), false));
+                    }
+                    return Ok(resp.into_body().into_reader());
+                }
                 if status.is_success() {
-                    let body = BodyReader {
-                        inner: resp.into_body().into_reader(),
-                        url: url.to_owned(),
-                    };
-                    return Ok(Box::new(BufReader::with_capacity(READ_BUFFER, body)));
+                    let mut body = resp.into_body().into_reader();
+                    if from > 0 {
+                        // The server ignores ranges: skip what was read already.
+                        let skipped = io::copy(&mut (&mut body).take(from), &mut io::sink())
+                            .map_err(|e| (e, true))?;
+                        if skipped < from {
+                            let msg = format!("the body shrank to {skipped} bytes on resume");
+                            return Err((io::Error::other(msg), false));
+                        }
+                    }
+                    return Ok(body);
                 }
                 let code = status.as_u16();
                 let retry = status.is_server_error() || code == 429 || code == 408;
@@ -185,17 +232,59 @@ impl Opener for HttpOpener {
     }
 }
 
-/// The response body; read errors name the URL.
+/// The response body, resumed with range requests after a failure in the middle (see
+/// the module docs); read errors name the URL.
 struct BodyReader {
     inner: ureq::BodyReader<'static>,
     url: String,
+    opener: HttpOpener,
+    /// Bytes delivered so far.
+    pos: u64,
+    /// Resumes used (at most `opener.retries`).
+    resumes: u32,
 }
 
 impl Read for BodyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.url)))
+        loop {
+            let err = match self.inner.read(buf) {
+                Ok(n) => {
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                Err(e) => e,
+            };
+            // Resume from `pos`, retrying the resume itself within the same budget.
+            let mut last = err;
+            loop {
+                if self.resumes >= self.opener.retries {
+                    let note = if self.resumes > 0 {
+                        format!(" (after {} resumes)", self.resumes)
+                    } else {
+                        String::new()
+                    };
+                    return Err(io::Error::new(
+                        last.kind(),
+                        format!("{}: at byte {}: {last}{note}", self.url, self.pos),
+                    ));
+                }
+                std::thread::sleep(self.opener.delay(self.resumes));
+                self.resumes += 1;
+                match self.opener.attempt_from(&self.url, self.pos) {
+                    Ok(body) => {
+                        self.inner = body;
+                        break;
+                    }
+                    Err((e, true)) => last = e,
+                    Err((e, false)) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("{}: resuming at byte {}: {e}", self.url, self.pos),
+                        ));
+                    }
+                }
+            }
+        }
     }
 }
 
