@@ -40,5 +40,9 @@ phase test cargo test --all-targets "$@"
 if [ "${CONMIM_SKIP_TORCH:-0}" != "1" ]; then
     phase train env LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
         cargo test --features train --lib train:: -- --test-threads 1
+    # The command lines as built with `train` (pretrain, finetune, eval, ...): clap's
+    # consistency checks of every subcommand's flags.
+    phase cli env LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
+        cargo test --features train --bins
 fi
 summary
