@@ -252,6 +252,7 @@ impl Read for BodyReader {
                     self.pos += n as u64;
                     return Ok(n);
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => e,
             };
             // Resume from `pos`, retrying the resume itself within the same budget.

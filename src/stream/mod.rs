@@ -230,6 +230,7 @@ impl Stream {
     /// Resolves `spec` ([`ShardList::resolve`]) and opens shards with
     /// [`DefaultOpener`] (pipes as `opts.allow_pipe` says).
     pub fn open(spec: &str, opts: &SourceOptions, cfg: StreamConfig) -> Result<Self> {
+        opts.http.validate()?;
         let list = ShardList::resolve(spec, opts)?;
         Stream::new(list, cfg, Arc::new(DefaultOpener::from_options(opts)))
     }
