@@ -159,3 +159,47 @@ fn issue3_compare_runs_the_pytorch_peer_side_by_side() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--mask patch"), "{stderr}");
 }
+
+/// `scaling` alternates 1 thread and `--threads` and reports each round's speed-up.
+#[test]
+fn issue3_scaling_reports_the_speedup_per_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_data(&data);
+    let out = bench()
+        .args(["scaling", "--data"])
+        .arg(&data)
+        .args([
+            "--threads",
+            "2",
+            "--batch",
+            "4",
+            "--seconds",
+            "0.3",
+            "--size",
+            "64",
+        ])
+        .args(["--rounds", "2", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 2);
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{v}");
+    for r in rounds {
+        let s = r["img_per_s_n"].as_f64().unwrap() / r["img_per_s_1"].as_f64().unwrap();
+        assert!((s - r["speedup"].as_f64().unwrap()).abs() < 1e-9, "{v}");
+    }
+    assert!(v["speedup_median"].as_f64().unwrap() > 0.0, "{v}");
+
+    let out = bench()
+        .args(["scaling", "--data"])
+        .arg(&data)
+        .args(["--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("N >= 2"));
+}

@@ -40,6 +40,10 @@ enum Cmd {
     /// webdataset + PIL + torchvision, same transform and mask) with the same
     /// settings, and prints both and the per-core ratio.
     Compare(CompareArgs),
+    /// Thread scaling: runs `loader` with 1 thread and with `--threads` threads, N times
+    /// alternating (1, N, 1, N, ...), and prints each round's speed-up and the median
+    /// (alternating exposes both to the same drift of a shared machine).
+    Scaling(ScalingArgs),
     /// Writes an ImageNet-like benchmark dataset: photo-like JPEGs of typical ImageNet
     /// sizes (500x375, 375x500, 500x333, 640x480, ...) at quality 75-96, in shards with
     /// a manifest (no Parquet index; the loader needs none).
@@ -244,6 +248,16 @@ struct CompareArgs {
     rounds: u32,
 }
 
+#[derive(Args)]
+struct ScalingArgs {
+    /// The loader settings; `--threads` is the many-thread side (the other is 1).
+    #[command(flatten)]
+    loader: LoaderArgs,
+    /// Pairs of runs (1 thread, then `--threads`).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
 /// Per-image milliseconds of each stage (CPU time summed over threads).
 #[derive(Serialize, Debug, Default)]
 struct StageMs {
@@ -307,6 +321,7 @@ fn main() -> Result<()> {
             print_report(&r, a.json)?;
         }
         Cmd::Compare(c) => compare(&c)?,
+        Cmd::Scaling(c) => scaling(&c)?,
         Cmd::MakeData(m) => make_data(&m)?,
         #[cfg(feature = "train")]
         Cmd::Train(t) => bench_train(&t)?,
@@ -644,12 +659,7 @@ fn compare(c: &CompareArgs) -> Result<()> {
         rounds.push((ours, peer, peer_rate, peer_threads, ratio));
     }
     let mut ratios: Vec<f64> = rounds.iter().map(|r| r.4).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = if ratios.len() % 2 == 1 {
-        ratios[ratios.len() / 2]
-    } else {
-        (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
-    };
+    let median = sorted_median(&mut ratios);
     if a.json {
         let (ours, peer, _, _, ratio) = &rounds[0];
         let mut j = serde_json::json!({
@@ -683,6 +693,70 @@ fn compare(c: &CompareArgs) -> Result<()> {
                 each.join(", ")
             );
         }
+    }
+    Ok(())
+}
+
+/// Sorts `v` (not empty) and returns its median.
+fn sorted_median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn scaling(c: &ScalingArgs) -> Result<()> {
+    let a = &c.loader;
+    if a.threads < 2 {
+        bail!("scaling compares 1 thread with --threads N: give N >= 2");
+    }
+    let mut rounds = Vec::new();
+    for round in 1..=c.rounds {
+        let run = |threads: usize| {
+            bench_loader(&LoaderArgs {
+                threads,
+                json: true,
+                decode_seconds: 0.0,
+                ..a.clone()
+            })
+        };
+        let one = run(1)?;
+        let many = run(a.threads)?;
+        let speedup = many.img_per_s / one.img_per_s;
+        eprintln!(
+            "round {round}/{}: 1 thread {:.0} img/s, {} threads {:.0} img/s, {speedup:.2}x",
+            c.rounds, one.img_per_s, a.threads, many.img_per_s
+        );
+        rounds.push((one.img_per_s, many.img_per_s, speedup));
+    }
+    let mut speedups: Vec<f64> = rounds.iter().map(|r| r.2).collect();
+    let median = sorted_median(&mut speedups);
+    if a.json {
+        let j = serde_json::json!({
+            "threads": a.threads,
+            "rounds": rounds
+                .iter()
+                .map(|(one, many, s)| serde_json::json!({
+                    "img_per_s_1": one, "img_per_s_n": many, "speedup": s,
+                }))
+                .collect::<Vec<_>>(),
+            "speedup_median": median,
+            "speedup_min": speedups[0],
+            "speedup_max": speedups[speedups.len() - 1],
+        });
+        println!("{j}");
+    } else {
+        println!(
+            "speed-up from 1 to {} threads over {} alternating rounds: median {median:.2}x \
+             (range {:.2}-{:.2}x)",
+            a.threads,
+            rounds.len(),
+            speedups[0],
+            speedups[speedups.len() - 1]
+        );
     }
     Ok(())
 }
