@@ -183,11 +183,20 @@ impl ShardList {
     pub fn from_manifest(path: &Path, allow_pipe: bool) -> Result<Self> {
         let manifest: Manifest = crate::format::read_json(path)?;
         let dir = path.parent().unwrap_or(Path::new(""));
+        Self::of_manifest(&manifest, |u| join(dir, u), allow_pipe)
+    }
+
+    /// A manifest's shards with their sample counts, each URL through `locate`.
+    fn of_manifest(
+        manifest: &Manifest,
+        locate: impl Fn(&str) -> String,
+        allow_pipe: bool,
+    ) -> Result<Self> {
         let shards: Vec<ShardSpec> = manifest
             .shardlist
             .iter()
             .map(|e| ShardSpec {
-                url: join(dir, &e.url),
+                url: locate(&e.url),
                 nsamples: Some(e.nsamples),
             })
             .collect();
@@ -209,16 +218,7 @@ impl ShardList {
             path: PathBuf::from(url),
             source: e,
         })?;
-        let shards: Vec<ShardSpec> = manifest
-            .shardlist
-            .iter()
-            .map(|e| ShardSpec {
-                url: join_url(url, &e.url),
-                nsamples: Some(e.nsamples),
-            })
-            .collect();
-        refuse_pipes(&shards, opts.allow_pipe)?;
-        Ok(ShardList { shards })
+        Self::of_manifest(&manifest, |u| join_url(url, u), opts.allow_pipe)
     }
 
     /// The shards named in a list file.
