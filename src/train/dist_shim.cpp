@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 #ifdef CONMIM_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -47,6 +48,98 @@ c10::intrusive_ptr<c10d::ProcessGroup> wrap(const c10::intrusive_ptr<c10d::Store
 void wait(const c10::intrusive_ptr<c10d::Work>& work, const Group& g) {
     work->wait(g.timeout);
 }
+
+// Sums `t` over the group's ranks, in place, waiting at most the group's timeout.
+void allreduce_sum(const Group& g, const at::Tensor& t) {
+    std::vector<at::Tensor> ts{t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.timeout = g.timeout;
+    wait(g.backend->allreduce(ts, o), g);
+}
+
+// The mean and biased variance (fp64, [C]) of the rows of `x` ([R, C]) of every rank
+// together, and their count (a 0-dim fp64 tensor, on the device: no host sync). This
+// rank's statistics come from one training-mode BatchNorm (libtorch's own kernel, on
+// every device; eps 0, so that var = invstd^-2 as computed); one all-reduce gathers
+// them (each rank fills its row of a [world, 2C+1] buffer of zeros), and they combine
+// as in Chan et al.: the global mean, and the variance as the mean of the ranks'
+// variances plus that of their means' deviations from it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> global_stats(const Group& g,
+                                                            const at::Tensor& x) {
+    const int64_t c = x.size(1);
+    auto local = at::native_batch_norm(x, {}, {}, {}, {}, /*training=*/true, 0.0, 0.0);
+    const auto& mean_r = std::get<1>(local);
+    const auto& invstd_r = std::get<2>(local);
+    auto all = at::zeros({g.backend->getSize(), 2 * c + 1}, mean_r.options().dtype(at::kDouble));
+    auto row = all[g.backend->getRank()];
+    row.narrow(0, 0, c).copy_(mean_r);
+    row.narrow(0, c, c).copy_(invstd_r.to(at::kDouble).pow(-2));
+    row.narrow(0, 2 * c, 1).fill_(static_cast<double>(x.size(0)));
+    allreduce_sum(g, all);
+    const auto n = all.narrow(1, 2 * c, 1);  // [world, 1]
+    const auto count = n.sum();
+    const auto means = all.narrow(1, 0, c);
+    const auto mean = (means * n).sum(0) / count;
+    const auto var = ((all.narrow(1, c, c) + (means - mean).square()) * n).sum(0) / count;
+    return {mean, var, count};
+}
+
+// SyncBN's differentiable part (as torch.nn.SyncBatchNorm): an eval-mode BatchNorm of
+// `x` with the global statistics (affine included), whose backward pass also goes
+// through those statistics. Backward: an eval-mode BatchNorm backward (dy * w * invstd,
+// and this rank's sums of dy and dy * xhat), one all-reduce of those sums, and the
+// correction for the statistics' dependence on x:
+//   dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
+// the means over all rows of all ranks. Each rank's dy comes from its own loss, so dx is
+// the gradient of the sum of the ranks' losses (DDP's average then makes it that of
+// their mean); the weight and bias gradients are this rank's own sums, which DDP
+// averages like any other gradient.
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+    static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& mean, const at::Tensor& var,
+                              const at::Tensor& count, int64_t group, double eps) {
+        ctx->save_for_backward({x, weight, mean, var, count});
+        ctx->saved_data["group"] = group;
+        ctx->saved_data["eps"] = eps;
+        return std::get<0>(
+            at::native_batch_norm(x, weight, bias, mean, var, /*training=*/false, 0.0, eps));
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const auto &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3],
+                   &count = saved[4];
+        const auto& g = *reinterpret_cast<const Group*>(ctx->saved_data["group"].toInt());
+        const double eps = ctx->saved_data["eps"].toDouble();
+        const int64_t c = x.size(1);
+        auto local = at::native_batch_norm_backward(grads[0], x, weight, mean, var, {}, {},
+                                                    /*train=*/false, eps, {true, true, true});
+        const auto& dx_eval = std::get<0>(local);  // dy * w * invstd
+        const auto& dw = std::get<1>(local);       // this rank's sum of dy * xhat
+        const auto& db = std::get<2>(local);       // this rank's sum of dy
+        auto sums = at::cat({db, dw}).to(at::kDouble);
+        allreduce_sum(g, sums);
+        const auto invstd = (var.to(at::kDouble) + eps).rsqrt();
+        const auto k = weight.to(at::kDouble) * invstd;
+        // dx = dx_eval + x * b + a, per channel: b = -k * invstd * mean(dy * xhat),
+        // a = -k * mean(dy) - b * mean.
+        const auto b = -k * invstd * sums.narrow(0, c, c) / count;
+        const auto a = -k * sums.narrow(0, 0, c) / count - b * mean.to(at::kDouble);
+        auto dx = at::addcmul(a.to(at::kFloat), x, b.to(at::kFloat));
+        dx.add_(dx_eval);
+        return {dx.to(x.scalar_type()),
+                ctx->needs_input_grad(1) ? dw : at::Tensor(),
+                ctx->needs_input_grad(2) ? db : at::Tensor(),
+                at::Tensor(),
+                at::Tensor(),
+                at::Tensor(),
+                at::Tensor(),
+                at::Tensor()};
+    }
+};
 }  // namespace
 
 extern "C" {
@@ -95,12 +188,7 @@ void conmim_pg_free(void* pg) { delete static_cast<Group*>(pg); }
 // Sums `t` over all ranks, in place.
 int conmim_pg_allreduce_sum(void* pg, const at::Tensor* t, char* err, size_t err_len) {
     CONMIM_TRY
-    auto& g = *static_cast<Group*>(pg);
-    std::vector<at::Tensor> ts{*t};
-    c10d::AllreduceOptions o;
-    o.reduceOp = c10d::ReduceOp::SUM;
-    o.timeout = g.timeout;
-    wait(g.backend->allreduce(ts, o), g);
+    allreduce_sum(*static_cast<Group*>(pg), *t);
     CONMIM_CATCH
 }
 
@@ -123,6 +211,40 @@ int conmim_pg_barrier(void* pg, char* err, size_t err_len) {
     c10d::BarrierOptions o;
     o.timeout = g.timeout;
     wait(g.backend->barrier(o), g);
+    CONMIM_CATCH
+}
+
+// BatchNorm of `x` ([R, C], R may differ per rank) with the statistics of the rows of
+// every rank together (SyncBN; see global_stats and SyncBatchNorm): two all-reduces per
+// call (one forward, one backward), every rank must make the same calls in the same
+// order. `weight` / `bias` may be null (no affine part). When `running_mean` is not
+// null, the running statistics are updated as BatchNorm's (momentum; unbiased variance
+// over all rows). `*out` gets the output, in x's dtype.
+int conmim_sync_batch_norm(void* pg, const at::Tensor* x, const at::Tensor* weight,
+                           const at::Tensor* bias, const at::Tensor* running_mean,
+                           const at::Tensor* running_var, double momentum, double eps,
+                           at::Tensor** out, char* err, size_t err_len) {
+    CONMIM_TRY
+    auto& g = *static_cast<Group*>(pg);
+    if (x->dim() != 2) throw std::runtime_error("sync_batch_norm: expected [rows, channels]");
+    const int64_t c = x->size(1);
+    at::Tensor mean, var, count;
+    {
+        at::NoGradGuard no_grad;
+        std::tie(mean, var, count) = global_stats(g, x->detach());
+        if (running_mean != nullptr && running_var != nullptr) {
+            running_mean->mul_(1.0 - momentum)
+                .add_(mean.to(running_mean->scalar_type()), momentum);
+            running_var->mul_(1.0 - momentum)
+                .add_((var * count / (count - 1.0)).to(running_var->scalar_type()), momentum);
+        }
+    }
+    const auto fopts = x->options().dtype(at::kFloat);
+    const auto w = weight != nullptr ? *weight : at::ones({c}, fopts);
+    const auto b = bias != nullptr ? *bias : at::zeros({c}, fopts);
+    const auto group = static_cast<int64_t>(reinterpret_cast<intptr_t>(&g));
+    *out = new at::Tensor(SyncBatchNorm::apply(*x, w, b, mean.to(at::kFloat),
+                                               var.to(at::kFloat), count, group, eps));
     CONMIM_CATCH
 }
 

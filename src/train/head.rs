@@ -118,6 +118,21 @@ impl ProjectionHead {
     /// `out_dim`. `train = true` normalises with the batch statistics of all rows (and
     /// updates the running ones) — the mode both student and teacher use in ConMIM.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_sync(x, train, None)
+    }
+
+    /// [`ProjectionHead::forward_t`] with synchronised BatchNorm (SyncBN) when `sync`
+    /// is given and `train`: the batch statistics are those of the rows of every rank
+    /// of the group together (a collective: every rank calls this in the same order),
+    /// and the gradient flows through them, so `W` ranks with `B / W` images each
+    /// normalise, and train, as one process with all `B`. Without `sync` (or in eval
+    /// mode) each process normalises with its own rows, as the official code.
+    pub fn forward_sync(
+        &self,
+        x: &Tensor,
+        train: bool,
+        sync: Option<&super::dist::ProcessGroup>,
+    ) -> Result<Tensor> {
         let size = x.size();
         if !(2..=3).contains(&size.len()) || size[size.len() - 1] != self.cfg.in_dim {
             return Err(TchError::Shape(format!(
@@ -134,7 +149,17 @@ impl ProjectionHead {
         let mut h = x.reshape([rows, self.cfg.in_dim]);
         let last = self.linears.len() - 1;
         for (l, (lin, bn)) in self.linears.iter().zip(&self.norms).enumerate() {
-            h = nn::ModuleT::forward_t(bn, &h.apply(lin), train);
+            let z = h.apply(lin);
+            h = match sync {
+                Some(pg) if train => pg.sync_batch_norm(
+                    &z,
+                    bn.ws.as_ref().zip(bn.bs.as_ref()),
+                    Some((&bn.running_mean, &bn.running_var)),
+                    self.cfg.bn_momentum,
+                    self.cfg.bn_eps,
+                )?,
+                _ => nn::ModuleT::forward_t(bn, &z, train),
+            };
             if l < last {
                 h = h.relu();
             }

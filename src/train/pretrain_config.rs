@@ -59,6 +59,12 @@ pub struct PretrainConfig {
     /// before the run stops with an error; `None` (the default) skips them all.
     #[serde(default)]
     pub max_errors: Option<u64>,
+    /// Data-parallel runs: synchronised BatchNorm in the projection heads (statistics
+    /// over the rows of every rank together, as `torch.nn.SyncBatchNorm`), so `W` ranks
+    /// train as one process with the whole batch. Off (the default): per-rank
+    /// statistics, as the official code. No effect in a single-process run.
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 /// The preset names.
@@ -97,6 +103,7 @@ impl PretrainConfig {
             data_threads: 0,
             shuffle_buffer: crate::stream::DEFAULT_SHUFFLE_BUFFER,
             max_errors: None,
+            sync_bn: false,
         })
     }
 

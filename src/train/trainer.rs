@@ -148,7 +148,8 @@ impl Trainer {
     /// applies the same update, and the EMA teacher stays identical across ranks) and
     /// averages the logged loss and accuracy. Each rank trains on its own per-rank batch;
     /// the projection heads' BatchNorm uses per-rank batch statistics, as the official
-    /// code (no SyncBN). Drop-path draws differ per rank.
+    /// code, unless `cfg.sync_bn` (statistics over all ranks' rows). Drop-path draws
+    /// differ per rank.
     pub fn join(&mut self, pg: super::dist::ProcessGroup) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for net in [&self.student, &self.teacher] {
@@ -275,13 +276,23 @@ impl Trainer {
         let xw = normalize_nhwc(&x.weak, IMAGENET_MEAN, IMAGENET_STD)?;
         let xs = normalize_nhwc(&x.strong, IMAGENET_MEAN, IMAGENET_STD)?;
         let mask = &x.mask;
+        // SyncBN: the heads' BatchNorm statistics over every rank's rows.
+        let sync = self.dist.as_ref().filter(|_| self.cfg.sync_bn);
         let (proj, target) = super::cuda::autocast_bf16(self.amp, || -> Result<_> {
             let target = tch::no_grad(|| -> Result<Tensor> {
                 let f = self.teacher.vit.forward_features(&xs, None, false)?;
-                Ok(self.teacher.head.forward_t(&f, true)?.narrow(1, 1, n))
+                Ok(self
+                    .teacher
+                    .head
+                    .forward_sync(&f, true, sync)?
+                    .narrow(1, 1, n))
             })?;
             let f = self.student.vit.forward_features(&xw, Some(mask), true)?;
-            let proj = self.student.head.forward_t(&f, true)?.narrow(1, 1, n);
+            let proj = self
+                .student
+                .head
+                .forward_sync(&f, true, sync)?
+                .narrow(1, 1, n);
             Ok((proj, target))
         })??;
         // The loss in fp32 (a no-op cast on the CPU).

@@ -6,7 +6,8 @@
 #      loader-fed ViT-S pretraining, and the overhead (tools/bench/gpu_dist.sh);
 #   2. issue 4: training img/s of ViT-B and ViT-L (timm-style) vs PyTorch eager, same GPU;
 #   3. issue 3: the loader on all cores, then against the PyTorch peer (needs webdataset:
-#      WHEELS=dir of wheels to install it offline), if time is left.
+#      WHEELS=dir of wheels to install it offline), if time is left;
+#   4. issue 6 (optional SyncBN): the NCCL run of 1. with `sync_bn=true`, if time is left.
 # A step whose time limit does not fit in what is left of DEADLINE_S is skipped (and
 # logged as skipped), so the call always returns inside the deadline with what it has.
 #
@@ -72,4 +73,9 @@ if $PY -c 'import webdataset' 2>/dev/null; then
 else
     log "skip compare_all (no webdataset for the peer; set WHEELS)"
 fi
+# 4. SyncBN on NCCL (world size 1: the collectives run, the numbers are plain BN's).
+TORCHRUN=$(command -v torchrun || echo "$(dirname "$(command -v "$PY")")/torchrun")
+step syncbn 120 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 "$BIN/conmim" pretrain \
+    --preset small --data "$DATA" --steps 60 --batch 256 --threads $((NT - 2)) --device cuda \
+    --save-every 100000 --quiet --set sync_bn=true --out "$OUT/syncbn"
 log "done"
