@@ -68,7 +68,11 @@ void allreduce_sum(const Group& g, const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_stats(const Group& g,
                                                             const at::Tensor& x) {
     const int64_t c = x.size(1);
-    auto local = at::native_batch_norm(x, {}, {}, {}, {}, /*training=*/true, 0.0, 0.0);
+    // An fp32 affine identity makes the statistics fp32 for a bf16 x (as under autocast;
+    // without weights the CPU kernel would return them in bf16).
+    const auto fopts = x.options().dtype(at::kFloat);
+    auto local = at::native_batch_norm(x, at::ones({c}, fopts), at::zeros({c}, fopts), {}, {},
+                                       /*training=*/true, 0.0, 0.0);
     const auto& mean_r = std::get<1>(local);
     const auto& invstd_r = std::get<2>(local);
     auto all = at::zeros({g.backend->getSize(), 2 * c + 1}, mean_r.options().dtype(at::kDouble));
