@@ -530,6 +530,11 @@ struct PretrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Under torchrun: synchronised BatchNorm in the projection heads (statistics over
+    /// every rank's rows, as torch.nn.SyncBatchNorm) instead of per-rank statistics (the
+    /// official code's). Same as --set sync_bn=true.
+    #[arg(long)]
+    sync_bn: bool,
     /// k-NN monitor: labelled dataset of the neighbours; with it, every checkpoint also
     /// logs the teacher's k-NN accuracy (metrics.jsonl `knn_acc1`, TensorBoard knn/*).
     #[arg(long)]
@@ -544,13 +549,18 @@ struct PretrainArgs {
 }
 
 #[cfg(feature = "train")]
-fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
-    use conmim::train::run::{PretrainOptions, pretrain};
+fn pretrain_options(a: &PretrainArgs) -> Result<conmim::train::run::PretrainOptions> {
+    use conmim::train::run::PretrainOptions;
     let resume = resume_of(a.resume.as_deref());
-    let o = PretrainOptions {
+    Ok(PretrainOptions {
         preset: a.preset.clone(),
         config_file: a.config.clone(),
-        sets: a.sets.clone(),
+        sets: a
+            .sets
+            .iter()
+            .cloned()
+            .chain(a.sync_bn.then(|| "sync_bn=true".to_owned()))
+            .collect(),
         data: a.data.clone(),
         split: a.split.clone(),
         allow_pipe: a.source.allow_pipe,
@@ -580,8 +590,12 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
                 temperature: conmim::train::finetune::run::KNN_TEMPERATURE,
             }),
         fault_exit_after_step: None,
-    };
-    let s = pretrain(&o)?;
+    })
+}
+
+#[cfg(feature = "train")]
+fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
+    let s = conmim::train::run::pretrain(&pretrain_options(a)?)?;
     if !rank_zero() {
         return Ok(());
     }
@@ -851,5 +865,23 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// `--sync-bn` is `--set sync_bn=true`, after the user's own `--set`s.
+    #[cfg(feature = "train")]
+    #[test]
+    fn sync_bn_flag_sets_the_config_key() {
+        let args = |extra: &[&str]| {
+            let base = [
+                "conmim", "pretrain", "--data", "d", "--out", "o", "--set", "seed=3",
+            ];
+            let cli = Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+            let Cmd::Pretrain(a) = cli.cmd else {
+                panic!("not pretrain")
+            };
+            pretrain_options(&a).unwrap().sets
+        };
+        assert_eq!(args(&[]), ["seed=3"]);
+        assert_eq!(args(&["--sync-bn"]), ["seed=3", "sync_bn=true"]);
     }
 }
