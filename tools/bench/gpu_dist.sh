@@ -7,7 +7,8 @@
 # Usage (GPU machine, repository root, release binaries built with --features train in
 # $BIN, a Python with torch, so that `torchrun` is on PATH or next to $PY):
 #   BIN=target/release OUT=/tmp/out tools/bench/gpu_dist.sh
-# Environment: STEPS (default 200), BATCH (256), THREADS (14), DATA (made when missing).
+# Environment: STEPS (default 200), BATCH (256), THREADS (14), DATA (made when missing);
+# for a dry run of the script on a CPU machine: DEVICE=cpu PRESET=tiny EXTRA="--image-size 64".
 set -uo pipefail
 BIN=${BIN:-target/release}
 OUT=${OUT:-/tmp/conmim-gpu}
@@ -16,12 +17,15 @@ STEPS=${STEPS:-200}
 BATCH=${BATCH:-256}
 THREADS=${THREADS:-14}
 DATA=${DATA:-/tmp/conmim-bench-data}
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-small}
+read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$($PY -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}
 TORCHRUN=$(command -v torchrun || echo "$(dirname "$(command -v "$PY")")/torchrun")
 [ -f "$DATA/train.manifest.json" ] || "$BIN/conmim-bench" make-data --out "$DATA" --images 6000 > "$OUT/make-data.log" 2>&1
-common=(--preset small --data "$DATA" --steps "$STEPS" --batch "$BATCH" --threads "$THREADS"
-    --device cuda --save-every 100000 --quiet)
+common=(--preset "$PRESET" --data "$DATA" --steps "$STEPS" --batch "$BATCH" --threads "$THREADS"
+    --device "$DEVICE" --save-every 100000 --quiet "${EXTRA[@]}")
 rm -rf "$OUT/plain" "$OUT/nccl1"
 timeout 300 "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/plain" > "$OUT/plain.log" 2>&1
 echo "plain rc=$?"
