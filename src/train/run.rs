@@ -360,6 +360,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         let pg = ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
             .context("joining the process group")?;
         trainer.join(pg)?;
+    } else if cfg.sync_bn {
+        eprintln!(
+            "conmim pretrain: note: sync_bn has no effect in a single process (it \
+             synchronises BatchNorm across the ranks of a torchrun job)"
+        );
     }
     // Rank 0 writes the run directory; other ranks log to a scratch directory that is
     // removed at the end.
