@@ -886,7 +886,7 @@ mod tests {
     /// SyncBN on a group of one is BatchNorm: the head's output, the gradients of its
     /// input and of every weight, and the running statistics agree.
     #[test]
-    fn sync_norm_on_one_rank_is_batch_norm() {
+    fn sync_batch_norm_on_one_rank_is_batch_norm() {
         if unavailable() {
             return;
         }
