@@ -890,8 +890,7 @@ mod tests {
         if unavailable() {
             return;
         }
-        let pg =
-            ProcessGroup::new(&one_rank_env(), Backend::Gloo, Duration::from_secs(10)).unwrap();
+        let (device, pg) = one_rank_group();
         let _rng = crate::train::testing::seeded(5);
         let cfg = crate::train::head::HeadConfig {
             hidden_dim: 16,
@@ -900,7 +899,7 @@ mod tests {
         };
         let nets: Vec<_> = (0..2)
             .map(|_| {
-                let vs = tch::nn::VarStore::new(Device::Cpu);
+                let vs = tch::nn::VarStore::new(device);
                 let head = crate::train::head::ProjectionHead::new(&cfg, vs.root() / "p").unwrap();
                 (vs, head)
             })
@@ -917,8 +916,8 @@ mod tests {
                 t.copy_(&src[&name]);
             }
         });
-        let x = Tensor::randn([3, 5, 8], (tch::Kind::Float, Device::Cpu));
-        let w = Tensor::randn([3, 5, 6], (tch::Kind::Float, Device::Cpu));
+        let x = Tensor::randn([3, 5, 8], (tch::Kind::Float, device));
+        let w = Tensor::randn([3, 5, 6], (tch::Kind::Float, device));
         let mut outs = Vec::new();
         for (i, (vs, head)) in nets.iter().enumerate() {
             let xi = x.copy().set_requires_grad(true);
@@ -969,10 +968,9 @@ mod tests {
         if unavailable() {
             return;
         }
-        let pg =
-            ProcessGroup::new(&one_rank_env(), Backend::Gloo, Duration::from_secs(10)).unwrap();
+        let (device, pg) = one_rank_group();
         let _rng = crate::train::testing::seeded(6);
-        let opts = (tch::Kind::Float, Device::Cpu);
+        let opts = (tch::Kind::Float, device);
         let x = (Tensor::randn([40, 6], opts) * 3.0 + 1.0).to_kind(tch::Kind::BFloat16);
         let (w, b) = (Tensor::randn([6], opts), Tensor::randn([6], opts));
         let dy = Tensor::randn([40, 6], opts);
@@ -1026,6 +1024,21 @@ mod tests {
             let tol = if i == 1 { 1e-2 } else { 1e-4 };
             assert!(d <= tol * scale, "{what}: differs by {d} (scale {scale})");
         }
+    }
+
+    /// A group of one on the GPU when there is one (NCCL; the GPU machine runs these
+    /// tests from a release test binary, see tools/bench/gpu_next.sh), else on the CPU
+    /// (Gloo).
+    fn one_rank_group() -> (Device, ProcessGroup) {
+        let device = Device::cuda_if_available();
+        eprintln!("SyncBN check on {device:?}");
+        let pg = ProcessGroup::new(
+            &one_rank_env(),
+            Backend::for_device(device),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        (device, pg)
     }
 
     fn one_rank_env() -> DistEnv {

@@ -5,9 +5,11 @@
 #   1. issue 6: NCCL under torchrun (world size 1) vs the plain single process,
 #      loader-fed ViT-S pretraining, and the overhead (tools/bench/gpu_dist.sh);
 #   2. issue 4: training img/s of ViT-B and ViT-L (timm-style) vs PyTorch eager, same GPU;
-#   3. issue 3: the loader on all cores, then against the PyTorch peer (needs webdataset:
+#   3. issue 6 (optional SyncBN): its unit tests on the GPU (NCCL, bf16), from the release
+#      test binary $BIN/conmim-tests when it was carried;
+#   4. issue 3: the loader on all cores, then against the PyTorch peer (needs webdataset:
 #      WHEELS=dir of wheels to install it offline), if time is left;
-#   4. issue 6 (optional SyncBN): the NCCL run of 1. with `sync_bn=true`, if time is left.
+#   5. issue 6 (optional SyncBN): the NCCL run of 1. with `sync_bn=true`, if time is left.
 # A step whose time limit does not fit in what is left of DEADLINE_S is skipped (and
 # logged as skipped), so the call always returns inside the deadline with what it has.
 #
@@ -16,8 +18,11 @@
 #   source tools/env.sh; LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
 #     cargo build --release --features train --bins
 #   mkdir -p .gpu && for b in conmim conmim-bench; do strip -o .gpu/$b target/release/$b; done
+#   LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" cargo test --release --features train \
+#     --lib --no-run   # prints target/release/deps/conmim-HASH
+#   strip -o .gpu/conmim-tests target/release/deps/conmim-HASH   # ~24 MB
 #   $CONMIM_PYTHON -m pip download --no-deps -d .gpu/wheels webdataset braceexpand
-# (about 8 MB each, 16 MB in all), then on the GPU machine (repository root; carry .gpu):
+# (about 8 MB each, 41 MB in all with the tests), then on the GPU machine (repository root; carry .gpu):
 #   BIN=.gpu WHEELS=.gpu/wheels OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
 # Results: $OUT/next.log (one line per step), $OUT/<step>.out / .log, $OUT/dist/.
 set -uo pipefail
@@ -61,7 +66,18 @@ step torch_base 150 "${T[@]}" --model base --batch 256 --steps 20 --warmup 8
 step rust_large_timm 150 "${R[@]}" --preset large --timm-style --batch 128 --steps 15 --warmup 6
 step torch_large 150 "${T[@]}" --model large --batch 128 --steps 15 --warmup 6
 
-# 3. Issue 3: the loader on all cores, then side by side with the peer.
+# 3. SyncBN's one-rank tests on the GPU (they pick CUDA + NCCL when there is a GPU), and
+#    NCCL with world size 1.
+if [ -x "$BIN/conmim-tests" ]; then
+    step cuda_tests 90 "$BIN/conmim-tests" --exact --test-threads 1 --nocapture \
+        train::dist::tests::nccl_world_one_works_with_cuda_and_is_a_clear_error_without \
+        train::dist::tests::sync_batch_norm_on_one_rank_is_batch_norm \
+        train::dist::tests::sync_batch_norm_takes_bf16_like_batch_norm
+else
+    log "skip cuda_tests (no $BIN/conmim-tests)"
+fi
+
+# 4. Issue 3: the loader on all cores, then side by side with the peer.
 step loader_all 40 "$BIN/conmim-bench" loader --data "$DATA" --threads "$NT" --batch 256 \
     --seconds 15 --decode-seconds 3 --json
 if [ -n "${WHEELS:-}" ] && ! $PY -c 'import webdataset' 2>/dev/null; then
@@ -73,7 +89,7 @@ if $PY -c 'import webdataset' 2>/dev/null; then
 else
     log "skip compare_all (no webdataset for the peer; set WHEELS)"
 fi
-# 4. SyncBN on NCCL (world size 1: the collectives run, the numbers are plain BN's).
+# 5. SyncBN on NCCL (world size 1: the collectives run, the numbers are plain BN's).
 TORCHRUN=$(command -v torchrun || echo "$(dirname "$(command -v "$PY")")/torchrun")
 step syncbn 120 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 "$BIN/conmim" pretrain \
     --preset small --data "$DATA" --steps 60 --batch 256 --threads $((NT - 2)) --device cuda \
