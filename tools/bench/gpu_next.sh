@@ -13,16 +13,10 @@
 # A step whose time limit does not fit in what is left of DEADLINE_S is skipped (and
 # logged as skipped), so the call always returns inside the deadline with what it has.
 #
-# Usage: here, build and strip the binaries into the git-ignored .gpu/ (the carry limit is
-# 64 MiB; with debuginfo they are ~177 MB):
-#   source tools/env.sh; LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" \
-#     cargo build --release --features train --bins
-#   mkdir -p .gpu && for b in conmim conmim-bench; do strip -o .gpu/$b target/release/$b; done
-#   LIBTORCH_USE_PYTORCH=1 PATH="$CONMIM_VENV/bin:$PATH" cargo test --release --features train \
-#     --lib --no-run   # prints target/release/deps/conmim-HASH
-#   strip -o .gpu/conmim-tests target/release/deps/conmim-HASH   # ~24 MB
-#   $CONMIM_PYTHON -m pip download --no-deps -d .gpu/wheels webdataset braceexpand
-# (about 8 MB each, 41 MB in all with the tests), then on the GPU machine (repository root; carry .gpu):
+# Usage: here, build everything into the git-ignored .gpu/ (stripped release binaries, the
+# release test binary, the peer's wheels; ~41 MB, the carry limit is 64 MiB):
+#   tools/bench/gpu_prepare.sh
+# then on the GPU machine (repository root; carry .gpu):
 #   BIN=.gpu WHEELS=.gpu/wheels OUT=$OUT DEADLINE_S=480 tools/bench/gpu_next.sh
 # Results: $OUT/next.log (one line per step), $OUT/<step>.out / .log, $OUT/dist/.
 set -uo pipefail
