@@ -202,6 +202,41 @@ fn resume_mid_epoch_equals_uninterrupted() {
     }
 }
 
+/// Issue 6 (resume after a failure): a run whose data was staged to another directory
+/// (a per-job scratch copy, another mount point) resumes where it was; a different
+/// shard list still does not.
+#[test]
+fn issue6_state_resumes_from_a_moved_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (old, new, other) = (
+        tmp.path().join("job1/in1k"),
+        tmp.path().join("scratch/job2/copy"),
+        tmp.path().join("other"),
+    );
+    for d in [&old, &new] {
+        std::fs::create_dir_all(d).unwrap();
+        dataset(d, &[6, 5, 7, 4]);
+    }
+    std::fs::create_dir_all(&other).unwrap();
+    dataset(&other, &[6, 5, 7, 3]);
+    let c = StreamConfig {
+        epochs: Some(2),
+        ..cfg(5, 1, 2)
+    };
+    let full = render(&mut stream(&old, c.clone()), 10_000);
+    let mut s = stream(&old, c.clone());
+    let head = render(&mut s, 9);
+    let mut moved = stream(&new, c.clone());
+    moved.restore(&s.state()).unwrap();
+    let tail = render(&mut moved, 10_000);
+    assert_eq!([head, tail].concat(), full);
+    let e = stream(&other, c)
+        .restore(&s.state())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another shard list"), "{e}");
+}
+
 #[test]
 fn truncated_shard_yields_prefix_then_continues() {
     let tmp = tempfile::tempdir().unwrap();

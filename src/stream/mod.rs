@@ -64,7 +64,9 @@
 //! equals the uninterrupted output. Cost: this rank's shards of the epoch are read
 //! again up to the saved position (I/O and tar parsing only, no decoding) — at most
 //! one epoch of one rank's data. The state refuses a different seed, rank, world
-//! size, mode, buffer or shard list (changing `epochs` is allowed).
+//! size, mode, buffer or shard list (changing `epochs` is allowed). Shards are known
+//! by their names relative to the directory they all share, so the same shards moved
+//! elsewhere (a per-job scratch copy, another mount point, an http mirror) resume.
 //!
 //! # Errors
 //! A shard that cannot be opened or is damaged yields the samples complete before the
@@ -181,8 +183,31 @@ pub struct Stream {
     errors: Vec<(String, Error)>,
 }
 
-fn fingerprint(list: &ShardList, cfg: &StreamConfig) -> u64 {
-    let mut s = format!(
+/// Each shard's name for the fingerprint: its URL less the longest prefix, ending in
+/// `/`, that all URLs share (a single shard: its file name). So the same shards resume
+/// from another directory or an http mirror (a per-job scratch copy, another mount
+/// point), while another list, order or sample count does not.
+fn shard_names(list: &ShardList) -> Vec<&str> {
+    let urls: Vec<&str> = list.shards().iter().map(|s| s.url.as_str()).collect();
+    let Some(first) = urls.first() else {
+        return urls;
+    };
+    let mut common = first.len();
+    for u in &urls[1..] {
+        common = first
+            .bytes()
+            .zip(u.bytes())
+            .take(common)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    let cut = first[..common].rfind('/').map_or(0, |i| i + 1);
+    urls.iter().map(|u| &u[cut..]).collect()
+}
+
+/// The order-deciding config as fingerprint text.
+fn config_text(cfg: &StreamConfig) -> String {
+    format!(
         "{}|{}|{}|{:?}|{:?}|{}|{}|{}",
         cfg.seed,
         cfg.rank,
@@ -192,11 +217,38 @@ fn fingerprint(list: &ShardList, cfg: &StreamConfig) -> u64 {
         cfg.shuffle_shards,
         cfg.shuffle_buffer,
         cfg.equalize_samples
-    );
-    for shard in list.shards() {
-        s.push_str(&format!("\n{}|{:?}", shard.url, shard.nsamples));
+    )
+}
+
+fn fingerprint_of<'a>(
+    cfg: &StreamConfig,
+    shards: impl Iterator<Item = (&'a str, Option<u64>)>,
+) -> u64 {
+    let mut s = config_text(cfg);
+    for (name, n) in shards {
+        s.push_str(&format!("\n{name}|{n:?}"));
     }
     crate::seed::hash_str(0, &s)
+}
+
+/// The fingerprint of a list and config, over [`shard_names`].
+fn fingerprint(list: &ShardList, cfg: &StreamConfig) -> u64 {
+    let names = shard_names(list);
+    fingerprint_of(
+        cfg,
+        names
+            .into_iter()
+            .zip(list.shards().iter().map(|s| s.nsamples)),
+    )
+}
+
+/// The fingerprint of states saved before [`fingerprint`] used shard names: over whole
+/// URLs (still accepted, so such checkpoints resume where their data still is).
+fn legacy_fingerprint(list: &ShardList, cfg: &StreamConfig) -> u64 {
+    fingerprint_of(
+        cfg,
+        list.shards().iter().map(|s| (s.url.as_str(), s.nsamples)),
+    )
 }
 
 impl Stream {
@@ -275,12 +327,17 @@ impl Stream {
                 state.version
             )));
         }
-        if state.fingerprint != self.fingerprint {
-            return Err(Error::Config(
-                "stream state was saved with another shard list, seed, rank, world size, \
-                 mode or shuffle setting"
-                    .into(),
-            ));
+        if state.fingerprint != self.fingerprint
+            && state.fingerprint != legacy_fingerprint(&self.list, &self.cfg)
+        {
+            return Err(Error::Config(format!(
+                "stream state was saved with another shard list (names, order or sample \
+                 counts; another directory alone is fine), seed, rank, world size, mode or \
+                 shuffle setting than this one ({} shards from {}); resume with the shards and settings \
+                 of the saved run, or start a new run",
+                self.list.shards().len(),
+                self.list.shards().first().map_or("", |s| s.url.as_str()),
+            )));
         }
         self.start_epoch(state.epoch);
         self.skip = state.events;
@@ -414,5 +471,46 @@ impl Iterator for Stream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(urls: &[&str]) -> ShardList {
+        ShardList::from_urls(urls.iter().map(|u| u.to_string()).collect(), false).unwrap()
+    }
+
+    #[test]
+    fn shard_names_drop_the_shared_directory() {
+        let l = list(&["/a/in1k/train-000.tar", "/a/in1k/train-001.tar"]);
+        assert_eq!(shard_names(&l), ["train-000.tar", "train-001.tar"]);
+        // Different directories keep what tells them apart.
+        let l = list(&["/d/x/000.tar", "/d/y/000.tar"]);
+        assert_eq!(shard_names(&l), ["x/000.tar", "y/000.tar"]);
+        // A prefix shared inside a file name stays.
+        let l = list(&["/d/train-10.tar", "/d/train-11.tar"]);
+        assert_eq!(shard_names(&l), ["train-10.tar", "train-11.tar"]);
+        assert_eq!(shard_names(&list(&["/d/one.tar"])), ["one.tar"]);
+        assert_eq!(shard_names(&list(&["a.tar", "b.tar"])), ["a.tar", "b.tar"]);
+    }
+
+    /// A state saved before shard names (whole URLs) still resumes at the same place.
+    #[test]
+    fn legacy_states_over_whole_urls_restore() {
+        let l = list(&["/old/a.tar", "/old/b.tar"]);
+        let cfg = StreamConfig::default();
+        let mut s = Stream::new(l.clone(), cfg.clone(), Arc::new(FileOpener)).unwrap();
+        let mut state = s.state();
+        state.fingerprint = legacy_fingerprint(&l, &cfg);
+        assert_ne!(state.fingerprint, fingerprint(&l, &cfg));
+        s.restore(&state).unwrap();
+        state.fingerprint ^= 1;
+        let e = s.restore(&state).unwrap_err().to_string();
+        assert!(
+            e.contains("another shard list") && e.contains("/old/a.tar"),
+            "{e}"
+        );
     }
 }

@@ -846,6 +846,15 @@ mod tests {
         // and pretend steps 4 and 5 were logged before the crash.
         pretrain(&o).unwrap();
         std::fs::remove_dir_all(checkpoint::dir_of(&part).join("step-00000006")).unwrap();
+        // The restart streams a copy of the data staged elsewhere (issue 6: a per-job
+        // scratch directory): the same shards resume.
+        let staged = dir.path().join("scratch/job2/data");
+        std::fs::create_dir_all(&staged).unwrap();
+        for f in std::fs::read_dir(&data).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, staged.join(f.file_name().unwrap())).unwrap();
+        }
+        o.data = staged.to_str().unwrap().into();
         let s2 = pretrain(&o).unwrap();
         assert_eq!(s2.start_step, 4);
         // The resumed invocation: a second event file, starting a session at step 4.
