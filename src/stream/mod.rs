@@ -494,6 +494,13 @@ mod tests {
         assert_eq!(shard_names(&l), ["train-10.tar", "train-11.tar"]);
         assert_eq!(shard_names(&list(&["/d/one.tar"])), ["one.tar"]);
         assert_eq!(shard_names(&list(&["a.tar", "b.tar"])), ["a.tar", "b.tar"]);
+        // The same shards over an http mirror: the same fingerprint.
+        let cfg = StreamConfig::default();
+        let local = list(&["/data/in1k/t-0.tar", "/data/in1k/t-1.tar"]);
+        let mirror = list(&["https://h/x/in1k/t-0.tar", "https://h/x/in1k/t-1.tar"]);
+        assert_eq!(fingerprint(&local, &cfg), fingerprint(&mirror, &cfg));
+        let swapped = list(&["/data/in1k/t-1.tar", "/data/in1k/t-0.tar"]);
+        assert_ne!(fingerprint(&local, &cfg), fingerprint(&swapped, &cfg));
     }
 
     /// A state saved before shard names (whole URLs) still resumes at the same place.
