@@ -333,8 +333,8 @@ impl Stream {
             return Err(Error::Config(format!(
                 "stream state was saved with another shard list (names, order or sample \
                  counts; another directory alone is fine), seed, rank, world size, mode or \
-                 shuffle setting than this one ({} shards from {}); resume with the shards and settings \
-                 of the saved run, or start a new run",
+                 shuffle setting than this one ({} shards from {}); resume with the \
+                 shards and settings of the saved run, or start a new run",
                 self.list.shards().len(),
                 self.list.shards().first().map_or("", |s| s.url.as_str()),
             )));
