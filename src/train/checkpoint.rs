@@ -10,10 +10,18 @@
 //! ```
 //!
 //! Atomic: everything is written into a hidden temporary directory, fsynced, then
-//! renamed into place, so a run killed at any moment leaves either the complete new
-//! checkpoint or none of it, and never touches an existing one. Only the last `keep`
-//! complete checkpoints are kept. [`latest`] finds the newest complete one
-//! (`--resume auto`).
+//! renamed into place ([`publish`]), so a run killed at any moment leaves either the
+//! complete new checkpoint or none of it, and never touches an existing one. Only the
+//! last `keep` complete checkpoints are kept (an old one is renamed away before it is
+//! deleted, so a half-deleted one never passes for a checkpoint). [`latest`] finds the
+//! newest complete one (`--resume auto`).
+//!
+//! What a killed writer leaves behind, hidden entries `.{tmp,old,del}-NAME-PID` (a
+//! checkpoint being written, replaced or removed), is repaired by [`recover`] when the
+//! next run starts: a checkpoint caught between the two renames of a replacement is put
+//! back, the rest deleted, so a restart never resumes from less than it could and a
+//! preempted job does not leak a checkpoint's worth of disk per crash. One run writes a
+//! run directory at a time.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -123,18 +131,14 @@ fn fsync_file(p: &Path) -> Result<()> {
 /// Saves `trainer` under `root` (a `checkpoints` directory) as `step-{step}` and keeps
 /// only the newest `keep` (at least 1). Returns the checkpoint's path.
 pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let step = trainer.step();
     let final_dir = root.join(step_name(step));
-    let tmp = root.join(format!(".tmp-{}-{}", step_name(step), std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tmp = begin(&final_dir)?;
     let write = || -> Result<()> {
         let mut model = cpu_named("student", &trainer.student.vs);
         model.extend(cpu_named("teacher", &trainer.teacher.vs));
         Tensor::write_safetensors(&model, tmp.join(MODEL_FILE))?;
+        crash_point("written", &final_dir);
         write_optimizer(&trainer.opt, &tmp.join(OPTIMIZER_FILE))?;
         let state = CheckpointState {
             format: FORMAT,
@@ -148,36 +152,206 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
             optimizer_layout: trainer.opt.layout(),
         };
         fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
-        for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
-            fsync_file(&tmp.join(f))?;
-        }
-        fsync_dir(&tmp);
         Ok(())
     };
     if let Err(e) = write() {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e.context(format!("writing checkpoint {}", tmp.display())));
     }
-    if final_dir.exists() {
-        // The same step saved again: move the old one aside first (a crash between the
-        // two renames leaves the new one complete and the old one in `.old-*`).
-        let old = root.join(format!(".old-{}-{}", step_name(step), std::process::id()));
-        fs::rename(&final_dir, &old)?;
-        fs::rename(&tmp, &final_dir)?;
-        let _ = fs::remove_dir_all(&old);
-    } else {
-        fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    }
-    fsync_dir(root);
+    publish(&tmp, &final_dir)?;
     let all = list(root)?;
     let keep = keep.max(1);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            fs::remove_dir_all(p).with_context(|| format!("removing old {}", p.display()))?;
+            remove(p)?;
         }
     }
     Ok(final_dir)
+}
+
+/// The three kinds of hidden scratch entry a checkpoint writer makes next to its
+/// checkpoints, `.{kind}-{checkpoint name}-{pid}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scratch {
+    /// A checkpoint being written.
+    Tmp,
+    /// A published checkpoint moved aside while its replacement is renamed in.
+    Old,
+    /// A checkpoint being removed.
+    Del,
+}
+
+impl Scratch {
+    fn tag(self) -> &'static str {
+        match self {
+            Scratch::Tmp => "tmp",
+            Scratch::Old => "old",
+            Scratch::Del => "del",
+        }
+    }
+
+    /// `(kind, checkpoint name)` of a scratch entry's file name; `None` for anything
+    /// else.
+    fn parse(file_name: &str) -> Option<(Scratch, &str)> {
+        let rest = file_name.strip_prefix('.')?;
+        let (tag, rest) = rest.split_once('-')?;
+        let kind = [Scratch::Tmp, Scratch::Old, Scratch::Del]
+            .into_iter()
+            .find(|k| k.tag() == tag)?;
+        let (name, pid) = rest.rsplit_once('-')?;
+        let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+        (digits && !name.is_empty()).then_some((kind, name))
+    }
+}
+
+/// This process's scratch entry of `kind` for checkpoint `name` under `root`.
+fn scratch(root: &Path, kind: Scratch, name: &str) -> PathBuf {
+    root.join(format!(".{}-{name}-{}", kind.tag(), std::process::id()))
+}
+
+/// The checkpoint name (last path component) of `dir`, and its parent.
+fn split_dir(dir: &Path) -> Result<(&Path, String)> {
+    let parent = dir
+        .parent()
+        .with_context(|| format!("checkpoint path {} has no parent", dir.display()))?;
+    let name = dir
+        .file_name()
+        .with_context(|| format!("checkpoint path {} has no name", dir.display()))?;
+    Ok((parent, name.to_string_lossy().into_owned()))
+}
+
+/// Starts writing checkpoint `dir`: creates its parent and returns this process's
+/// empty scratch directory next to it, to be filled and then [`publish`]ed.
+pub fn begin(dir: &Path) -> Result<PathBuf> {
+    let (parent, name) = split_dir(dir)?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = scratch(parent, Scratch::Tmp, &name);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// Publishes the complete directory `tmp` as checkpoint `dir` (same parent): fsyncs
+/// its files, then renames it into place. An existing `dir` is moved aside first and
+/// deleted after; a crash between those two renames leaves no `dir` and the previous
+/// one as `.old-*`, which [`recover`] puts back.
+pub fn publish(tmp: &Path, dir: &Path) -> Result<()> {
+    let (parent, name) = split_dir(dir)?;
+    for entry in fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
+        let p = entry?.path();
+        if p.is_file() {
+            fsync_file(&p)?;
+        }
+    }
+    fsync_dir(tmp);
+    if dir.exists() {
+        let old = scratch(parent, Scratch::Old, &name);
+        fs::rename(dir, &old)
+            .with_context(|| format!("moving {} aside to replace it", dir.display()))?;
+        crash_point("swapped", dir);
+        fs::rename(tmp, dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(tmp, dir).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    }
+    fsync_dir(parent);
+    Ok(())
+}
+
+/// Deletes checkpoint `dir`, renaming it away first so that a crash part-way through
+/// never leaves a half-deleted directory under a checkpoint's name.
+pub fn remove(dir: &Path) -> Result<()> {
+    let (parent, name) = split_dir(dir)?;
+    let del = scratch(parent, Scratch::Del, &name);
+    fs::rename(dir, &del).with_context(|| format!("removing old {}", dir.display()))?;
+    fs::remove_dir_all(&del).with_context(|| format!("removing old {}", dir.display()))
+}
+
+/// What [`recover`] found and did, by file name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Checkpoints put back: a replacement was interrupted between its two renames.
+    pub restored: Vec<String>,
+    /// Scratch entries deleted: unfinished writes, superseded or half-removed
+    /// checkpoints.
+    pub removed: Vec<String>,
+}
+
+impl Recovered {
+    pub fn is_empty(&self) -> bool {
+        self.restored.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Repairs what checkpoint writers killed mid-save left under `root` (a checkpoints
+/// directory; missing is fine): a checkpoint moved aside for a replacement that never
+/// arrived (`.old-NAME-PID` with no `NAME`) is renamed back to `NAME`; every other
+/// scratch entry (an unfinished `.tmp-*`, a superseded `.old-*`, a half-removed
+/// `.del-*`) is deleted. Call it before looking for the checkpoint to resume from, and
+/// before the first save. Idempotent, and safe when several ranks of a job run it at
+/// once on a shared directory (an entry another process already handled is skipped);
+/// it assumes no other run is writing checkpoints under `root` meanwhile.
+pub fn recover(root: &Path) -> Result<Recovered> {
+    let mut out = Recovered::default();
+    let mut entries: Vec<(Scratch, String, String)> = match fs::read_dir(root) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let file = e.file_name().to_str()?.to_owned();
+                let (kind, name) = Scratch::parse(&file)?;
+                Some((kind, name.to_owned(), file))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", root.display())),
+    };
+    entries.sort_by(|a, b| a.2.cmp(&b.2));
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    for (kind, name, file) in entries {
+        let path = root.join(&file);
+        let target = root.join(&name);
+        if kind == Scratch::Old && !target.exists() && path.join(STATE_FILE).is_file() {
+            match fs::rename(&path, &target) {
+                Ok(()) => {
+                    out.restored.push(name);
+                    continue;
+                }
+                Err(e) if gone(&e) => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("restoring {} as {}", path.display(), target.display())
+                    });
+                }
+            }
+        }
+        match fs::remove_dir_all(&path) {
+            Ok(()) => out.removed.push(file),
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if !out.is_empty() {
+        fsync_dir(root);
+    }
+    Ok(out)
+}
+
+/// Test builds only: exits the process at once (status 3, no cleanup: the files are
+/// left as a `kill -9` would leave them) at point `point` of writing checkpoint `dir`
+/// when `CONMIM_TEST_CRASH_AT` is `point@name` (e.g. `written@step-00000004`,
+/// `swapped@last`). A no-op in every other build.
+#[inline]
+pub(crate) fn crash_point(point: &str, dir: &Path) {
+    #[cfg(test)]
+    if let (Ok(want), Some(name)) = (std::env::var("CONMIM_TEST_CRASH_AT"), dir.file_name())
+        && want == format!("{point}@{}", name.to_string_lossy())
+    {
+        std::process::exit(3);
+    }
+    #[cfg(not(test))]
+    let _ = (point, dir);
 }
 
 /// Writes the AdamW moments of `opt` to `file` (safetensors, on the CPU).
@@ -377,6 +551,161 @@ mod tests {
             assert!(v.equal(&ta[&k]), "teacher {k} differs");
         }
         assert!(ck.ends_with(format!("step-{n:08}")));
+    }
+
+    /// A fake complete checkpoint directory named `name` under `root`, holding `tag`.
+    fn fake(root: &Path, name: &str, tag: &str) -> PathBuf {
+        let d = root.join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(STATE_FILE), tag).unwrap();
+        fs::write(d.join(MODEL_FILE), tag).unwrap();
+        d
+    }
+
+    fn names(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn scratch_names_parse() {
+        assert_eq!(
+            Scratch::parse(".tmp-step-00000004-123"),
+            Some((Scratch::Tmp, "step-00000004"))
+        );
+        assert_eq!(Scratch::parse(".old-last-7"), Some((Scratch::Old, "last")));
+        assert_eq!(
+            Scratch::parse(".del-step-1-99"),
+            Some((Scratch::Del, "step-1"))
+        );
+        for other in [
+            "step-00000004",
+            ".tmp-last",
+            ".tmp-last-",
+            ".tmp--12",
+            ".tmp-last-12a",
+            ".write-test-12",
+            ".other-last-12",
+        ] {
+            assert_eq!(Scratch::parse(other), None, "{other}");
+        }
+    }
+
+    /// Issue 4 (killed at any moment): what a killed writer leaves is repaired at the
+    /// next start. A checkpoint caught between the two renames of its replacement comes
+    /// back, whatever else is half-written or half-removed goes, and complete
+    /// checkpoints and foreign files are left alone.
+    #[test]
+    fn issue4_recover_repairs_what_a_killed_save_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("checkpoints");
+        assert!(
+            recover(&root).unwrap().is_empty(),
+            "a missing directory is fine"
+        );
+        fake(&root, "step-00000002", "2");
+        fake(&root, "step-00000004", "4");
+        // Killed while writing step 6 (no state.json yet).
+        fs::create_dir_all(root.join(".tmp-step-00000006-4242")).unwrap();
+        fs::write(root.join(".tmp-step-00000006-4242").join(MODEL_FILE), "x").unwrap();
+        // Killed between the renames that replace `last`: no `last`, the published one
+        // aside, the new one in tmp.
+        fake(&root, ".old-last-77", "old last");
+        fake(&root, ".tmp-last-77", "new last");
+        // Killed after the replacement of `best`, before deleting the old one.
+        fake(&root, "best", "new best");
+        fake(&root, ".old-best-78", "old best");
+        // Killed while removing step 0.
+        fs::create_dir_all(root.join(".del-step-00000000-79")).unwrap();
+        fs::write(root.join("notes.txt"), "mine").unwrap();
+
+        let r = recover(&root).unwrap();
+        assert_eq!(r.restored, ["last"]);
+        assert_eq!(r.removed.len(), 4, "{r:?}");
+        assert_eq!(
+            names(&root),
+            [
+                "best",
+                "last",
+                "notes.txt",
+                "step-00000002",
+                "step-00000004"
+            ]
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("last").join(STATE_FILE)).unwrap(),
+            "old last"
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("best").join(STATE_FILE)).unwrap(),
+            "new best"
+        );
+        assert!(latest(&root).unwrap().unwrap().ends_with("step-00000004"));
+        assert!(recover(&root).unwrap().is_empty(), "idempotent");
+    }
+
+    /// The body of `issue4_a_replacement_killed_between_its_renames_is_put_back`'s child
+    /// (no-op otherwise): replaces `DIR/last` with a new checkpoint.
+    #[test]
+    fn publish_child() {
+        let Some(root) = std::env::var_os("CONMIM_PUBLISH_CHILD_DIR") else {
+            return;
+        };
+        let last = PathBuf::from(root).join("last");
+        let tmp = begin(&last).unwrap();
+        fs::write(tmp.join(STATE_FILE), "new").unwrap();
+        publish(&tmp, &last).unwrap();
+    }
+
+    /// Issue 4: a process that dies between the two renames of a replacement (its
+    /// checkpoint moved aside, the new one not yet in place) leaves no checkpoint under
+    /// the name; the next start puts the previous one back.
+    #[test]
+    fn issue4_a_replacement_killed_between_its_renames_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fake(root, "last", "old");
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["train::checkpoint::tests::publish_child", "--exact"])
+            .env("CONMIM_PUBLISH_CHILD_DIR", root)
+            .env("CONMIM_TEST_CRASH_AT", "swapped@last")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(3), "{o:?}");
+        let left = names(root);
+        assert!(
+            left.len() == 2
+                && left[0].starts_with(".old-last-")
+                && left[1].starts_with(".tmp-last-"),
+            "{left:?}"
+        );
+        let r = recover(root).unwrap();
+        assert_eq!((r.restored.len(), r.removed.len()), (1, 1), "{r:?}");
+        assert_eq!(names(root), ["last"]);
+        assert_eq!(
+            fs::read_to_string(root.join("last").join(STATE_FILE)).unwrap(),
+            "old"
+        );
+    }
+
+    /// `publish` replaces an existing checkpoint and `remove` deletes one, leaving no
+    /// scratch entry behind.
+    #[test]
+    fn publish_replaces_and_remove_deletes_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let last = fake(root, "last", "1");
+        let tmp = begin(&last).unwrap();
+        fs::write(tmp.join(STATE_FILE), "2").unwrap();
+        publish(&tmp, &last).unwrap();
+        assert_eq!(fs::read_to_string(last.join(STATE_FILE)).unwrap(), "2");
+        assert_eq!(names(root), ["last"]);
+        remove(&last).unwrap();
+        assert!(names(root).is_empty());
     }
 
     #[test]

@@ -245,6 +245,32 @@ pub(crate) fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs [`checkpoint::recover`] on `root` and says on stderr (rank 0) what it did.
+pub(crate) fn report_recovery(cmd: &str, root: &Path, rank: usize) -> Result<()> {
+    let r = checkpoint::recover(root).with_context(|| {
+        format!(
+            "cleaning up after an interrupted save in {}",
+            root.display()
+        )
+    })?;
+    if rank == 0 {
+        for name in &r.restored {
+            eprintln!(
+                "conmim {cmd}: put back checkpoint {} (the run was killed while replacing it)",
+                root.join(name).display()
+            );
+        }
+        if !r.removed.is_empty() {
+            eprintln!(
+                "conmim {cmd}: removed {} unfinished checkpoint write(s) left by a killed run in {}",
+                r.removed.len(),
+                root.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Keeps only metric lines with `step < before`.
 fn truncate_metrics(path: &Path, before: u64) -> Result<()> {
     truncate_metrics_by(path, |v| {
@@ -340,6 +366,13 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
+    // What a run killed mid-save left (every rank: it is idempotent, and each must see
+    // the same checkpoints).
+    report_recovery(
+        "pretrain",
+        &ck_root,
+        dist_env.as_ref().map_or(0, |e| e.rank),
+    )?;
     let resume_from = match &o.resume {
         Resume::No => {
             if let Some(p) = checkpoint::latest(&ck_root)? {
@@ -595,6 +628,126 @@ mod tests {
                 (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
             })
             .collect()
+    }
+
+    /// The body of `issue4_kill_9_at_any_moment_resumes_exactly`'s child processes (no-op
+    /// otherwise): `pretrain --resume auto`, 8 steps, a checkpoint every 2, keep 2.
+    #[test]
+    fn pretrain_kill_child() {
+        let Some(out) = std::env::var_os("CONMIM_KILL_CHILD_OUT") else {
+            return;
+        };
+        let out = PathBuf::from(out);
+        let data = out.parent().unwrap().join("data");
+        let mut o = opts(&data, &out);
+        o.resume = Resume::Auto;
+        o.steps = Some(8);
+        o.save_every = 2;
+        o.keep = 2;
+        pretrain(&o).unwrap();
+        println!("KILL_CHILD_DONE");
+    }
+
+    /// Issue 4: killed at any moment, a resumed run continues exactly. A real SIGKILL of
+    /// a `pretrain` process after its 1st, 2nd (around the step-2 save), 4th and 6th
+    /// step, and an exit in the middle of writing the step-4 checkpoint (its model file
+    /// written, the rest not): each time `--resume auto` ends with the loss sequence of
+    /// the uninterrupted run, and no half-written checkpoint is left on disk.
+    #[test]
+    fn issue4_kill_9_at_any_moment_resumes_exactly() {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let child = |out: &Path, crash_at: Option<&str>| {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "train::run::tests::pretrain_kill_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_KILL_CHILD_OUT", out)
+            .env_remove("CONMIM_TEST_CRASH_AT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            if let Some(point) = crash_at {
+                c.env("CONMIM_TEST_CRASH_AT", point);
+            }
+            c
+        };
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let finish = |out: &Path| {
+            let o = child(out, None).output().unwrap();
+            let t = text(&o);
+            assert!(o.status.success() && t.contains("KILL_CHILD_DONE"), "{t}");
+            t
+        };
+        let scratch = |out: &Path| -> Vec<String> {
+            std::fs::read_dir(checkpoint::dir_of(out))
+                .map(|rd| {
+                    rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with('.'))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let metric_lines = |out: &Path| {
+            std::fs::read_to_string(out.join("metrics.jsonl"))
+                .map(|t| t.matches('\n').count())
+                .unwrap_or(0)
+        };
+        let full = dir.path().join("full");
+        finish(&full);
+        let want = losses(&full);
+        assert_eq!(want.len(), 8);
+
+        let mut killed = 0;
+        for k in [1, 2, 4, 6] {
+            let out = dir.path().join(format!("killed-after-{k}"));
+            let mut c = child(&out, None).spawn().unwrap();
+            while metric_lines(&out) < k && c.try_wait().unwrap().is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            c.kill().unwrap(); // SIGKILL
+            if c.wait().unwrap().success() {
+                eprintln!("NOTICE: the child finished before the kill after step {k}");
+                continue;
+            }
+            killed += 1;
+            let t = finish(&out);
+            assert_eq!(losses(&out), want, "killed after step {k}:\n{t}");
+            assert!(scratch(&out).is_empty(), "{:?}", scratch(&out));
+        }
+        assert!(
+            killed >= 2,
+            "only {killed} of the kills landed before the run ended"
+        );
+
+        let out = dir.path().join("killed-in-save");
+        let o = child(&out, Some("written@step-00000004")).output().unwrap();
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        let left = scratch(&out);
+        assert!(
+            left.len() == 1 && left[0].starts_with(".tmp-step-00000004-"),
+            "{left:?}"
+        );
+        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, [2], "the half-written step 4 is no checkpoint");
+        let t = finish(&out);
+        assert!(t.contains("removed 1 unfinished checkpoint write"), "{t}");
+        assert_eq!(losses(&out), want, "{t}");
+        assert!(scratch(&out).is_empty(), "{:?}", scratch(&out));
     }
 
     /// The body of each rank of `issue6_pretrain_under_torchrun` (no-op otherwise).

@@ -17,7 +17,9 @@
 //!
 //! Checkpoints of a fine-tuning run (`OUT/checkpoints/{last,best}/`): `model.safetensors`
 //! (the classifier's variables, timm names, f32 on the CPU) and `state.json`
-//! ([`FinetuneState`]). Written into a temporary directory, then renamed into place.
+//! ([`FinetuneState`]). Written into a temporary directory, fsynced, then renamed into
+//! place ([`checkpoint::publish`]); what a killed save leaves is repaired by
+//! [`checkpoint::recover`] when the next run starts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -302,33 +304,22 @@ pub fn save(
     state: &FinetuneState,
     opt: Option<&crate::train::optim::AdamW>,
 ) -> Result<()> {
-    let parent = dir.parent().context("checkpoint path has no parent")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().context("checkpoint path has no name")?;
-    let tmp = parent.join(format!(
-        ".tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    Tensor::write_safetensors(&net.cpu_tensors(), tmp.join(checkpoint::MODEL_FILE))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    if let Some(opt) = opt {
-        checkpoint::write_optimizer(opt, &tmp.join(checkpoint::OPTIMIZER_FILE))?;
+    let tmp = checkpoint::begin(dir)?;
+    let write = || -> Result<()> {
+        Tensor::write_safetensors(&net.cpu_tensors(), tmp.join(checkpoint::MODEL_FILE))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        checkpoint::crash_point("written", dir);
+        if let Some(opt) = opt {
+            checkpoint::write_optimizer(opt, &tmp.join(checkpoint::OPTIMIZER_FILE))?;
+        }
+        crate::format::atomic_write_json(&tmp.join(checkpoint::STATE_FILE), state)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {}", dir.display())));
     }
-    crate::format::atomic_write_json(&tmp.join(checkpoint::STATE_FILE), state)?;
-    let old = parent.join(format!(
-        ".old-{}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    checkpoint::publish(&tmp, dir)
 }
 
 /// Reads a fine-tuning checkpoint (the directory, or a run directory: its `best`, else

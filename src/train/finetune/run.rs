@@ -519,7 +519,11 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     if main {
         check_writable(&o.out)?;
     }
-    let last_dir = crate::train::checkpoint::dir_of(&o.out).join("last");
+    let ck_root = crate::train::checkpoint::dir_of(&o.out);
+    // What a run killed mid-save left (every rank: it is idempotent, and each must see
+    // the same checkpoints).
+    crate::train::run::report_recovery("finetune", &ck_root, rank)?;
+    let last_dir = ck_root.join("last");
     let has_last = last_dir
         .join(crate::train::checkpoint::STATE_FILE)
         .is_file();
@@ -1354,8 +1358,20 @@ mod tests {
         o.stop_after_epoch = None;
         let err = format!("{:#}", finetune(&o).unwrap_err());
         assert!(err.contains("--resume auto"), "{err}");
+        // As if killed while replacing `last` at the end of epoch 2 (between its two
+        // renames: no `last`, the epoch-1 one moved aside, the new one in scratch): the
+        // resume puts epoch 1's back, continues from it and cleans up.
+        let ck = part.join("checkpoints");
+        std::fs::rename(ck.join("last"), ck.join(".old-last-4242")).unwrap();
+        std::fs::create_dir(ck.join(".tmp-last-4242")).unwrap();
         o.resume = Resume::Auto;
         let b = finetune(&o).unwrap();
+        let hidden: Vec<_> = std::fs::read_dir(&ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
         assert_eq!((b.epochs_done, b.resumed_at_step), (3, 3));
         assert_eq!((b.samples, b.best_epoch), (a.samples, a.best_epoch));
         // Equal up to float reduction order: tests running alongside share libtorch's
