@@ -196,6 +196,9 @@ pub struct DistEnv {
     /// torchrun's elastic agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`):
     /// every rank, rank 0 included, connects as a client.
     pub agent_store: bool,
+    /// Launched by torchrun (its agent sets `TORCHELASTIC_RUN_ID`), as opposed to a
+    /// `WORLD_SIZE` that happens to be in the environment.
+    pub torchrun: bool,
 }
 
 impl DistEnv {
@@ -242,7 +245,16 @@ impl DistEnv {
             master_port,
             agent_store: get("TORCHELASTIC_USE_AGENT_STORE")
                 .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
+            torchrun: get("TORCHELASTIC_RUN_ID").is_some(),
         }))
+    }
+
+    /// Whether this process trains through a process group: with more than one rank,
+    /// and under torchrun with a single one too (the same distributed path as on many
+    /// GPUs, e.g. to measure its cost). A lone `WORLD_SIZE=1` outside torchrun is a
+    /// plain single-process run.
+    pub fn wants_group(&self) -> bool {
+        self.world_size > 1 || self.torchrun
     }
 
     /// Whether this process hosts the store server.
@@ -293,6 +305,10 @@ pub struct ProcessGroup {
     pub rank: usize,
     pub world_size: usize,
     pub backend: Backend,
+    /// Where host tensors go for a collective: NCCL takes CUDA tensors only, so a CPU
+    /// tensor (a metric, a count, a loader position) is copied to this rank's GPU and
+    /// back ([`ProcessGroup::on_device`]); the CPU for Gloo.
+    staging: Device,
 }
 
 // SAFETY: the c10d objects behind the handle are thread-safe to use from one thread at a
@@ -337,14 +353,61 @@ impl ProcessGroup {
             rank: env.rank,
             world_size: env.world_size,
             backend,
+            staging: match backend {
+                Backend::Nccl => Device::Cuda(env.local_rank),
+                Backend::Gloo => Device::Cpu,
+            },
         })
     }
 
-    /// Sums `t` over the ranks, in place.
+    /// One line for the log: ranks, backend and how the global batch splits.
+    pub fn describe(&self, global_batch: usize) -> String {
+        format!(
+            "data parallel over {} rank{} ({}), global batch {global_batch} = {} per rank",
+            self.world_size,
+            if self.world_size == 1 { "" } else { "s" },
+            self.backend.name(),
+            global_batch / self.world_size.max(1)
+        )
+    }
+
+    /// The GPU this rank trains on (NCCL; default `cuda:LOCAL_RANK`), where host
+    /// tensors are staged for collectives. No effect with Gloo.
+    pub fn on_device(mut self, device: Device) -> Self {
+        if self.backend == Backend::Nccl && device.is_cuda() {
+            self.staging = device;
+        }
+        self
+    }
+
+    /// Where `t` has to be for this group's collectives, when not where it is: a host
+    /// tensor under NCCL goes to the rank's GPU.
+    fn staging_for(&self, t: &Tensor) -> Option<Device> {
+        (self.backend == Backend::Nccl && t.device() == Device::Cpu).then_some(self.staging)
+    }
+
+    /// Runs collective `f` on `t` in place, through a device copy when `t` is a host
+    /// tensor and the backend takes device tensors only.
+    fn in_place(&self, t: &Tensor, f: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
+        match self.staging_for(t) {
+            None => f(t),
+            Some(d) => {
+                let staged = t.f_to_device(d)?;
+                f(&staged)?;
+                let mut host = t.shallow_clone();
+                tch::no_grad(|| host.f_copy_(&staged))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sums `t` over the ranks, in place (a host tensor is fine with either backend).
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
-        // SAFETY: live handles.
-        call("all_reduce", |e, n| unsafe {
-            conmim_pg_allreduce_sum(self.ptr, t.as_ptr(), e, n)
+        self.in_place(t, |t| {
+            // SAFETY: live handles.
+            call("all_reduce", |e, n| unsafe {
+                conmim_pg_allreduce_sum(self.ptr, t.as_ptr(), e, n)
+            })
         })
     }
 
@@ -355,11 +418,14 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Copies rank `root`'s `t` to every rank, in place.
+    /// Copies rank `root`'s `t` to every rank, in place (a host tensor is fine with
+    /// either backend).
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
-        // SAFETY: live handles.
-        call("broadcast", |e, n| unsafe {
-            conmim_pg_broadcast(self.ptr, t.as_ptr(), root as c_int, e, n)
+        self.in_place(t, |t| {
+            // SAFETY: live handles.
+            call("broadcast", |e, n| unsafe {
+                conmim_pg_broadcast(self.ptr, t.as_ptr(), root as c_int, e, n)
+            })
         })
     }
 
@@ -687,6 +753,17 @@ mod tests {
             (3, 4, 1, 29400)
         );
         assert!(e.agent_store && !e.hosts_store());
+        assert!(e.wants_group() && !e.torchrun);
+        // World size 1: the distributed path under torchrun only (issue 6: NCCL with
+        // world size 1 through torchrun), not for a stray WORLD_SIZE=1.
+        let lone = DistEnv::from_vars(vars(&[("WORLD_SIZE", "1")]))
+            .unwrap()
+            .unwrap();
+        assert!(!lone.wants_group());
+        let one = DistEnv::from_vars(vars(&[("WORLD_SIZE", "1"), ("TORCHELASTIC_RUN_ID", "x")]))
+            .unwrap()
+            .unwrap();
+        assert!(one.torchrun && one.wants_group());
         let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "2"), ("RANK", "2")]));
         assert!(bad.unwrap_err().to_string().contains("RANK=2"));
         let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "two")]));
@@ -1049,6 +1126,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: free_port(),
             agent_store: false,
+            torchrun: false,
         }
     }
 
@@ -1221,7 +1299,7 @@ mod tests {
     /// The NCCL backend on a machine without CUDA (CI, this VM) is a clear error that
     /// names the backend, never a crash or a hang: the shim's ProcessGroupNCCL (built
     /// when the CUDA and NCCL headers are there) refuses without a GPU, and a build
-    /// without NCCL says so. With CUDA, world size 1 must simply work.
+    /// without NCCL says so. With CUDA, world size 1 must simply work, host tensors too.
     #[test]
     fn nccl_world_one_works_with_cuda_and_is_a_clear_error_without() {
         let env = DistEnv {
@@ -1231,6 +1309,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: free_port(),
             agent_store: false,
+            torchrun: false,
         };
         let r = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(10));
         if let Err(e) = &r
@@ -1239,11 +1318,22 @@ mod tests {
             return; // built without the CUDA/NCCL headers: said plainly, nothing to run
         }
         if tch::Cuda::is_available() {
-            let pg = r.unwrap();
+            let pg = r.unwrap().on_device(Device::Cuda(0));
             let t = Tensor::from_slice(&[2.0f32]).to_device(Device::Cuda(0));
             pg.all_reduce_sum(&t).unwrap();
             let got = Vec::<f32>::try_from(&t.to_device(Device::Cpu)).unwrap();
             assert_eq!(got, [2.0]);
+            // Host tensors (the trainer's metrics, loader positions, evaluation counts,
+            // the replica check) go through the GPU: NCCL alone would refuse them.
+            let mut m = Tensor::from_slice(&[1.5f64, 3.0]);
+            pg.all_reduce_mean(&mut m).unwrap();
+            assert_eq!(Vec::<f64>::try_from(&m).unwrap(), [1.5, 3.0]);
+            assert_eq!(m.device(), Device::Cpu);
+            let b = Tensor::from_slice(&[7i64, -3]);
+            pg.broadcast(&b, 0).unwrap();
+            assert_eq!(Vec::<i64>::try_from(&b).unwrap(), [7, -3]);
+            let w = Tensor::from_slice(&[0.25f32, -1.0]).to_device(Device::Cuda(0));
+            pg.check_replicas_agree(&[&w], "weights").unwrap();
             return;
         }
         let msg = r.err().expect("NCCL without a GPU must fail").to_string();

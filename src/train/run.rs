@@ -335,8 +335,9 @@ fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, o: &PretrainOptions) -> Result
     knn_classify(&tf, &tl, &vf, &vl, classes, m.k, m.temperature)
 }
 
-/// torchrun's environment when launched with WORLD_SIZE > 1 (then `batch`, the global
-/// batch, must divide by it), and the device: `--device`, else the rank's
+/// torchrun's environment when the run trains through a process group
+/// ([`DistEnv::wants_group`]: WORLD_SIZE > 1, or any world size under torchrun; then
+/// `batch`, the global batch, must divide by WORLD_SIZE), and the device: `--device`, else the rank's
 /// `LOCAL_RANK` GPU under torchrun, else CUDA when available.
 pub(crate) fn dist_and_device(
     device: Option<&str>,
@@ -344,7 +345,7 @@ pub(crate) fn dist_and_device(
 ) -> Result<(Option<DistEnv>, Device)> {
     let dist_env = DistEnv::from_env()
         .context("reading torchrun's environment")?
-        .filter(|e| e.world_size > 1);
+        .filter(|e| e.wants_group());
     let device = match (device, &dist_env) {
         (None, Some(e)) => e.device(),
         _ => parse_device(device)?,
@@ -391,7 +392,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let mut trainer = Trainer::new(cfg.clone(), device)?;
     if let Some(e) = &dist_env {
         let pg = ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
-            .context("joining the process group")?;
+            .context("joining the process group")?
+            .on_device(device);
+        if pg.rank == 0 {
+            eprintln!("conmim pretrain: {}", pg.describe(cfg.batch_size));
+        }
         trainer.join(pg)?;
     } else if cfg.sync_bn {
         eprintln!(
@@ -890,6 +895,71 @@ mod tests {
             want,
             "resumed after a dead rank equals the whole run"
         );
+    }
+
+    /// Issue 6: under torchrun, one process takes the distributed path too (a process
+    /// group of one: DDP's reducer, metrics reduced over the group; what the GPU check
+    /// runs on NCCL to measure the path's cost), and trains exactly as the plain
+    /// single process does.
+    #[test]
+    fn issue6_torchrun_world_one_takes_the_distributed_path() {
+        if !crate::train::dist::AVAILABLE {
+            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+            return;
+        }
+        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let run = |out: &Path, torchrun: bool| -> String {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+                .to_string();
+            let mut c = if torchrun {
+                let mut c = std::process::Command::new(Path::new(&venv).join("bin/torchrun"));
+                c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "1"])
+                    .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+                    .arg(std::env::current_exe().unwrap());
+                c
+            } else {
+                std::process::Command::new(std::env::current_exe().unwrap())
+            };
+            for k in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"] {
+                c.env_remove(k);
+            }
+            let o = c
+                .args([
+                    "train::run::tests::pretrain_rank_child",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .env("OMP_NUM_THREADS", "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(o.status.success() && text.contains("PRETRAIN_OK"), "{text}");
+            text
+        };
+        let plain = dir.path().join("plain");
+        let text = run(&plain, false);
+        assert!(!text.contains("data parallel"), "{text}");
+        let one = dir.path().join("one");
+        let text = run(&one, true);
+        assert!(
+            text.contains("data parallel over 1 rank (gloo), global batch 4 = 4 per rank"),
+            "{text}"
+        );
+        assert_eq!(losses(&one), losses(&plain), "{text}");
     }
 
     /// A corrupt sample is skipped, counted and named in the summary; with

@@ -43,8 +43,11 @@ def rate(run):
     v = [r["img_s"] for r in rows[len(rows) // 2:]]
     return statistics.median(v) if v else None
 p, d = rate("plain"), rate("nccl1")
+# Rank 0 logs the process group it joined (a group of one under torchrun).
+log = open(f"{out}/nccl1.log", errors="replace").read()
 res = {"plain_img_s": p, "torchrun_nccl_world1_img_s": d,
-       "overhead_pct": None if not (p and d) else 100.0 * (p - d) / p}
+       "overhead_pct": None if not (p and d) else 100.0 * (p - d) / p,
+       "process_group": next((l.strip() for l in log.splitlines() if "data parallel over" in l), None)}
 print(json.dumps(res))
 json.dump(res, open(f"{out}/dist.json", "w"))
 PY

@@ -23,14 +23,15 @@
 //! unique and, when the manifest knows the sample count, the number evaluated must match
 //! it. A label outside `[0, num_classes)` is an error naming the key.
 //!
-//! Under torchrun (WORLD_SIZE > 1): `--batch` is global and split per rank, every rank
-//! starts from rank 0's weights, gradients are averaged (one all-reduce per parameter
-//! group), the logged loss is the mean over ranks, training shards are split by rank
-//! (the stream's epoch rules), each rank evaluates its own validation shards (every
-//! shard exactly once) and the counts are summed; rank 0 writes the run directory.
+//! Under torchrun (any WORLD_SIZE; outside it, WORLD_SIZE > 1): `--batch` is global and
+//! split per rank, every rank starts from rank 0's weights, gradients are averaged (DDP's
+//! bucketed reducer, as in pretraining), the logged loss is the mean over ranks,
+//! training shards are split by rank (the stream's epoch rules), each rank evaluates its
+//! own validation shards (every shard exactly once) and the counts are summed; rank 0
+//! writes the run directory.
 //!
-//! Not yet: resuming a fine-tuning run (each run starts from its initialisation), the
-//! linear probe and partial fine-tuning.
+//! Resume: `checkpoints/last` holds the optimiser moments and every rank's loader
+//! position at the end of its epoch; `--resume auto` continues from it exactly.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -471,17 +472,21 @@ fn resume(
 /// Runs `conmim finetune`.
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
-    // Data parallelism under torchrun (WORLD_SIZE > 1): --batch is global.
+    // Data parallelism under torchrun (`DistEnv::wants_group`): --batch is global.
     let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
     let pg = match &dist_env {
         Some(e) => Some(
             ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
-                .context("joining the process group")?,
+                .context("joining the process group")?
+                .on_device(device),
         ),
         None => None,
     };
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank, p.world_size));
     let main = rank == 0;
+    if let (Some(pg), true) = (&pg, main) {
+        eprintln!("conmim finetune: {}", pg.describe(cfg.batch_size));
+    }
     let amp = device.is_cuda();
     if amp {
         crate::train::cuda::set_tf32(true)?;
