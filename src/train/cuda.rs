@@ -20,6 +20,7 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn conmim_set_tf32(enabled: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn conmim_cuda_set_device(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn conmim_cuda_memory_stats(
         device: c_int,
         out: *mut u64,
@@ -110,6 +111,20 @@ pub fn reset_peak_memory(device: Device) -> Result<(), TchError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Makes `device` the process's current CUDA device (`torch.cuda.set_device`), so that
+/// what is not given a device (pinned host memory, default streams) lands on it and not
+/// on GPU 0: each torchrun rank trains on its own GPU and leaves the others alone. A
+/// no-op for the CPU.
+pub fn set_current_device(device: Device) -> Result<(), TchError> {
+    let Device::Cuda(i) = device else {
+        return Ok(());
+    };
+    // SAFETY: plain call, errors come back through the buffer.
+    call("set the current CUDA device", |e, n| unsafe {
+        conmim_cuda_set_device(i as c_int, e, n)
+    })
 }
 
 /// TF32 for fp32 matmuls and cuDNN convolutions (`torch.set_float32_matmul_precision

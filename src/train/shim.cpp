@@ -51,6 +51,14 @@ int conmim_set_tf32(int enabled, char* err, size_t err_len) {
     CONMIM_CATCH
 }
 
+// Makes CUDA device `index` the current one (torch.cuda.set_device): where pinned host
+// memory, default streams and anything else not given a device land.
+int conmim_cuda_set_device(int index, char* err, size_t err_len) {
+    CONMIM_TRY
+    at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(index));
+    CONMIM_CATCH
+}
+
 // CUDA caching-allocator statistics of `device`: out[0] allocated now, out[1] peak
 // allocated, out[2] reserved (all pools, bytes).
 int conmim_cuda_memory_stats(int device, uint64_t* out, char* err, size_t err_len) {
