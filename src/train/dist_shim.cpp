@@ -28,6 +28,9 @@ struct Group {
     std::chrono::milliseconds timeout;
     // The backend wrapped as torch.distributed wraps it (what c10d::Reducer takes).
     c10::intrusive_ptr<c10d::ProcessGroup> pg;
+    // NCCL: collectives run on the GPU, ordered with the current stream; waiting on the
+    // CPU is left to whoever reads the result (see `wait`).
+    bool on_gpu = false;
 };
 
 c10::intrusive_ptr<c10d::ProcessGroup> wrap(const c10::intrusive_ptr<c10d::Store>& store,
@@ -45,8 +48,18 @@ c10::intrusive_ptr<c10d::ProcessGroup> wrap(const c10::intrusive_ptr<c10d::Store
     return pg;
 }
 
+// Gloo: blocks until the collective is done, at most the group's timeout. NCCL: makes
+// the current CUDA stream wait for it and returns at once, as torch.distributed's
+// default `work.wait()` (a timeout here would make WorkNCCL block the CPU in 1 ms
+// sleeps, stalling the queue of kernels behind it, e.g. inside SyncBN's forward); a
+// collective that hangs past the group's timeout is caught by ProcessGroupNCCL's
+// watchdog (Options::timeout), which aborts the process with a message naming it.
 void wait(const c10::intrusive_ptr<c10d::Work>& work, const Group& g) {
-    work->wait(g.timeout);
+    if (g.on_gpu) {
+        work->wait();
+    } else {
+        work->wait(g.timeout);
+    }
 }
 
 // Sums `t` over the group's ranks, in place, waiting at most the group's timeout.
@@ -175,6 +188,7 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
         opts->timeout = timeout;
         g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
         g->pg = wrap(store, rank, world, g->backend, c10d::ProcessGroup::BackendType::NCCL);
+        g->on_gpu = true;
 #else
         delete g;
         throw std::runtime_error("this build has no NCCL backend (built without NCCL headers)");
