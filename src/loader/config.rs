@@ -217,6 +217,22 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Loader threads for one training process when none are configured: the available
+/// parallelism shared among the processes torchrun started on this node
+/// (`LOCAL_WORLD_SIZE`), so that G ranks on a node do not each start one worker per
+/// core; the whole machine outside torchrun.
+pub fn default_threads_per_process() -> usize {
+    let local = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    share_of(default_threads(), local)
+}
+
+/// `cores` shared among `local` processes (at least 1 each).
+fn share_of(cores: usize, local: Option<usize>) -> usize {
+    (cores / local.unwrap_or(1).max(1)).max(1)
+}
+
 impl LoaderConfig {
     /// Checks ranges and consistency (the mask is built to check it too).
     pub fn validate(&self) -> Result<()> {
@@ -328,6 +344,16 @@ impl LoaderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torchrun_ranks_share_the_cores() {
+        assert_eq!(share_of(16, None), 16);
+        assert_eq!(share_of(16, Some(1)), 16);
+        assert_eq!(share_of(16, Some(8)), 2);
+        assert_eq!(share_of(16, Some(6)), 2);
+        assert_eq!(share_of(4, Some(8)), 1);
+        assert_eq!(share_of(4, Some(0)), 4);
+    }
 
     #[test]
     fn defaults_validate_and_round_trip() {

@@ -64,6 +64,7 @@ pub use config::{
     DEFAULT_EVAL_RESIZE, DEFAULT_IMAGE_SIZE, DEFAULT_LABEL_EXT, DEFAULT_MASK_CELL,
     DEFAULT_MASK_RATIO, DEFAULT_PATCH_SIZE, DEFAULT_PREFETCH, DEFAULT_STALL_TIMEOUT_S, IMAGE_EXTS,
     LoaderConfig, MAX_ERROR_RECORDS, MaskConfig, MaskKind, Task, default_threads,
+    default_threads_per_process,
 };
 
 use crate::augment::params::sample_rng;

@@ -14,7 +14,7 @@ use super::head::HeadConfig;
 use super::optim::AdamWConfig;
 use super::schedule::{CosineSchedule, MomentumSchedule};
 use super::vit::Config;
-use crate::loader::{LoaderConfig, MaskConfig, MaskKind, default_threads};
+use crate::loader::{LoaderConfig, MaskConfig, MaskKind, default_threads_per_process};
 use crate::stream::StreamConfig;
 
 /// The batch size the paper's learning rates are given for.
@@ -51,7 +51,8 @@ pub struct PretrainConfig {
     /// Mask generator and ratio (mask patch = the model's patch).
     pub mask: MaskKind,
     pub mask_ratio: f64,
-    /// Loader threads (0 = the machine's parallelism).
+    /// Loader threads (0 = the machine's parallelism, shared among the processes
+    /// torchrun runs on this node).
     pub data_threads: usize,
     /// Sample shuffle buffer.
     pub shuffle_buffer: usize,
@@ -241,7 +242,7 @@ impl PretrainConfig {
                 ..Default::default()
             },
             threads: if self.data_threads == 0 {
-                default_threads()
+                default_threads_per_process()
             } else {
                 self.data_threads
             },

@@ -46,7 +46,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::FinetuneConfig;
 use super::layer_decay::param_groups_of;
 use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport, ResumeState};
-use crate::loader::{Loader, LoaderConfig, Task, default_threads};
+use crate::loader::{Loader, LoaderConfig, Task, default_threads_per_process};
 use crate::stream::{Remainder, ShardList, SourceOptions, Stream, StreamConfig};
 use crate::train::dist::{Backend, ProcessGroup};
 use crate::train::export::Weights;
@@ -180,7 +180,11 @@ pub fn build_config(o: &FinetuneOptions) -> Result<FinetuneConfig> {
 }
 
 fn threads(n: usize) -> usize {
-    if n == 0 { default_threads() } else { n }
+    if n == 0 {
+        default_threads_per_process()
+    } else {
+        n
+    }
 }
 
 /// The training loader config of `cfg`.
