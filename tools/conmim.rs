@@ -64,6 +64,10 @@ enum Cmd {
     /// step), atomic checkpoints in OUT/checkpoints/step-N (the last --keep), and
     /// OUT/summary.json. `--resume auto` continues from the newest checkpoint in OUT
     /// exactly (same batches, same random draws).
+    ///
+    /// SIGTERM (a scheduler's preemption) or Ctrl-C stops the run after the step in
+    /// progress, with a checkpoint of it, and exits with status 143 (130 for Ctrl-C);
+    /// under torchrun every rank stops at the same step. A second Ctrl-C stops at once.
     #[cfg(feature = "train")]
     Pretrain(PretrainArgs),
     /// Export a run's backbone for fine-tuning elsewhere.
@@ -596,7 +600,16 @@ fn pretrain_options(a: &PretrainArgs) -> Result<conmim::train::run::PretrainOpti
 #[cfg(feature = "train")]
 fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
     let s = conmim::train::run::pretrain(&pretrain_options(a)?)?;
+    // Stopped by SIGTERM / SIGINT (checkpoint written): the conventional status of a
+    // process that signal ended, so that schedulers and scripts see an unfinished run.
+    let status = s
+        .stopped_by
+        .as_deref()
+        .map(conmim::train::signals::exit_status);
     if !rank_zero() {
+        if let Some(code) = status {
+            std::process::exit(code);
+        }
         return Ok(());
     }
     println!(
@@ -616,6 +629,9 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
     );
     // (Capped by `--set max_errors=N`.)
     source_args::print_skipped("pretrain: ", s.skipped_samples, s.shard_errors, &s.errors);
+    if let Some(code) = status {
+        std::process::exit(code);
+    }
     Ok(())
 }
 

@@ -29,6 +29,7 @@ pub mod optim;
 pub mod pretrain_config;
 pub mod run;
 pub mod schedule;
+pub mod signals;
 pub mod teacher;
 pub mod tensorboard;
 #[cfg(test)]

@@ -122,6 +122,9 @@ pub struct Summary {
     pub shard_errors: u64,
     /// The first skipped samples and failed shards (shard, key, message).
     pub errors: Vec<crate::loader::FailedItem>,
+    /// The run stopped early on this signal (after a checkpoint of its last step):
+    /// "SIGTERM", "SIGINT", or "SIGTERM (on another rank)".
+    pub stopped_by: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -473,10 +476,14 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     } else {
         None
     };
+    // SIGTERM / SIGINT from here on: stop after the step in progress, with a checkpoint.
+    let signals = super::signals::StopGuard::arm()?;
+    let mut stopped_by: Option<String> = None;
     while trainer.step() < total {
         let (batch, mut wait) = next.take().expect("prefetched batch");
         let more = trainer.step() + 1 < total;
         let step_now = trainer.step();
+        trainer.stop_vote = signals.received().is_some();
         let stats = trainer
             .train_step_device(&batch, || {
                 if more {
@@ -528,7 +535,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             stats.loss, stats.lr, line.img_s
         ));
         let step = trainer.step();
-        if step % o.save_every.max(1) == 0 || step == total {
+        if step % o.save_every.max(1) == 0 || step == total || stats.stop {
             metrics.flush()?;
             tb.flush()?;
             trainer.gather_loader_states()?;
@@ -553,8 +560,28 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             metrics.flush()?;
             std::process::exit(3);
         }
+        if stats.stop {
+            stopped_by = Some(
+                signals
+                    .received()
+                    .unwrap_or("SIGTERM (on another rank)")
+                    .to_owned(),
+            );
+            break;
+        }
     }
+    drop(signals);
     pb.finish();
+    if let (Some(why), true) = (&stopped_by, main) {
+        eprintln!(
+            "conmim pretrain: {why}: stopped after step {} of {total}, checkpoint {}; \
+             continue with --resume auto",
+            trainer.step(),
+            last_ck
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string())
+        );
+    }
     if let Some(pg) = &trainer.dist {
         pg.check_replicas_agree(&trainer.opt.vars(), "student weights")?;
     }
@@ -579,6 +606,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         skipped_samples: log.sample_errors,
         shard_errors: log.shard_errors,
         errors: log.shards.into_iter().chain(log.samples).collect(),
+        stopped_by,
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)
         .context("writing summary.json")?;
@@ -645,6 +673,12 @@ mod tests {
         let Some(out) = std::env::var_os("CONMIM_KILL_CHILD_OUT") else {
             return;
         };
+        if std::env::var_os("CONMIM_KILL_CHILD_WAIT_BEFORE").is_some() {
+            // Arm and disarm the stop handlers once, then idle outside any run.
+            drop(crate::train::signals::StopGuard::arm().unwrap());
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            return;
+        }
         let out = PathBuf::from(out);
         let data = out.parent().unwrap().join("data");
         let mut o = opts(&data, &out);
@@ -652,8 +686,119 @@ mod tests {
         o.steps = Some(8);
         o.save_every = 2;
         o.keep = 2;
-        pretrain(&o).unwrap();
-        println!("KILL_CHILD_DONE");
+        if let Ok(every) = std::env::var("CONMIM_KILL_CHILD_SAVE_EVERY") {
+            o.save_every = every.parse().unwrap();
+        }
+        let s = pretrain(&o).unwrap();
+        println!("KILL_CHILD_DONE stopped_by {:?}", s.stopped_by);
+    }
+
+    /// Sends `signal` (e.g. "TERM") to process `pid`.
+    fn send_signal(pid: u32, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    /// The number of complete lines in `out`'s metrics.
+    fn metric_lines(out: &Path) -> usize {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|t| t.matches('\n').count())
+            .unwrap_or(0)
+    }
+
+    /// A SIGTERM (a scheduler's preemption) stops `pretrain` after the step in
+    /// progress with a checkpoint of that step, where the periodic ones would have lost
+    /// the interval since the last; `--resume auto` then continues exactly. Outside
+    /// the training loop the signal keeps its default action.
+    #[test]
+    fn issue4_sigterm_stops_with_a_checkpoint_and_resumes_exactly() {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let child = |out: &Path| {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "train::run::tests::pretrain_kill_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_KILL_CHILD_OUT", out)
+            .env("CONMIM_KILL_CHILD_SAVE_EVERY", "100")
+            .env_remove("CONMIM_TEST_CRASH_AT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            c
+        };
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let full = dir.path().join("full");
+        let o = child(&full).output().unwrap();
+        assert!(
+            text(&o).contains("KILL_CHILD_DONE stopped_by None"),
+            "{}",
+            text(&o)
+        );
+        let want = losses(&full);
+        assert_eq!(want.len(), 8);
+
+        let out = dir.path().join("stopped");
+        let c = child(&out).spawn().unwrap();
+        while metric_lines(&out) < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        send_signal(c.id(), "TERM");
+        let o = c.wait_with_output().unwrap();
+        let t = text(&o);
+        assert!(
+            o.status.success() && t.contains("KILL_CHILD_DONE stopped_by Some(\"SIGTERM\")"),
+            "{t}"
+        );
+        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert!(
+            steps.len() == 1 && (2..8).contains(&steps[0]),
+            "one checkpoint, of the step the signal stopped at: {steps:?}\n{t}"
+        );
+        assert!(t.contains("continue with --resume auto"), "{t}");
+        let o = child(&out).output().unwrap();
+        assert!(
+            text(&o).contains("KILL_CHILD_DONE stopped_by None"),
+            "{}",
+            text(&o)
+        );
+        assert_eq!(losses(&out), want, "{}", text(&o));
+
+        // Before the loop is armed (and after it), SIGTERM ends the process as usual.
+        let idle = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "train::run::tests::pretrain_kill_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_KILL_CHILD_OUT", dir.path().join("never"))
+            .env("CONMIM_KILL_CHILD_WAIT_BEFORE", "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        send_signal(idle.id(), "TERM");
+        let o = idle.wait_with_output().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(o.status.signal(), Some(15), "{o:?}");
     }
 
     /// Issue 4: killed at any moment, a resumed run continues exactly. A real SIGKILL of
@@ -705,11 +850,6 @@ mod tests {
                         .collect()
                 })
                 .unwrap_or_default()
-        };
-        let metric_lines = |out: &Path| {
-            std::fs::read_to_string(out.join("metrics.jsonl"))
-                .map(|t| t.matches('\n').count())
-                .unwrap_or(0)
         };
         let full = dir.path().join("full");
         finish(&full);
@@ -782,8 +922,16 @@ mod tests {
         if let Ok(every) = std::env::var("CONMIM_PRETRAIN_CHILD_SAVE_EVERY") {
             o.save_every = every.parse().unwrap();
         }
+        if std::env::var_os("CONMIM_PRETRAIN_CHILD_PIDS").is_some() {
+            let rank = std::env::var("RANK").unwrap();
+            let pid = out.with_extension(format!("rank-{rank}.pid"));
+            std::fs::write(pid, std::process::id().to_string()).unwrap();
+        }
         let s = pretrain(&o).unwrap();
-        println!("PRETRAIN_OK samples {}", s.samples);
+        println!(
+            "PRETRAIN_OK samples {} stopped_by {:?}",
+            s.samples, s.stopped_by
+        );
     }
 
     /// Issue 6: `torchrun --no-python --nproc-per-node 2` running the pretraining loop:
@@ -963,6 +1111,100 @@ mod tests {
             "{text}"
         );
         assert_eq!(losses(&one), losses(&plain), "{text}");
+    }
+
+    /// Issue 6 with issue 4's graceful stop: a SIGTERM to one rank of a torchrun job
+    /// (say, one node preempted first) stops every rank after the same step; rank 0
+    /// saves one checkpoint holding both ranks' loader positions, both exit cleanly,
+    /// and `--resume auto` under torchrun ends with the uninterrupted run's losses.
+    #[test]
+    fn issue6_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint() {
+        if !crate::train::dist::AVAILABLE {
+            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+            return;
+        }
+        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let launch = |out: &Path| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+                .to_string();
+            let mut c = std::process::Command::new(Path::new(&venv).join("bin/torchrun"));
+            c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+                .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+                .arg(std::env::current_exe().unwrap())
+                .args([
+                    "train::run::tests::pretrain_rank_child",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_PRETRAIN_CHILD_STEPS", "12")
+                .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "100")
+                .env("CONMIM_PRETRAIN_CHILD_PIDS", "1")
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        };
+        let finish = |c: std::process::Child| {
+            let o = c.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(o.status.success(), "{text}");
+            text
+        };
+        let full = dir.path().join("full");
+        let text = finish(launch(&full));
+        assert_eq!(text.matches("stopped_by None").count(), 2, "{text}");
+        let want = losses(&full);
+        assert_eq!(want.len(), 12);
+
+        let out = dir.path().join("stopped");
+        let c = launch(&out);
+        let pid1 = out.with_extension("rank-1.pid");
+        while metric_lines(&out) < 2 || !pid1.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let pid: u32 = std::fs::read_to_string(&pid1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        send_signal(pid, "TERM");
+        let text = finish(c);
+        assert_eq!(
+            text.matches("stopped_by Some(\"SIGTERM\")").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("stopped_by Some(\"SIGTERM (on another rank)\")")
+                .count(),
+            1,
+            "{text}"
+        );
+        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert!(
+            steps.len() == 1 && (2..12).contains(&steps[0]),
+            "{steps:?}\n{text}"
+        );
+        let text = finish(launch(&out));
+        assert!(text.contains("resumed from"), "{text}");
+        assert_eq!(losses(&out), want, "{text}");
     }
 
     /// A corrupt sample is skipped, counted and named in the summary; with

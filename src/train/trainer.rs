@@ -52,6 +52,9 @@ pub struct StepStats {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub batch: usize,
+    /// Some rank voted to stop after this step ([`Trainer::stop_vote`]); every rank
+    /// sees the same answer at the same step.
+    pub stop: bool,
 }
 
 /// One network (backbone + head) and its variables.
@@ -95,6 +98,10 @@ pub struct Trainer {
     /// Every rank's loader position at the last [`Trainer::gather_loader_states`] (saved
     /// in checkpoints of multi-rank runs).
     pub rank_loader_states: Vec<LoaderState>,
+    /// This rank asks the run to stop after the next step (a signal arrived, see
+    /// [`super::signals`]); the vote travels with the step's metric all-reduce, so all
+    /// ranks learn it at the same step ([`StepStats::stop`]).
+    pub stop_vote: bool,
 }
 
 fn seed_for(seed: u64, step: u64) -> i64 {
@@ -125,6 +132,7 @@ impl Trainer {
             super::cuda::set_tf32(true)?;
         }
         Ok(Trainer {
+            stop_vote: false,
             dist: None,
             reducer: None,
             rank_loader_states: Vec::new(),
@@ -310,13 +318,16 @@ impl Trainer {
             .iter()
             .map(|t| t.to_kind(Kind::Double).reshape([1]))
             .collect();
-        let mut all = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+        let vote = Tensor::from_slice(&[if self.stop_vote { 1.0f64 } else { 0.0 }]);
+        let mut all = Tensor::cat(&[Tensor::cat(&parts, 0).to_device(Device::Cpu), vote], 0);
         if let Some(pg) = &self.dist {
-            // Mean loss / masked / accuracy over ranks (the norm is already global).
+            // Mean loss / masked / accuracy over ranks (the norm is already global); a
+            // stop vote anywhere makes the mean positive everywhere.
             pg.all_reduce_mean(&mut all).context("averaging metrics")?;
         }
         let got = Vec::<f64>::try_from(&all)?;
         let (loss, masked, grad_norm, accuracy) = (got[0], got[1], got[2], got[3]);
+        let stop = got[4] > 0.0;
         if !loss.is_finite() {
             self.opt.zero_grad();
             bail!("the loss is {loss} at step {step}; stopping (no update made)");
@@ -339,6 +350,7 @@ impl Trainer {
             momentum,
             grad_norm,
             batch: b,
+            stop,
         })
     }
 }
