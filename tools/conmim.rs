@@ -94,6 +94,10 @@ enum Cmd {
     /// --eval-every epochs and at the end; writes OUT/metrics.jsonl, OUT/tb/,
     /// OUT/checkpoints/{last,best}, OUT/init.json (what was loaded, new, ignored),
     /// OUT/summary.json.
+    ///
+    /// SIGTERM or Ctrl-C stops the run after the step in progress with a resumable
+    /// checkpoints/last of it (exit status 143, 130 for Ctrl-C; `--resume auto`
+    /// continues mid-epoch); under torchrun every rank stops at the same step.
     #[cfg(feature = "train")]
     Finetune(FinetuneArgs),
     /// Evaluate a fine-tuning checkpoint on a dataset (top-1 / top-5, every sample
@@ -281,7 +285,15 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         stop_after_epoch: a.stop_after_epoch,
     };
     let s = finetune(&o)?;
+    // Stopped by SIGTERM / SIGINT (a resumable checkpoint written): as for pretrain.
+    let status = s
+        .stopped_by
+        .as_deref()
+        .map(conmim::train::signals::exit_status);
     if !rank_zero() {
+        if let Some(code) = status {
+            std::process::exit(code);
+        }
         return Ok(());
     }
     let fmt = |r: &Option<conmim::train::finetune::run::EvalResult>| {
@@ -303,6 +315,9 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         s.best_epoch.map_or("-".into(), |e| e.to_string()),
         s.checkpoint.display()
     );
+    if let Some(code) = status {
+        std::process::exit(code);
+    }
     Ok(())
 }
 

@@ -129,6 +129,9 @@ pub struct FinetuneSummary {
     /// The step this invocation started from (0, or the resumed checkpoint's).
     pub resumed_at_step: u64,
     pub checkpoint: PathBuf,
+    /// The run stopped early on this signal, after a resumable `checkpoints/last` of its
+    /// last step: "SIGTERM", "SIGINT", or "SIGTERM (on another rank)".
+    pub stopped_by: Option<String>,
 }
 
 /// The effective config: preset, file, `--set`s, flags.
@@ -707,6 +710,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     );
     let samples_at_start = samples;
     let mut epochs_done = (start_step / steps_per_epoch) as u32;
+    // SIGTERM / SIGINT from here on: stop after the step in progress, with a checkpoint.
+    let signals = crate::train::signals::StopGuard::arm()?;
+    let mut stopped_by: Option<String> = None;
     for step in start_step..total {
         let epoch = (step / steps_per_epoch) as u32;
         let batch = match loader.next() {
@@ -741,17 +747,28 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         }
         loss.f_backward().context("the backward pass")?;
         let grads = opt.gradients()?;
-        let got = Vec::<f64>::try_from(
-            Tensor::stack(
-                &[
-                    loss.detach().to_kind(Kind::Double),
-                    grads.norm.to_kind(Kind::Double),
-                ],
-                0,
-            )
-            .to_device(Device::Cpu),
-        )?;
-        let (loss_v, norm) = (got[0], got[1]);
+        // The step's one sync: loss, gradient norm (already global) and this rank's stop
+        // vote; over the ranks the loss is averaged and a vote anywhere stops everyone.
+        let mut parts = Tensor::stack(
+            &[
+                loss.detach().to_kind(Kind::Double),
+                grads.norm.to_kind(Kind::Double),
+            ],
+            0,
+        )
+        .to_device(Device::Cpu);
+        let vote = if signals.received().is_some() {
+            1.0
+        } else {
+            0.0
+        };
+        parts = Tensor::cat(&[parts, Tensor::from_slice(&[vote])], 0);
+        if let Some(pg) = &pg {
+            pg.all_reduce_mean(&mut parts)
+                .context("averaging the loss over ranks")?;
+        }
+        let got = Vec::<f64>::try_from(&parts)?;
+        let (loss_v, norm, stop) = (got[0], got[1], got[2] > 0.0);
         if !loss_v.is_finite() {
             opt.zero_grad();
             bail!("the loss is {loss_v} at step {step}; stopping (no update made)");
@@ -783,9 +800,10 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         pb.set_message(format!("epoch {epoch} loss {loss_v:.4} lr {lr:.2e}"));
 
         let end_of_epoch = (step + 1) % steps_per_epoch == 0;
-        if end_of_epoch {
-            let done = epoch + 1;
-            let is_last = done == cfg.epochs;
+        if end_of_epoch || stop {
+            // Epochs completed (a stop mid-epoch saves a resumable `last` of this step).
+            let done = if end_of_epoch { epoch + 1 } else { epoch };
+            let is_last = end_of_epoch && done == cfg.epochs;
             let mut state = FinetuneState {
                 kind: FINETUNE_KIND.into(),
                 config: cfg.clone(),
@@ -796,7 +814,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 acc5: None,
                 resume: None,
             };
-            if is_last || done.is_multiple_of(o.eval_every.max(1)) {
+            if end_of_epoch && (is_last || done.is_multiple_of(o.eval_every.max(1))) {
                 let r = evaluate_dist(
                     &net,
                     &val_data,
@@ -862,6 +880,20 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             metrics.flush()?;
             tb.flush()?;
             epochs_done = done;
+            if stop {
+                let why = signals
+                    .received()
+                    .unwrap_or("SIGTERM (on another rank)")
+                    .to_owned();
+                pb.println(format!(
+                    "conmim finetune: {why}: stopped after step {} of {total}, checkpoint {}; \
+                     continue with --resume auto",
+                    step + 1,
+                    ck.join("last").display()
+                ));
+                stopped_by = Some(why);
+                break;
+            }
             if o.stop_after_epoch.is_some_and(|k| done >= k) && !is_last {
                 pb.println(format!(
                     "stopping after epoch {done} (--stop-after-epoch); continue with --resume auto"
@@ -870,6 +902,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             }
         }
     }
+    drop(signals);
     pb.finish();
     metrics.flush()?;
     tb.flush()?;
@@ -894,6 +927,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         epochs_done,
         resumed_at_step: start_step,
         checkpoint: ck.join("best"),
+        stopped_by,
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)?;
     Ok(summary)
@@ -1320,6 +1354,100 @@ mod tests {
             fault_exit_after_step: None,
         };
         pretrain(&o).unwrap();
+    }
+
+    /// The body of `issue5_sigterm_stops_finetune_with_a_resumable_checkpoint`'s child
+    /// processes (no-op otherwise): 3 epochs of 3 steps, `--resume auto`.
+    #[test]
+    fn finetune_signal_child() {
+        let Some(out) = std::env::var_os("CONMIM_FT_CHILD_OUT") else {
+            return;
+        };
+        let out = PathBuf::from(out);
+        let mut o = ft_opts(out.parent().unwrap(), &out, None);
+        o.epochs = Some(3);
+        o.resume = Resume::Auto;
+        let s = finetune(&o).unwrap();
+        println!(
+            "FT_CHILD_DONE stopped_by {:?} epochs_done {}",
+            s.stopped_by, s.epochs_done
+        );
+    }
+
+    /// Issue 5 with issue 4's graceful stop: a SIGTERM stops `conmim finetune` after the
+    /// step in progress, mid-epoch if it comes mid-epoch, with a resumable
+    /// `checkpoints/last` of that step; `--resume auto` then ends with the same metric
+    /// lines (losses, learning rates, evaluations) as the uninterrupted run.
+    #[test]
+    fn issue5_sigterm_stops_finetune_with_a_resumable_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        labelled(dir.path(), "train", &[6, 6], 4);
+        labelled(dir.path(), "val", &[3, 4], 4);
+        let child = |out: &Path| {
+            let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "train::finetune::run::tests::finetune_signal_child",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CONMIM_FT_CHILD_OUT", out)
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            c
+        };
+        let text = |o: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let full = dir.path().join("full");
+        let o = child(&full).output().unwrap();
+        assert!(
+            text(&o).contains("FT_CHILD_DONE stopped_by None epochs_done 3"),
+            "{}",
+            text(&o)
+        );
+        let want = metric_lines(&full);
+
+        let out = dir.path().join("stopped");
+        let c = child(&out).spawn().unwrap();
+        let train_lines = || {
+            std::fs::read_to_string(out.join("metrics.jsonl"))
+                .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+                .unwrap_or(0)
+        };
+        while train_lines() < 1 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let o = c.wait_with_output().unwrap();
+        let t = text(&o);
+        assert!(
+            o.status.success() && t.contains("FT_CHILD_DONE stopped_by Some(\"SIGTERM\")"),
+            "{t}"
+        );
+        let state = model::read_state(&out.join("checkpoints/last")).unwrap();
+        assert!(
+            (1..9).contains(&state.step),
+            "stopped at step {}",
+            state.step
+        );
+        assert!(state.resume.is_some(), "a resumable checkpoint");
+        let o = child(&out).output().unwrap();
+        assert!(
+            text(&o).contains("FT_CHILD_DONE stopped_by None epochs_done 3"),
+            "{}",
+            text(&o)
+        );
+        assert_eq!(metric_lines(&out), want, "{}", text(&o));
     }
 
     /// The metric lines of a run without the wall-clock field.
