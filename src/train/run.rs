@@ -340,9 +340,9 @@ fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, o: &PretrainOptions) -> Result
 
 /// torchrun's environment when the run trains through a process group
 /// ([`DistEnv::wants_group`]: WORLD_SIZE > 1, or any world size under torchrun; then
-/// `batch`, the global batch, must divide by WORLD_SIZE), and the device: `--device`, else the rank's
-/// `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA device becomes
-/// the current one (as `torch.cuda.set_device`).
+/// `batch`, the global batch, must divide by WORLD_SIZE), and the device: `--device`,
+/// else the rank's `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA
+/// device becomes the current one (as `torch.cuda.set_device`).
 pub(crate) fn dist_and_device(
     device: Option<&str>,
     batch: usize,

@@ -31,7 +31,8 @@
 //! writes the run directory.
 //!
 //! Resume: `checkpoints/last` holds the optimiser moments and every rank's loader
-//! position at the end of its epoch; `--resume auto` continues from it exactly.
+//! position at the end of each epoch, or of the step a SIGTERM / Ctrl-C stopped the run
+//! at ([`crate::train::signals`]); `--resume auto` continues from it exactly.
 
 use std::collections::HashSet;
 use std::io::Write;
