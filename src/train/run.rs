@@ -616,8 +616,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::testing::seeded;
+    use crate::train::testing::{output_text, seeded, send_signal, torchrun};
     use crate::train::train_data::dataset;
+
+    /// The rank body of the torchrun tests below.
+    const RANK_CHILD: &str = "train::run::tests::pretrain_rank_child";
 
     fn opts(data: &Path, out: &Path) -> PretrainOptions {
         PretrainOptions {
@@ -693,16 +696,6 @@ mod tests {
         println!("KILL_CHILD_DONE stopped_by {:?}", s.stopped_by);
     }
 
-    /// Sends `signal` (e.g. "TERM") to process `pid`.
-    fn send_signal(pid: u32, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{signal} {pid}");
-    }
-
     /// The number of complete lines in `out`'s metrics.
     fn metric_lines(out: &Path) -> usize {
         std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -735,13 +728,7 @@ mod tests {
             .stderr(Stdio::piped());
             c
         };
-        let text = |o: &std::process::Output| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        };
+        let text = output_text;
         let full = dir.path().join("full");
         let o = child(&full).output().unwrap();
         assert!(
@@ -829,13 +816,7 @@ mod tests {
             }
             c
         };
-        let text = |o: &std::process::Output| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        };
+        let text = output_text;
         let finish = |out: &Path| {
             let o = child(out, None).output().unwrap();
             let t = text(&o);
@@ -943,50 +924,29 @@ mod tests {
             eprintln!("NOTICE: built without gloo headers: distributed test skipped");
             return;
         }
-        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[6, 6]);
         let launch = |out: &Path, steps: Option<u64>, env: &[(&str, &str)]| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-                .to_string();
-            let mut c =
-                std::process::Command::new(std::path::Path::new(&venv).join("bin/torchrun"));
-            c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
-                .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-                .arg(std::env::current_exe().unwrap())
-                .args([
-                    "train::run::tests::pretrain_rank_child",
-                    "--exact",
-                    "--nocapture",
-                ])
-                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+            let mut c = torchrun(2, RANK_CHILD);
+            c.env("CONMIM_PRETRAIN_CHILD_OUT", out)
                 .env("CONMIM_DIST_TIMEOUT_S", "120");
             if let Some(s) = steps {
                 c.env("CONMIM_PRETRAIN_CHILD_STEPS", s.to_string());
             }
             c.envs(env.iter().copied());
             let o = c.output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            (o.status.success(), text)
+            (o.status.success(), output_text(&o))
         };
-        let torchrun = |out: &Path, steps: Option<u64>| -> String {
+        let run_ok = |out: &Path, steps: Option<u64>| -> String {
             let (ok, text) = launch(out, steps, &[]);
             assert!(ok, "{text}");
             text
         };
         // Whole run: 6 steps x global batch 4, counted once per rank.
         let out = dir.path().join("run");
-        let text = torchrun(&out, None);
+        let text = run_ok(&out, None);
         assert_eq!(text.matches("PRETRAIN_OK samples 24").count(), 2, "{text}");
         let want = losses(&out);
         assert_eq!(want.len(), 6, "rank 0 wrote one metrics line per step");
@@ -998,9 +958,9 @@ mod tests {
         // As after a crash past step 4: keep only the step-4 checkpoint, resume (each rank
         // from its own saved loader position): the same losses as the whole 2-rank run.
         let part = dir.path().join("part");
-        torchrun(&part, Some(6));
+        run_ok(&part, Some(6));
         std::fs::remove_dir_all(checkpoint::dir_of(&part).join("step-00000006")).unwrap();
-        let text = torchrun(&part, Some(6));
+        let text = run_ok(&part, Some(6));
         assert!(text.contains("resumed from"), "{text}");
         assert_eq!(
             losses(&part),
@@ -1035,7 +995,7 @@ mod tests {
             .map(|(s, _)| s)
             .collect();
         assert_eq!(steps, [2], "{text}");
-        let text = torchrun(&crashed, Some(6));
+        let text = run_ok(&crashed, Some(6));
         assert!(text.contains("resumed from"), "{text}");
         let mut last = std::collections::BTreeMap::new();
         for (step, loss) in losses(&crashed) {
@@ -1058,46 +1018,28 @@ mod tests {
             eprintln!("NOTICE: built without gloo headers: distributed test skipped");
             return;
         }
-        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[6, 6]);
-        let run = |out: &Path, torchrun: bool| -> String {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-                .to_string();
-            let mut c = if torchrun {
-                let mut c = std::process::Command::new(Path::new(&venv).join("bin/torchrun"));
-                c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "1"])
-                    .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-                    .arg(std::env::current_exe().unwrap());
-                c
+        let run = |out: &Path, under_torchrun: bool| -> String {
+            let mut c = if under_torchrun {
+                torchrun(1, RANK_CHILD)
             } else {
-                std::process::Command::new(std::env::current_exe().unwrap())
+                let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+                c.args([RANK_CHILD, "--exact", "--nocapture"]);
+                c
             };
             for k in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"] {
                 c.env_remove(k);
             }
             let o = c
-                .args([
-                    "train::run::tests::pretrain_rank_child",
-                    "--exact",
-                    "--nocapture",
-                ])
                 .env("CONMIM_PRETRAIN_CHILD_OUT", out)
                 .env("CONMIM_DIST_TIMEOUT_S", "120")
                 .env("OMP_NUM_THREADS", "1")
                 .output()
                 .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
+            let text = output_text(&o);
             assert!(o.status.success() && text.contains("PRETRAIN_OK"), "{text}");
             text
         };
@@ -1123,28 +1065,13 @@ mod tests {
             eprintln!("NOTICE: built without gloo headers: distributed test skipped");
             return;
         }
-        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[6, 6]);
         let launch = |out: &Path| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-                .to_string();
-            let mut c = std::process::Command::new(Path::new(&venv).join("bin/torchrun"));
-            c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
-                .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-                .arg(std::env::current_exe().unwrap())
-                .args([
-                    "train::run::tests::pretrain_rank_child",
-                    "--exact",
-                    "--nocapture",
-                ])
-                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+            let mut c = torchrun(2, RANK_CHILD);
+            c.env("CONMIM_PRETRAIN_CHILD_OUT", out)
                 .env("CONMIM_PRETRAIN_CHILD_STEPS", "12")
                 .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "100")
                 .env("CONMIM_PRETRAIN_CHILD_PIDS", "1")
@@ -1155,11 +1082,7 @@ mod tests {
         };
         let finish = |c: std::process::Child| {
             let o = c.wait_with_output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
+            let text = output_text(&o);
             assert!(o.status.success(), "{text}");
             text
         };

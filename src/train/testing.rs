@@ -21,6 +21,45 @@ pub fn seeded(seed: i64) -> MutexGuard<'static, ()> {
     guard
 }
 
+/// The start of a command that runs `test` of this test binary as `nproc` ranks under
+/// the venv's torchrun on loopback (a free port; Gloo on the CPU): `torchrun
+/// --no-python --nnodes 1 --nproc-per-node N ... <this binary> TEST --exact
+/// --nocapture`. Add the test's environment, then run it.
+pub fn torchrun(nproc: usize, test: &str) -> Command {
+    let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+        .to_string();
+    let mut c = Command::new(Path::new(&venv).join("bin/torchrun"));
+    c.args(["--no-python", "--nnodes", "1", "--nproc-per-node"])
+        .arg(nproc.to_string())
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args([test, "--exact", "--nocapture"]);
+    c
+}
+
+/// A finished process's stdout and stderr, as one text (for assertions and messages).
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Sends `signal` (e.g. "TERM") to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("running kill")
+        .success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
 /// Deterministic pseudo-random f32 values in [-1, 1) (a 64-bit LCG).
 pub fn lcg_values(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed

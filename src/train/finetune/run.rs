@@ -1397,13 +1397,7 @@ mod tests {
             .stderr(std::process::Stdio::piped());
             c
         };
-        let text = |o: &std::process::Output| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        };
+        let text = crate::train::testing::output_text;
         let full = dir.path().join("full");
         let o = child(&full).output().unwrap();
         assert!(
@@ -1423,12 +1417,7 @@ mod tests {
         while train_lines() < 1 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        crate::train::testing::send_signal(c.id(), "TERM");
         let o = c.wait_with_output().unwrap();
         let t = text(&o);
         assert!(
@@ -1657,37 +1646,19 @@ mod tests {
             eprintln!("NOTICE: built without gloo headers: distributed test skipped");
             return;
         }
-        let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         labelled(&data, "train", &[6, 6], 4);
         labelled(&data, "val", &[3, 4], 4);
         let out = dir.path().join("ft");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string();
-        let o = std::process::Command::new(Path::new(&venv).join("bin/torchrun"))
-            .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
-            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "train::finetune::run::tests::finetune_rank_child",
-                "--exact",
-                "--nocapture",
-            ])
-            .env("CONMIM_FT_CHILD_OUT", &out)
-            .env("CONMIM_DIST_TIMEOUT_S", "120")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o =
+            crate::train::testing::torchrun(2, "train::finetune::run::tests::finetune_rank_child")
+                .env("CONMIM_FT_CHILD_OUT", &out)
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .output()
+                .unwrap();
+        let text = crate::train::testing::output_text(&o);
         assert!(o.status.success(), "{text}");
         let oks: Vec<&str> = text.lines().filter(|l| l.contains("FT_OK")).collect();
         assert_eq!(oks.len(), 2, "{text}");
