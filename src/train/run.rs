@@ -622,6 +622,15 @@ mod tests {
     /// The rank body of the torchrun tests below.
     const RANK_CHILD: &str = "train::run::tests::pretrain_rank_child";
 
+    /// The steps of the complete checkpoints of run `out`, oldest first.
+    fn checkpoint_steps(out: &Path) -> Vec<u64> {
+        checkpoint::list(&checkpoint::dir_of(out))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
+    }
+
     fn opts(data: &Path, out: &Path) -> PretrainOptions {
         PretrainOptions {
             preset: "tiny".into(),
@@ -751,11 +760,7 @@ mod tests {
             o.status.success() && t.contains("KILL_CHILD_DONE stopped_by Some(\"SIGTERM\")"),
             "{t}"
         );
-        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let steps = checkpoint_steps(&out);
         assert!(
             steps.len() == 1 && (2..8).contains(&steps[0]),
             "one checkpoint, of the step the signal stopped at: {steps:?}\n{t}"
@@ -867,11 +872,7 @@ mod tests {
             left.len() == 1 && left[0].starts_with(".tmp-step-00000004-"),
             "{left:?}"
         );
-        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let steps = checkpoint_steps(&out);
         assert_eq!(steps, [2], "the half-written step 4 is no checkpoint");
         let t = finish(&out);
         assert!(t.contains("removed 1 unfinished checkpoint write"), "{t}");
@@ -989,11 +990,7 @@ mod tests {
             "the job took {:?} to fail",
             t0.elapsed()
         );
-        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&crashed))
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let steps = checkpoint_steps(&crashed);
         assert_eq!(steps, [2], "{text}");
         let text = run_ok(&crashed, Some(6));
         assert!(text.contains("resumed from"), "{text}");
@@ -1116,11 +1113,7 @@ mod tests {
             1,
             "{text}"
         );
-        let steps: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&out))
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let steps = checkpoint_steps(&out);
         assert!(
             steps.len() == 1 && (2..12).contains(&steps[0]),
             "{steps:?}\n{text}"
@@ -1194,11 +1187,7 @@ mod tests {
         assert_eq!((s.steps, s.total_steps), (6, 6));
         let want = losses(&full);
         assert_eq!(want.len(), 6);
-        let cks: Vec<u64> = checkpoint::list(&checkpoint::dir_of(&full))
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let cks = checkpoint_steps(&full);
         assert_eq!(cks, vec![4, 6]);
         // TensorBoard: one event file, the same losses as metrics.jsonl.
         let tb = crate::train::tensorboard::read::event_files(&full.join("tb"));
