@@ -921,8 +921,7 @@ mod tests {
     /// writes metrics and checkpoints, the others nothing in OUT.
     #[test]
     fn issue6_pretrain_under_torchrun() {
-        if !crate::train::dist::AVAILABLE {
-            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+        if !crate::train::testing::gloo_built() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1011,8 +1010,7 @@ mod tests {
     /// single process does.
     #[test]
     fn issue6_torchrun_world_one_takes_the_distributed_path() {
-        if !crate::train::dist::AVAILABLE {
-            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+        if !crate::train::testing::gloo_built() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1058,8 +1056,7 @@ mod tests {
     /// and `--resume auto` under torchrun ends with the uninterrupted run's losses.
     #[test]
     fn issue6_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint() {
-        if !crate::train::dist::AVAILABLE {
-            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+        if !crate::train::testing::gloo_built() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -21,6 +21,14 @@ pub fn seeded(seed: i64) -> MutexGuard<'static, ()> {
     guard
 }
 
+/// Whether this build can run the multi-process (Gloo) tests; says so when not.
+pub fn gloo_built() -> bool {
+    if !super::dist::AVAILABLE {
+        eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+    }
+    super::dist::AVAILABLE
+}
+
 /// The start of a command that runs `test` of this test binary as `nproc` ranks under
 /// the venv's torchrun on loopback (a free port; Gloo on the CPU): `torchrun
 /// --no-python --nnodes 1 --nproc-per-node N ... <this binary> TEST --exact

@@ -1642,8 +1642,7 @@ mod tests {
     /// replicas end with the same weights (the run checks it: gradients averaged).
     #[test]
     fn issue6_finetune_under_torchrun() {
-        if !crate::train::dist::AVAILABLE {
-            eprintln!("NOTICE: built without gloo headers: distributed test skipped");
+        if !crate::train::testing::gloo_built() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
