@@ -688,6 +688,7 @@ mod tests {
         if std::env::var_os("CONMIM_KILL_CHILD_WAIT_BEFORE").is_some() {
             // Arm and disarm the stop handlers once, then idle outside any run.
             drop(crate::train::signals::StopGuard::arm().unwrap());
+            println!("DISARMED");
             std::thread::sleep(std::time::Duration::from_secs(30));
             return;
         }
@@ -700,6 +701,9 @@ mod tests {
         o.keep = 2;
         if let Ok(every) = std::env::var("CONMIM_KILL_CHILD_SAVE_EVERY") {
             o.save_every = every.parse().unwrap();
+        }
+        if let Ok(steps) = std::env::var("CONMIM_KILL_CHILD_STEPS") {
+            o.steps = Some(steps.parse().unwrap());
         }
         let s = pretrain(&o).unwrap();
         println!("KILL_CHILD_DONE stopped_by {:?}", s.stopped_by);
@@ -732,6 +736,8 @@ mod tests {
             ])
             .env("CONMIM_KILL_CHILD_OUT", out)
             .env("CONMIM_KILL_CHILD_SAVE_EVERY", "100")
+            // Enough steps after the signal's that the run cannot end before it lands.
+            .env("CONMIM_KILL_CHILD_STEPS", "24")
             .env_remove("CONMIM_TEST_CRASH_AT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -746,7 +752,7 @@ mod tests {
             text(&o)
         );
         let want = losses(&full);
-        assert_eq!(want.len(), 8);
+        assert_eq!(want.len(), 24);
 
         let out = dir.path().join("stopped");
         let c = child(&out).spawn().unwrap();
@@ -762,7 +768,7 @@ mod tests {
         );
         let steps = checkpoint_steps(&out);
         assert!(
-            steps.len() == 1 && (2..8).contains(&steps[0]),
+            steps.len() == 1 && (2..24).contains(&steps[0]),
             "one checkpoint, of the step the signal stopped at: {steps:?}\n{t}"
         );
         assert!(t.contains("continue with --resume auto"), "{t}");
@@ -775,7 +781,7 @@ mod tests {
         assert_eq!(losses(&out), want, "{}", text(&o));
 
         // Before the loop is armed (and after it), SIGTERM ends the process as usual.
-        let idle = Command::new(std::env::current_exe().unwrap())
+        let mut idle = Command::new(std::env::current_exe().unwrap())
             .args([
                 "train::run::tests::pretrain_kill_child",
                 "--exact",
@@ -786,7 +792,12 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(idle.stdout.take().unwrap()));
+        assert!(
+            lines.any(|l| l.unwrap().contains("DISARMED")),
+            "the idle child never disarmed"
+        );
         send_signal(idle.id(), "TERM");
         let o = idle.wait_with_output().unwrap();
         use std::os::unix::process::ExitStatusExt;
