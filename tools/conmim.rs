@@ -106,7 +106,8 @@ enum Cmd {
     Eval(EvalArgs),
     /// Weighted k-NN accuracy (DINO's: k=20, T=0.07) of a backbone's frozen features
     /// (mean of the patch tokens, L2-normalised) between a train and a val dataset; prints
-    /// one JSON object. A monitor of pretraining quality.
+    /// one JSON object. A monitor of pretraining quality. Under torchrun the ranks share
+    /// the work (each reads its own shards) and rank 0 prints.
     #[cfg(feature = "train")]
     Knn(KnnArgs),
     /// Linear probe on a backbone's frozen features (the k-NN features, standardised):
@@ -385,18 +386,19 @@ struct KnnArgs {
     #[arg(long, default_value = "val")]
     val_split: String,
     /// Neighbours.
-    #[arg(long, default_value_t = conmim::train::finetune::run::KNN_K)]
+    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_K)]
     k: usize,
     /// Vote temperature.
-    #[arg(long, default_value_t = conmim::train::finetune::run::KNN_TEMPERATURE)]
+    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_TEMPERATURE)]
     temperature: f64,
-    /// Batch size of the feature pass.
+    /// Batch size of the feature pass (per rank under torchrun).
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Loader threads (0 = all cores).
+    /// Loader threads (0 = all cores; under torchrun, the node's cores / ranks per node).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N (default: under torchrun the rank's LOCAL_RANK GPU, else CUDA
+    /// when available).
     #[arg(long)]
     device: Option<String>,
     #[command(flatten)]
@@ -408,7 +410,7 @@ fn knn_cmd(a: &KnnArgs) -> Result<()> {
     let topts = a.source.options(&a.train_split)?;
     let vopts = a.source.options(&a.val_split)?;
     let val = a.val_data.clone().unwrap_or_else(|| a.train_data.clone());
-    let r = conmim::train::finetune::run::knn(
+    let r = conmim::train::finetune::knn::knn(
         &a.checkpoint,
         weights_of(a.weights),
         (&a.train_data, &topts),
@@ -419,7 +421,9 @@ fn knn_cmd(a: &KnnArgs) -> Result<()> {
         a.threads,
         a.device.as_deref(),
     )?;
-    println!("{}", serde_json::to_string(&r)?);
+    if r.rank == 0 {
+        println!("{}", serde_json::to_string(&r)?);
+    }
     Ok(())
 }
 
@@ -605,8 +609,8 @@ fn pretrain_options(a: &PretrainArgs) -> Result<conmim::train::run::PretrainOpti
                 train_split: a.knn_train_split.clone(),
                 val: a.knn_val_data.clone().unwrap_or_else(|| t.clone()),
                 val_split: a.knn_val_split.clone(),
-                k: conmim::train::finetune::run::KNN_K,
-                temperature: conmim::train::finetune::run::KNN_TEMPERATURE,
+                k: conmim::train::finetune::knn::KNN_K,
+                temperature: conmim::train::finetune::knn::KNN_TEMPERATURE,
             }),
         fault_exit_after_step: None,
     })

@@ -316,36 +316,40 @@ pub(crate) fn dist_timeout() -> std::time::Duration {
     std::time::Duration::from_secs_f64(s)
 }
 
-/// The k-NN accuracy (top-1, top-5, %) of the teacher's current features.
+/// The k-NN accuracy (top-1, top-5, %) of the teacher's current features; under
+/// torchrun every rank takes part (each extracts the features of its own shards) and
+/// gets the result.
 fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, o: &PretrainOptions) -> Result<(f64, f64)> {
-    use super::finetune::run::{knn_classify, train_val_features};
-    let (vit, dev) = (&trainer.teacher.vit, trainer.device);
-    let threads = trainer.cfg.data_threads;
-    let batch = 256;
     let so = |split: &str| SourceOptions {
         split: split.to_owned(),
         allow_pipe: o.allow_pipe,
         http: o.http,
     };
-    let (tf, tl, vf, vl, classes) = train_val_features(
-        vit,
-        dev,
+    let (acc1, acc5, ..) = super::finetune::knn::knn_of(
+        &trainer.teacher.vit,
+        trainer.device,
         (&m.train, &so(&m.train_split)),
         (&m.val, &so(&m.val_split)),
-        batch,
-        threads,
+        m.k,
+        m.temperature,
+        KNN_BATCH,
+        trainer.cfg.data_threads,
+        trainer.dist.as_ref(),
     )?;
-    knn_classify(&tf, &tl, &vf, &vl, classes, m.k, m.temperature)
+    Ok((acc1, acc5))
 }
+
+/// Images per feature batch (per rank) of the pretraining k-NN monitor.
+const KNN_BATCH: usize = 256;
 
 /// torchrun's environment when the run trains through a process group
 /// ([`DistEnv::wants_group`]: WORLD_SIZE > 1, or any world size under torchrun; then
-/// `batch`, the global batch, must divide by WORLD_SIZE), and the device: `--device`,
+/// `batch`, the global batch if any, must divide by WORLD_SIZE), and the device: `--device`,
 /// else the rank's `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA
 /// device becomes the current one (as `torch.cuda.set_device`).
 pub(crate) fn dist_and_device(
     device: Option<&str>,
-    batch: usize,
+    batch: Option<usize>,
 ) -> Result<(Option<DistEnv>, Device)> {
     let dist_env = DistEnv::from_env()
         .context("reading torchrun's environment")?
@@ -354,7 +358,7 @@ pub(crate) fn dist_and_device(
         (None, Some(e)) => e.device(),
         _ => parse_device(device)?,
     };
-    if let Some(e) = &dist_env
+    if let (Some(e), Some(batch)) = (&dist_env, batch)
         && !batch.is_multiple_of(e.world_size)
     {
         bail!(
@@ -370,7 +374,7 @@ pub(crate) fn dist_and_device(
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
-    let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
+    let (dist_env, device) = dist_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
@@ -542,9 +546,12 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
             if main {
                 let p = checkpoint::save(&ck_root, &trainer, o.keep)?;
                 last_ck = Some(p);
-                if let Some(m) = &o.knn {
-                    let (a1, a5) = knn_monitor(&trainer, m, o)
-                        .with_context(|| format!("k-NN monitor at step {step}"))?;
+            }
+            if let Some(m) = &o.knn {
+                // Every rank takes part; rank 0 logs.
+                let (a1, a5) = knn_monitor(&trainer, m, o)
+                    .with_context(|| format!("k-NN monitor at step {step}"))?;
+                if main {
                     writeln!(
                         metrics,
                         "{}",

@@ -37,14 +37,14 @@
 //!   (loaded / new / ignored / expanded) and checked, and its checkpoints.
 //! * [`run`]: `conmim finetune` (the loop: layer-decay AdamW groups, warmup + cosine,
 //!   mixup/cutmix + label smoothing on the batch, RandAugment + random erasing in the
-//!   loader's `classify_train` task, evaluation each epoch, best/last checkpoints,
-//!   metrics + TensorBoard), `conmim eval` (top-1/top-5 exactly once over a dataset),
-//!   `conmim knn` (DINO's weighted k-NN on frozen features; also the pretraining monitor).
-//!
-//! Not built yet: resuming a fine-tuning run, fine-tuning under torchrun, the linear
-//! probe and partial fine-tuning.
+//!   loader's `classify_train` task, evaluation each epoch, best/last checkpoints and
+//!   resume, metrics + TensorBoard, torchrun), `conmim eval` (top-1/top-5 exactly once
+//!   over a dataset), `conmim linear` (linear probe) and partial fine-tuning.
+//! * [`knn`]: `conmim knn` (DINO's weighted k-NN on frozen features; also the
+//!   pretraining monitor), in one process or shared by the ranks of a torchrun job.
 
 pub mod config;
+pub mod knn;
 pub mod layer_decay;
 pub mod model;
 pub mod run;

@@ -481,7 +481,7 @@ fn resume(
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
     // Data parallelism under torchrun (`DistEnv::wants_group`): --batch is global.
-    let (dist_env, device) = dist_and_device(o.device.as_deref(), cfg.batch_size)?;
+    let (dist_env, device) = dist_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     let pg = match &dist_env {
         Some(e) => Some(
             ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
@@ -958,161 +958,6 @@ pub fn eval_checkpoint(
     Ok((r, dir))
 }
 
-/// What `conmim knn` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct KnnResult {
-    pub k: usize,
-    pub temperature: f64,
-    pub train_images: u64,
-    pub val_images: u64,
-    pub classes: i64,
-    pub acc1: f64,
-    pub acc5: f64,
-}
-
-/// k-NN defaults (DINO's): k = 20, temperature 0.07.
-pub const KNN_K: usize = 20;
-pub const KNN_TEMPERATURE: f64 = 0.07;
-
-/// L2-normalised features (the mean of the final-norm patch tokens) and labels of
-/// every sample of `data`, read exactly once at the eval transform.
-pub fn features(
-    vit: &crate::train::vit::VisionTransformer,
-    device: Device,
-    data: &str,
-    opts: &SourceOptions,
-    batch: usize,
-    threads_: usize,
-) -> Result<(Tensor, Tensor)> {
-    let cfg = vit.config();
-    let resize = (cfg.image_size as f64 * 256.0 / 224.0).round() as u32;
-    let lc = eval_loader_config(cfg.image_size as u32, resize, batch, threads_);
-    let loader = Loader::open(data, opts, lc).with_context(|| format!("opening {data}"))?;
-    let amp = device.is_cuda();
-    let (mut feats, mut labels) = (Vec::new(), Vec::new());
-    tch::no_grad(|| -> Result<()> {
-        for b in loader {
-            let b = b.with_context(|| format!("reading {data}"))?;
-            if let Some(i) = b.labels().iter().position(|&l| l < 0) {
-                bail!(
-                    "{data}: sample `{}` has no usable label ({})",
-                    b.keys()[i],
-                    b.labels()[i]
-                );
-            }
-            let s = b.image_size() as i64;
-            let host = Tensor::from_slice(b.weak()).view([b.len() as i64, s, s, 3]);
-            let x = crate::train::cuda::upload(&host, device)?;
-            let x = crate::train::input::normalize_nhwc(
-                &x,
-                crate::train::input::IMAGENET_MEAN,
-                crate::train::input::IMAGENET_STD,
-            )?;
-            let f =
-                crate::train::cuda::autocast_bf16(amp, || vit.forward_features(&x, None, false))??;
-            let f = f
-                .narrow(1, 1, cfg.num_patches())
-                .to_kind(Kind::Float)
-                .mean_dim([1i64].as_slice(), false, None::<Kind>);
-            feats.push(
-                &f / f
-                    .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-                    .clamp_min(1e-12),
-            );
-            labels.push(Tensor::from_slice(b.labels()).to_device(device));
-        }
-        Ok(())
-    })?;
-    if feats.is_empty() {
-        bail!("{data}: no samples");
-    }
-    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
-}
-
-/// [`features`] of a train and a val dataset, and the class count (largest label + 1
-/// over both): `(train, train labels, val, val labels, classes)`.
-pub fn train_val_features(
-    vit: &crate::train::vit::VisionTransformer,
-    device: Device,
-    train: (&str, &SourceOptions),
-    val: (&str, &SourceOptions),
-    batch: usize,
-    threads_: usize,
-) -> Result<(Tensor, Tensor, Tensor, Tensor, i64)> {
-    let (tf, tl) = features(vit, device, train.0, train.1, batch, threads_)?;
-    let (vf, vl) = features(vit, device, val.0, val.1, batch, threads_)?;
-    let classes = tl.max().int64_value(&[]).max(vl.max().int64_value(&[])) + 1;
-    Ok((tf, tl, vf, vl, classes))
-}
-
-/// DINO's weighted k-NN classifier: for each val feature, the `k` most similar train
-/// features (cosine) vote for their class with weight `exp(sim / T)`; top-1 / top-5 of
-/// the summed votes (in %).
-pub fn knn_classify(
-    train: &Tensor,
-    train_labels: &Tensor,
-    val: &Tensor,
-    val_labels: &Tensor,
-    classes: i64,
-    k: usize,
-    temperature: f64,
-) -> Result<(f64, f64)> {
-    let n_val = val.size()[0];
-    let k = (k as i64).min(train.size()[0]);
-    let (mut c1, mut c5) = (0f64, 0f64);
-    let chunk = 256;
-    tch::no_grad(|| -> Result<()> {
-        let mut i = 0;
-        while i < n_val {
-            let len = chunk.min(n_val - i);
-            let v = val.narrow(0, i, len);
-            let sim = v.matmul(&train.tr());
-            let (top, idx) = sim.topk(k, 1, true, true);
-            let votes_cls = train_labels.index_select(0, &idx.view(-1)).view([len, k]);
-            let w = (top / temperature).exp();
-            let votes = Tensor::zeros([len, classes], (Kind::Float, v.device()))
-                .scatter_add(1, &votes_cls, &w);
-            let (_, pred) = votes.topk(classes.min(5), 1, true, true);
-            let hit = pred.eq_tensor(&val_labels.narrow(0, i, len).unsqueeze(1));
-            c1 += hit.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]);
-            c5 += hit.sum(Kind::Double).double_value(&[]);
-            i += len;
-        }
-        Ok(())
-    })?;
-    Ok((100.0 * c1 / n_val as f64, 100.0 * c5 / n_val as f64))
-}
-
-/// `conmim knn`: k-NN accuracy of a backbone's frozen features. `source`: a
-/// pretraining run / checkpoint (teacher by default) or a fine-tuning checkpoint.
-#[allow(clippy::too_many_arguments)]
-pub fn knn(
-    source: &Path,
-    weights: Weights,
-    train: (&str, &SourceOptions),
-    val: (&str, &SourceOptions),
-    k: usize,
-    temperature: f64,
-    batch: usize,
-    threads_: usize,
-    device: Option<&str>,
-) -> Result<KnnResult> {
-    let device = parse_device(device)?;
-    let backbone = backbone_of(source, weights, device)?;
-    let (tf, tl, vf, vl, classes) =
-        train_val_features(&backbone.1, device, train, val, batch, threads_)?;
-    let (acc1, acc5) = knn_classify(&tf, &tl, &vf, &vl, classes, k, temperature)?;
-    Ok(KnnResult {
-        k,
-        temperature,
-        train_images: tf.size()[0] as u64,
-        val_images: vf.size()[0] as u64,
-        classes,
-        acc1,
-        acc5,
-    })
-}
-
 /// What `conmim linear` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinearResult {
@@ -1149,7 +994,7 @@ pub fn linear_probe(
     let device = parse_device(device)?;
     let backbone = backbone_of(source, weights, device)?;
     let (tf, tl, vf, vl, classes) =
-        train_val_features(&backbone.1, device, train, val, batch, threads_)?;
+        super::knn::train_val_features(&backbone.1, device, train, val, batch, threads_, None)?;
     let mean = tf.mean_dim([0i64].as_slice(), true, None::<Kind>);
     let std = tf
         .std_mean_dim([0i64].as_slice(), false, true)
@@ -1676,6 +1521,120 @@ mod tests {
         );
     }
 
+    /// The body of each rank of `issue6_knn_monitor_and_knn_under_torchrun` (no-op
+    /// otherwise): a 2-rank pretraining run with the k-NN monitor, then `conmim knn` of
+    /// its checkpoint.
+    #[test]
+    fn knn_torchrun_child() {
+        let Some(dir) = std::env::var_os("CONMIM_KNN_CHILD_DIR") else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let data = dir.join("data");
+        pretrain_micro(&data, &dir.join("pre"));
+        let d = data.to_str().unwrap();
+        let so = |split: &str| SourceOptions {
+            split: split.into(),
+            allow_pipe: false,
+            ..SourceOptions::default()
+        };
+        let k = super::super::knn::knn(
+            &dir.join("pre"),
+            Weights::Teacher,
+            (d, &so("train")),
+            (d, &so("val")),
+            20,
+            0.07,
+            4,
+            1,
+            Some("cpu"),
+        )
+        .unwrap();
+        println!("KNN_OK {}", serde_json::to_string(&k).unwrap());
+    }
+
+    /// Issue 6: under torchrun (2 ranks, Gloo) the pretraining k-NN monitor and `conmim
+    /// knn` share the work (each rank reads its own shards, both ranks get the result)
+    /// and give the accuracy of the one-process k-NN of the same checkpoint.
+    #[test]
+    fn issue6_knn_monitor_and_knn_under_torchrun() {
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        labelled(&data, "train", &[6, 6], 4);
+        labelled(&data, "val", &[3, 4], 4);
+        let o =
+            crate::train::testing::torchrun(2, "train::finetune::run::tests::knn_torchrun_child")
+                .env("CONMIM_KNN_CHILD_DIR", dir.path())
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .output()
+                .unwrap();
+        let text = crate::train::testing::output_text(&o);
+        assert!(o.status.success(), "{text}");
+        let oks: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| {
+                l.split_once("KNN_OK ")
+                    .map(|(_, j)| serde_json::from_str(j).unwrap())
+            })
+            .collect();
+        assert_eq!(oks.len(), 2, "{text}");
+        assert_eq!(oks[0], oks[1], "both ranks get the result");
+        let k = &oks[0];
+        assert_eq!(
+            (
+                &k["ranks"],
+                &k["train_images"],
+                &k["val_images"],
+                &k["classes"]
+            ),
+            (&2.into(), &12.into(), &7.into(), &4.into()),
+            "{k}"
+        );
+        // One process, same checkpoint.
+        let pre = dir.path().join("pre");
+        let d = data.to_str().unwrap();
+        let so = |split: &str| SourceOptions {
+            split: split.into(),
+            allow_pipe: false,
+            ..SourceOptions::default()
+        };
+        let one = super::super::knn::knn(
+            &pre,
+            Weights::Teacher,
+            (d, &so("train")),
+            (d, &so("val")),
+            20,
+            0.07,
+            4,
+            1,
+            Some("cpu"),
+        )
+        .unwrap();
+        assert_eq!(one.ranks, 1);
+        assert_eq!(
+            (k["acc1"].as_f64(), k["acc5"].as_f64()),
+            (Some(one.acc1), Some(one.acc5))
+        );
+        // The monitor ran at the step-2 checkpoint (the final weights): rank 0 logged it,
+        // with the same accuracy.
+        let m = std::fs::read_to_string(pre.join("metrics.jsonl")).unwrap();
+        let line: serde_json::Value = m
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v.get("knn_acc1").is_some())
+            .expect("a k-NN line");
+        assert_eq!(line["step"], 2);
+        assert_eq!(
+            (line["knn_acc1"].as_f64(), line["knn_acc5"].as_f64()),
+            (Some(one.acc1), Some(one.acc5))
+        );
+        assert_eq!(m.matches("knn_acc1").count(), 1, "rank 0 alone logs: {m}");
+    }
+
     /// Issue 5: 13 validation samples in shards of 5, 3 and 5, batch 4 (not a multiple):
     /// every sample evaluated exactly once, and the accuracy equals a direct count over
     /// a plain forward pass of each sample.
@@ -1836,7 +1795,7 @@ mod tests {
         };
         let d = data.to_str().unwrap();
         for src in [&pre, &out] {
-            let k = knn(
+            let k = super::super::knn::knn(
                 src,
                 Weights::Teacher,
                 (d, &topts),
