@@ -101,7 +101,8 @@ enum Cmd {
     #[cfg(feature = "train")]
     Finetune(FinetuneArgs),
     /// Evaluate a fine-tuning checkpoint on a dataset (top-1 / top-5, every sample
-    /// exactly once); prints one JSON object.
+    /// exactly once); prints one JSON object. Under torchrun the ranks share the work
+    /// (each reads its own shards) and rank 0 prints.
     #[cfg(feature = "train")]
     Eval(EvalArgs),
     /// Weighted k-NN accuracy (DINO's: k=20, T=0.07) of a backbone's frozen features
@@ -335,13 +336,14 @@ struct EvalArgs {
     split: String,
     #[command(flatten)]
     source: SourceArgs,
-    /// Batch size.
+    /// Batch size (per rank under torchrun).
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Loader threads (0 = all cores).
+    /// Loader threads (0 = all cores; under torchrun, the node's cores / ranks per node).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N (default: under torchrun the rank's LOCAL_RANK GPU, else CUDA
+    /// when available).
     #[arg(long)]
     device: Option<String>,
     /// No progress bar.
@@ -352,7 +354,7 @@ struct EvalArgs {
 #[cfg(feature = "train")]
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let opts = a.source.options(&a.split)?;
-    let (r, dir) = conmim::train::finetune::run::eval_checkpoint(
+    let r = conmim::train::finetune::run::eval_checkpoint(
         &a.checkpoint,
         &a.data,
         &opts,
@@ -361,9 +363,12 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         a.device.as_deref(),
         !a.quiet,
     )?;
-    let mut v = serde_json::to_value(r)?;
-    v["checkpoint"] = dir.display().to_string().into();
-    println!("{v}");
+    if r.rank == 0 {
+        let mut v = serde_json::to_value(r.result)?;
+        v["checkpoint"] = r.checkpoint.display().to_string().into();
+        v["ranks"] = r.ranks.into();
+        println!("{v}");
+    }
     Ok(())
 }
 

@@ -371,6 +371,21 @@ pub(crate) fn dist_and_device(
     Ok((dist_env, device))
 }
 
+/// For the commands that only read (`conmim eval`, `conmim knn`): the process group of a
+/// torchrun job (none outside one) and the device, as [`dist_and_device`] picks it.
+pub(crate) fn group_and_device(device: Option<&str>) -> Result<(Option<ProcessGroup>, Device)> {
+    let (dist_env, device) = dist_and_device(device, None)?;
+    let pg = match &dist_env {
+        Some(e) => Some(
+            ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
+                .context("joining the process group")?
+                .on_device(device),
+        ),
+        None => None,
+    };
+    Ok((pg, device))
+}
+
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;

@@ -25,9 +25,9 @@ use tch::{Device, Kind, Tensor};
 use super::run::{backbone_of, eval_loader_config};
 use crate::loader::Loader;
 use crate::stream::{ShardList, SourceOptions};
-use crate::train::dist::{Backend, ProcessGroup};
+use crate::train::dist::ProcessGroup;
 use crate::train::export::Weights;
-use crate::train::run::{dist_and_device, dist_timeout};
+use crate::train::run::group_and_device;
 
 /// What `conmim knn` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -386,15 +386,7 @@ pub fn knn(
     threads: usize,
     device: Option<&str>,
 ) -> Result<KnnResult> {
-    let (dist_env, device) = dist_and_device(device, None)?;
-    let pg = match &dist_env {
-        Some(e) => Some(
-            ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
-                .context("joining the process group")?
-                .on_device(device),
-        ),
-        None => None,
-    };
+    let (pg, device) = group_and_device(device)?;
     let backbone = backbone_of(source, weights, device)?;
     let (acc1, acc5, train_images, val_images, classes) = knn_of(
         &backbone.1,
@@ -508,8 +500,12 @@ mod tests {
             return;
         }
         let env = crate::train::dist::DistEnv::from_env().unwrap().unwrap();
-        let pg =
-            ProcessGroup::new(&env, Backend::Gloo, std::time::Duration::from_secs(60)).unwrap();
+        let pg = ProcessGroup::new(
+            &env,
+            crate::train::dist::Backend::Gloo,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
         let train = set(TRAIN.0, TRAIN.1, DIM, CLASSES);
         let val = set(VAL.0, VAL.1, DIM, CLASSES);
         let part = |(f, l): &(Tensor, Tensor), cuts: [i64; 4]| {

@@ -54,8 +54,8 @@ use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
 use crate::train::run::{
-    Resume, check_writable, dist_and_device, dist_timeout, parse_device, parse_set,
-    truncate_metrics_by,
+    Resume, check_writable, dist_and_device, dist_timeout, group_and_device, parse_device,
+    parse_set, truncate_metrics_by,
 };
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
@@ -943,19 +943,37 @@ pub fn eval_checkpoint(
     threads_: usize,
     device: Option<&str>,
     show: bool,
-) -> Result<(EvalResult, PathBuf)> {
-    let device = parse_device(device)?;
+) -> Result<EvalReport> {
+    let (pg, device) = group_and_device(device)?;
+    let rank = pg.as_ref().map_or(0, |p| p.rank);
     let (net, state, dir) = model::load(checkpoint, device)?;
-    let r = evaluate(
+    let result = evaluate_dist(
         &net,
         data,
         opts,
         state.config.eval_resize as u32,
         batch,
         threads_,
-        show,
+        show && rank == 0,
+        pg.as_ref(),
     )?;
-    Ok((r, dir))
+    Ok(EvalReport {
+        result,
+        checkpoint: dir,
+        ranks: pg.as_ref().map_or(1, |p| p.world_size),
+        rank,
+    })
+}
+
+/// What `conmim eval` reports: the evaluation, the checkpoint directory it read and,
+/// under torchrun, how many ranks shared the work (each read its own shards) and this
+/// process's rank (every rank gets the result; the CLI prints it on rank 0).
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub result: EvalResult,
+    pub checkpoint: PathBuf,
+    pub ranks: usize,
+    pub rank: usize,
 }
 
 /// What `conmim linear` reports.
@@ -1478,6 +1496,26 @@ mod tests {
             "FT_OK samples {} val {} acc1 {:.4}",
             s.samples, r.images, r.acc1
         );
+        // `conmim eval` of the result, shared by the ranks.
+        let e = eval_checkpoint(
+            &out.join("checkpoints/last"),
+            data.to_str().unwrap(),
+            &SourceOptions {
+                split: "val".into(),
+                allow_pipe: false,
+                ..SourceOptions::default()
+            },
+            3,
+            1,
+            Some("cpu"),
+            false,
+        )
+        .unwrap();
+        println!(
+            "EVAL_OK ranks {} {}",
+            e.ranks,
+            serde_json::to_string(&e.result).unwrap()
+        );
     }
 
     /// Issue 6: `conmim finetune` under `torchrun --nproc-per-node 2` (Gloo, CPU):
@@ -1509,6 +1547,36 @@ mod tests {
         assert!(oks[0].contains("samples 12 val 7"), "{text}");
         let same = |l: &str| l[l.find("FT_OK").unwrap()..].to_owned();
         assert_eq!(same(oks[0]), same(oks[1]), "ranks agree on the evaluation");
+        // `conmim eval` under torchrun: the two ranks read their own shards and both get
+        // the one-process result.
+        let evals: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once("EVAL_OK ranks 2 ").map(|(_, j)| j))
+            .collect();
+        assert_eq!(evals.len(), 2, "{text}");
+        let one = eval_checkpoint(
+            &out.join("checkpoints/last"),
+            data.to_str().unwrap(),
+            &SourceOptions {
+                split: "val".into(),
+                allow_pipe: false,
+                ..SourceOptions::default()
+            },
+            3,
+            1,
+            Some("cpu"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(one.ranks, 1);
+        for e in evals {
+            let e: EvalResult = serde_json::from_str(e).unwrap();
+            assert_eq!(
+                (e.images, e.acc1, e.acc5),
+                (7, one.result.acc1, one.result.acc5)
+            );
+            assert!((e.loss - one.result.loss).abs() < 1e-5, "{e:?} {one:?}");
+        }
         let summary: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
         assert_eq!(summary["last"]["images"], 7);
@@ -1766,7 +1834,11 @@ mod tests {
             allow_pipe: false,
             ..SourceOptions::default()
         };
-        let (r, ck) = eval_checkpoint(
+        let EvalReport {
+            result: r,
+            checkpoint: ck,
+            ..
+        } = eval_checkpoint(
             &out.join("checkpoints/last"),
             data.to_str().unwrap(),
             &opts,
