@@ -114,7 +114,8 @@ enum Cmd {
     /// Linear probe on a backbone's frozen features (the k-NN features, standardised):
     /// a linear classifier trained with Adam on the train set, top-1 / top-5 on val;
     /// prints one JSON object. A weak metric for MIM features (the paper says so);
-    /// partial fine-tuning is `conmim finetune --set train_last_blocks=K`.
+    /// partial fine-tuning is `conmim finetune --set train_last_blocks=K`. Under
+    /// torchrun the ranks share the feature pass and rank 0 prints.
     #[cfg(feature = "train")]
     Linear(LinearArgs),
 }
@@ -153,7 +154,9 @@ fn linear_cmd(a: &LinearArgs) -> Result<()> {
         k.device.as_deref(),
         a.seed,
     )?;
-    println!("{}", serde_json::to_string(&r)?);
+    if r.rank == 0 {
+        println!("{}", serde_json::to_string(&r)?);
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -175,7 +176,13 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
     so.waitWorkers = false;
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
-    auto store = c10::make_intrusive<c10d::PrefixStore>("conmim/default_pg", tcp);
+    // Each group of this process gets its own key space in the store, as
+    // torch.distributed names its groups: a later group (e.g. `conmim eval` after a
+    // fine-tuning run in one process) must not read the rendezvous keys of an earlier
+    // one. Every rank creates its groups in the same order, so the names agree.
+    static std::atomic<int> groups{0};
+    auto store = c10::make_intrusive<c10d::PrefixStore>(
+        "conmim/pg/" + std::to_string(groups.fetch_add(1)), tcp);
     auto g = new Group{store, {}, timeout, {}};
     const std::string b(backend);
     if (b == "gloo") {

@@ -179,6 +179,26 @@ fn own_slot(pg: &ProcessGroup, values: &[i64]) -> Result<Tensor> {
     Ok(Tensor::from_slice(&v))
 }
 
+/// Every rank's rows of `t` (`[rows, ...]`, any row count, none included), in rank
+/// order, on every rank. A collective.
+pub fn gather_rows(pg: &ProcessGroup, t: &Tensor) -> Result<Tensor> {
+    let counts = own_slot(pg, &[t.size()[0]])?;
+    pg.all_reduce_sum(&counts)
+        .context("gathering the row counts")?;
+    gather_rows_of(pg, t, &Vec::<i64>::try_from(&counts)?)
+}
+
+/// [`gather_rows`] when every rank's row count (`rows[r]`) is known.
+fn gather_rows_of(pg: &ProcessGroup, t: &Tensor, rows: &[i64]) -> Result<Tensor> {
+    let mut size = t.size();
+    size[0] = rows.iter().sum();
+    let all = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
+    let off: i64 = rows[..pg.rank].iter().sum();
+    all.narrow(0, off, t.size()[0]).f_copy_(t)?;
+    pg.all_reduce_sum(&all)?;
+    Ok(all)
+}
+
 /// Top-1 and top-5 hits (counts) of one chunk of val rows from their `k` neighbours'
 /// similarities `top` and classes `cls` (both `[rows, k]`, sorted by similarity).
 fn votes(
@@ -244,15 +264,10 @@ pub fn knn_classify(
         let k_of = |r: usize| k.min(train_n[r]);
         let dev = val.device();
         // Every rank's val features and labels, in rank order.
-        let off: i64 = val_n[..rank].iter().sum();
-        let all_val = Tensor::zeros([n_val, val.size()[1]], (Kind::Float, dev));
-        all_val.narrow(0, off, nv).f_copy_(val)?;
-        let all_labels = Tensor::zeros([n_val], (Kind::Int64, dev));
-        all_labels.narrow(0, off, nv).f_copy_(val_labels)?;
-        pg.all_reduce_sum(&all_val)
-            .context("k-NN: gathering the val features")?;
-        pg.all_reduce_sum(&all_labels)
-            .context("k-NN: gathering the val labels")?;
+        let all_val =
+            gather_rows_of(pg, val, &val_n).context("k-NN: gathering the val features")?;
+        let all_labels =
+            gather_rows_of(pg, val_labels, &val_n).context("k-NN: gathering the val labels")?;
         // This rank's k nearest train features of each val feature, in its slot.
         let sims = Tensor::zeros([world as i64, n_val, k], (Kind::Float, dev));
         let cls = Tensor::zeros([world as i64, n_val, k], (Kind::Int64, dev));

@@ -54,8 +54,8 @@ use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
 use crate::train::run::{
-    Resume, check_writable, dist_and_device, dist_timeout, group_and_device, parse_device,
-    parse_set, truncate_metrics_by,
+    Resume, check_writable, dist_and_device, dist_timeout, group_and_device, parse_set,
+    truncate_metrics_by,
 };
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
@@ -988,13 +988,20 @@ pub struct LinearResult {
     pub train_acc1: f64,
     pub acc1: f64,
     pub acc5: f64,
+    /// The processes that shared the feature pass (1 outside torchrun).
+    pub ranks: usize,
+    /// This process's rank (the CLI prints the result on rank 0 only).
+    #[serde(skip)]
+    pub rank: usize,
 }
 
 /// Linear probe on frozen features (the k-NN features, standardised with the train
 /// features' mean and std, i.e. a BatchNorm without affine as MAE's probe): a linear
 /// classifier trained with Adam (`lr`, cosine to 0) on minibatches of 256 for `epochs`
 /// passes, then top-1 / top-5 on val. As the paper notes, a weak metric for MIM
-/// features; fine-tuning is the measure that counts.
+/// features; fine-tuning is the measure that counts. Under torchrun the ranks share the
+/// feature pass (each reads its own shards), then each fits the same probe on all of
+/// them.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_probe(
     source: &Path,
@@ -1009,10 +1016,28 @@ pub fn linear_probe(
     seed: u64,
 ) -> Result<LinearResult> {
     use tch::nn::{Module, OptimizerConfig};
-    let device = parse_device(device)?;
+    let (pg, device) = group_and_device(device)?;
     let backbone = backbone_of(source, weights, device)?;
-    let (tf, tl, vf, vl, classes) =
-        super::knn::train_val_features(&backbone.1, device, train, val, batch, threads_, None)?;
+    let (tf, tl, vf, vl, classes) = super::knn::train_val_features(
+        &backbone.1,
+        device,
+        train,
+        val,
+        batch,
+        threads_,
+        pg.as_ref(),
+    )?;
+    // Under torchrun the ranks extracted their own shards; every rank then fits the
+    // same probe on all the features (same seed, same result).
+    let (tf, tl, vf, vl) = match &pg {
+        None => (tf, tl, vf, vl),
+        Some(pg) => {
+            let g = |t: &Tensor| {
+                super::knn::gather_rows(pg, t).context("gathering the features over the ranks")
+            };
+            (g(&tf)?, g(&tl)?, g(&vf)?, g(&vl)?)
+        }
+    };
     let mean = tf.mean_dim([0i64].as_slice(), true, None::<Kind>);
     let std = tf
         .std_mean_dim([0i64].as_slice(), false, true)
@@ -1068,6 +1093,8 @@ pub fn linear_probe(
         train_acc1,
         acc1,
         acc5,
+        ranks: pg.as_ref().map_or(1, |p| p.world_size),
+        rank: pg.as_ref().map_or(0, |p| p.rank),
     })
 }
 
@@ -1619,6 +1646,20 @@ mod tests {
         )
         .unwrap();
         println!("KNN_OK {}", serde_json::to_string(&k).unwrap());
+        let lp = linear_probe(
+            &dir.join("pre"),
+            Weights::Teacher,
+            (d, &so("train")),
+            (d, &so("val")),
+            30,
+            1e-2,
+            4,
+            1,
+            Some("cpu"),
+            0,
+        )
+        .unwrap();
+        println!("LINEAR_OK {}", serde_json::to_string(&lp).unwrap());
     }
 
     /// Issue 6: under torchrun (2 ranks, Gloo) the pretraining k-NN monitor and `conmim
@@ -1701,6 +1742,41 @@ mod tests {
             (Some(one.acc1), Some(one.acc5))
         );
         assert_eq!(m.matches("knn_acc1").count(), 1, "rank 0 alone logs: {m}");
+
+        // `conmim linear`: the ranks share the feature pass, then fit the same probe on
+        // all of it (here in the one-process row order: one train shard per rank).
+        let lps: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| {
+                l.split_once("LINEAR_OK ")
+                    .map(|(_, j)| serde_json::from_str(j).unwrap())
+            })
+            .collect();
+        assert_eq!(lps.len(), 2, "{text}");
+        assert_eq!(lps[0], lps[1], "both ranks fit the same probe");
+        let one = linear_probe(
+            &pre,
+            Weights::Teacher,
+            (d, &so("train")),
+            (d, &so("val")),
+            30,
+            1e-2,
+            4,
+            1,
+            Some("cpu"),
+            0,
+        )
+        .unwrap();
+        let lp = &lps[0];
+        assert_eq!(
+            (&lp["ranks"], &lp["train_images"], &lp["val_images"]),
+            (&2.into(), &12.into(), &7.into())
+        );
+        assert_eq!(
+            (lp["acc1"].as_f64(), lp["train_acc1"].as_f64()),
+            (Some(one.acc1), Some(one.train_acc1)),
+            "{lp} vs {one:?}"
+        );
     }
 
     /// Issue 5: 13 validation samples in shards of 5, 3 and 5, batch 4 (not a multiple):
