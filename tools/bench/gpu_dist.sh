@@ -2,7 +2,8 @@
 # tools/bench/gpu_dist.sh — issue 6's GPU checks in one call: the NCCL path under
 # torchrun (world size 1, c10d ProcessGroupNCCL + DDP's reducer) against the same run
 # as a plain single process, loader-fed ViT-S ConMIM pretraining on the same data;
-# prints both img/s (median of the second half of the steps) and the overhead.
+# prints both img/s (median of the second half of the steps) and the overhead; then
+# `conmim knn` of that run under torchrun (the k-NN's gathers through NCCL).
 #
 # Usage (GPU machine, repository root, release binaries built with --features train in
 # $BIN, a Python with torch, so that `torchrun` is on PATH or next to $PY):
@@ -52,3 +53,12 @@ print(json.dumps(res))
 json.dump(res, open(f"{out}/dist.json", "w"))
 PY
 grep -h "nccl\|NCCL\|error" "$OUT/nccl1.log" | tail -n 5
+# The k-NN shared by the ranks (gathers through NCCL, host counts staged): conmim knn of
+# the torchrun run's teacher, 2,000 train images against themselves, under torchrun.
+rm -rf "$OUT/knn-data"; mkdir -p "$OUT/knn-data"
+"$BIN/conmim-bench" make-data --out "$OUT/knn-data" --images 2000 > /dev/null 2>&1
+timeout 120 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
+    "$BIN/conmim" knn "$OUT/nccl1" --train-data "$OUT/knn-data" --val-split train \
+    --device "$DEVICE" --threads "$THREADS" > "$OUT/knn.json" 2> "$OUT/knn.log"
+echo "torchrun nccl knn rc=$? $(cat "$OUT/knn.json")"
+
