@@ -568,6 +568,7 @@ struct PretrainArgs {
     sync_bn: bool,
     /// k-NN monitor: labelled dataset of the neighbours; with it, every checkpoint also
     /// logs the teacher's k-NN accuracy (metrics.jsonl `knn_acc1`, TensorBoard knn/*).
+    /// Under torchrun the ranks share it (each reads its own shards).
     #[arg(long)]
     knn_train_data: Option<String>,
     #[arg(long, default_value = "train")]

@@ -79,7 +79,8 @@ pub struct PretrainOptions {
     pub keep: usize,
     /// Draw the progress bar (to stderr).
     pub progress: bool,
-    /// The k-NN monitor, run on the teacher at every checkpoint (rank 0).
+    /// The k-NN monitor, run on the teacher at every checkpoint (by every rank together;
+    /// rank 0 logs it).
     pub knn: Option<KnnMonitor>,
     /// Fault injection for tests: the process exits (status 3, no cleanup, as if
     /// killed) right after this step.
@@ -371,10 +372,14 @@ pub(crate) fn dist_and_device(
     Ok((dist_env, device))
 }
 
-/// For the commands that only read (`conmim eval`, `conmim knn`): the process group of a
-/// torchrun job (none outside one) and the device, as [`dist_and_device`] picks it.
-pub(crate) fn group_and_device(device: Option<&str>) -> Result<(Option<ProcessGroup>, Device)> {
-    let (dist_env, device) = dist_and_device(device, None)?;
+/// The process group of a torchrun job (none outside one; joined with the
+/// `CONMIM_DIST_TIMEOUT_S` timeout, host tensors staged through `device` under NCCL) and
+/// the device, as [`dist_and_device`] picks them (`batch`: a global batch to split).
+pub(crate) fn group_and_device(
+    device: Option<&str>,
+    batch: Option<usize>,
+) -> Result<(Option<ProcessGroup>, Device)> {
+    let (dist_env, device) = dist_and_device(device, batch)?;
     let pg = match &dist_env {
         Some(e) => Some(
             ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
@@ -389,16 +394,12 @@ pub(crate) fn group_and_device(device: Option<&str>) -> Result<(Option<ProcessGr
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
-    let (dist_env, device) = dist_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
+    let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
     // the same checkpoints).
-    report_recovery(
-        "pretrain",
-        &ck_root,
-        dist_env.as_ref().map_or(0, |e| e.rank),
-    )?;
+    report_recovery("pretrain", &ck_root, pg.as_ref().map_or(0, |p| p.rank))?;
     let resume_from = match &o.resume {
         Resume::No => {
             if let Some(p) = checkpoint::latest(&ck_root)? {
@@ -415,10 +416,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         Resume::Path(p) => Some(p.clone()),
     };
     let mut trainer = Trainer::new(cfg.clone(), device)?;
-    if let Some(e) = &dist_env {
-        let pg = ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
-            .context("joining the process group")?
-            .on_device(device);
+    if let Some(pg) = pg {
         if pg.rank == 0 {
             eprintln!("conmim pretrain: {}", pg.describe(cfg.batch_size));
         }

@@ -299,25 +299,35 @@ pub fn knn_classify(
             )
         };
         let (sims, cls) = (take(&sims), take(&cls));
-        let (mut c1, mut c5) = (0f64, 0f64);
-        let mut i = 0;
-        while i < n_val {
-            let len = CHUNK.min(n_val - i);
+        Ok(accuracy(&all_labels, classes, temperature, |i, len| {
             let (top, idx) = sims.narrow(0, i, len).topk(k, 1, true, true);
             let c = cls.narrow(0, i, len).gather(1, &idx, false);
-            let (h1, h5) = votes(
-                &top,
-                &c,
-                &all_labels.narrow(0, i, len),
-                classes,
-                temperature,
-            );
-            c1 += h1;
-            c5 += h5;
-            i += len;
-        }
-        Ok((100.0 * c1 / n_val as f64, 100.0 * c5 / n_val as f64))
+            (top, c)
+        }))
     })
+}
+
+/// Top-1 / top-5 (%) of the val rows with `labels`, from `neighbours(i, len)`: the
+/// similarities and classes (`[len, k]`, sorted by similarity) of the neighbours of val
+/// rows `i..i + len`, asked for in chunks of [`CHUNK`].
+fn accuracy(
+    labels: &Tensor,
+    classes: i64,
+    temperature: f64,
+    mut neighbours: impl FnMut(i64, i64) -> (Tensor, Tensor),
+) -> (f64, f64) {
+    let n = labels.size()[0];
+    let (mut c1, mut c5) = (0f64, 0f64);
+    let mut i = 0;
+    while i < n {
+        let len = CHUNK.min(n - i);
+        let (top, cls) = neighbours(i, len);
+        let (h1, h5) = votes(&top, &cls, &labels.narrow(0, i, len), classes, temperature);
+        c1 += h1;
+        c5 += h5;
+        i += len;
+    }
+    (100.0 * c1 / n as f64, 100.0 * c5 / n as f64)
 }
 
 /// [`knn_classify`] in one process.
@@ -335,27 +345,14 @@ fn knn_local(
         bail!("k-NN needs train and val samples");
     }
     let k = (k as i64).min(train.size()[0]);
-    let (mut c1, mut c5) = (0f64, 0f64);
-    tch::no_grad(|| {
-        let mut i = 0;
-        while i < n_val {
-            let len = CHUNK.min(n_val - i);
+    Ok(tch::no_grad(|| {
+        accuracy(val_labels, classes, temperature, |i, len| {
             let sim = val.narrow(0, i, len).matmul(&train.tr());
             let (top, idx) = sim.topk(k, 1, true, true);
             let c = train_labels.index_select(0, &idx.view(-1)).view([len, k]);
-            let (h1, h5) = votes(
-                &top,
-                &c,
-                &val_labels.narrow(0, i, len),
-                classes,
-                temperature,
-            );
-            c1 += h1;
-            c5 += h5;
-            i += len;
-        }
-    });
-    Ok((100.0 * c1 / n_val as f64, 100.0 * c5 / n_val as f64))
+            (top, c)
+        })
+    }))
 }
 
 /// The k-NN accuracy of `vit`'s features: train and val features (each rank its own
@@ -401,7 +398,7 @@ pub fn knn(
     threads: usize,
     device: Option<&str>,
 ) -> Result<KnnResult> {
-    let (pg, device) = group_and_device(device)?;
+    let (pg, device) = group_and_device(device, None)?;
     let backbone = backbone_of(source, weights, device)?;
     let (acc1, acc5, train_images, val_images, classes) = knn_of(
         &backbone.1,

@@ -49,14 +49,11 @@ use super::layer_decay::param_groups_of;
 use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport, ResumeState};
 use crate::loader::{Loader, LoaderConfig, Task, default_threads_per_process};
 use crate::stream::{Remainder, ShardList, SourceOptions, Stream, StreamConfig};
-use crate::train::dist::{Backend, ProcessGroup};
+use crate::train::dist::ProcessGroup;
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
 use crate::train::optim::{AdamW, GroupSpec};
-use crate::train::run::{
-    Resume, check_writable, dist_and_device, dist_timeout, group_and_device, parse_set,
-    truncate_metrics_by,
-};
+use crate::train::run::{Resume, check_writable, group_and_device, parse_set, truncate_metrics_by};
 use crate::train::schedule::CosineSchedule;
 use crate::train::tensorboard::EventWriter;
 use crate::train::vit::Config;
@@ -481,15 +478,7 @@ fn resume(
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
     // Data parallelism under torchrun (`DistEnv::wants_group`): --batch is global.
-    let (dist_env, device) = dist_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
-    let pg = match &dist_env {
-        Some(e) => Some(
-            ProcessGroup::new(e, Backend::for_device(device), dist_timeout())
-                .context("joining the process group")?
-                .on_device(device),
-        ),
-        None => None,
-    };
+    let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank, p.world_size));
     let main = rank == 0;
     if let (Some(pg), true) = (&pg, main) {
@@ -944,7 +933,7 @@ pub fn eval_checkpoint(
     device: Option<&str>,
     show: bool,
 ) -> Result<EvalReport> {
-    let (pg, device) = group_and_device(device)?;
+    let (pg, device) = group_and_device(device, None)?;
     let rank = pg.as_ref().map_or(0, |p| p.rank);
     let (net, state, dir) = model::load(checkpoint, device)?;
     let result = evaluate_dist(
@@ -1016,7 +1005,7 @@ pub fn linear_probe(
     seed: u64,
 ) -> Result<LinearResult> {
     use tch::nn::{Module, OptimizerConfig};
-    let (pg, device) = group_and_device(device)?;
+    let (pg, device) = group_and_device(device, None)?;
     let backbone = backbone_of(source, weights, device)?;
     let (tf, tl, vf, vl, classes) = super::knn::train_val_features(
         &backbone.1,
@@ -1524,25 +1513,32 @@ mod tests {
             s.samples, r.images, r.acc1
         );
         // `conmim eval` of the result, shared by the ranks.
-        let e = eval_checkpoint(
-            &out.join("checkpoints/last"),
-            data.to_str().unwrap(),
-            &SourceOptions {
-                split: "val".into(),
-                allow_pipe: false,
-                ..SourceOptions::default()
-            },
-            3,
-            1,
-            Some("cpu"),
-            false,
-        )
-        .unwrap();
+        let e = eval_last(&out, &data);
         println!(
             "EVAL_OK ranks {} {}",
             e.ranks,
             serde_json::to_string(&e.result).unwrap()
         );
+    }
+
+    /// `conmim eval` of `out`'s `checkpoints/last` on `data`'s val split (batch 3, CPU).
+    fn eval_last(out: &Path, data: &Path) -> EvalReport {
+        let opts = SourceOptions {
+            split: "val".into(),
+            allow_pipe: false,
+            ..SourceOptions::default()
+        };
+        let last = out.join("checkpoints/last");
+        eval_checkpoint(
+            &last,
+            data.to_str().unwrap(),
+            &opts,
+            3,
+            1,
+            Some("cpu"),
+            false,
+        )
+        .unwrap()
     }
 
     /// Issue 6: `conmim finetune` under `torchrun --nproc-per-node 2` (Gloo, CPU):
@@ -1581,20 +1577,7 @@ mod tests {
             .filter_map(|l| l.split_once("EVAL_OK ranks 2 ").map(|(_, j)| j))
             .collect();
         assert_eq!(evals.len(), 2, "{text}");
-        let one = eval_checkpoint(
-            &out.join("checkpoints/last"),
-            data.to_str().unwrap(),
-            &SourceOptions {
-                split: "val".into(),
-                allow_pipe: false,
-                ..SourceOptions::default()
-            },
-            3,
-            1,
-            Some("cpu"),
-            false,
-        )
-        .unwrap();
+        let one = eval_last(&out, &data);
         assert_eq!(one.ranks, 1);
         for e in evals {
             let e: EvalResult = serde_json::from_str(e).unwrap();
@@ -1616,6 +1599,52 @@ mod tests {
         );
     }
 
+    /// The train / val options of [`labelled`] data.
+    fn split(name: &str) -> SourceOptions {
+        SourceOptions {
+            split: name.into(),
+            allow_pipe: false,
+            ..SourceOptions::default()
+        }
+    }
+
+    /// `conmim knn` of pretraining run `run`'s teacher on `data` (train -> val, CPU).
+    fn knn_of_run(run: &Path, data: &Path) -> super::super::knn::KnnResult {
+        let d = data.to_str().unwrap();
+        let (t, v) = (split("train"), split("val"));
+        super::super::knn::knn(
+            run,
+            Weights::Teacher,
+            (d, &t),
+            (d, &v),
+            20,
+            0.07,
+            4,
+            1,
+            Some("cpu"),
+        )
+        .unwrap()
+    }
+
+    /// `conmim linear` of `run`'s teacher on `data` (30 epochs, lr 1e-2, CPU).
+    fn probe_of_run(run: &Path, data: &Path) -> LinearResult {
+        let d = data.to_str().unwrap();
+        let (t, v) = (split("train"), split("val"));
+        linear_probe(
+            run,
+            Weights::Teacher,
+            (d, &t),
+            (d, &v),
+            30,
+            1e-2,
+            4,
+            1,
+            Some("cpu"),
+            0,
+        )
+        .unwrap()
+    }
+
     /// The body of each rank of `issue6_knn_monitor_and_knn_under_torchrun` (no-op
     /// otherwise): a 2-rank pretraining run with the k-NN monitor, then `conmim knn` of
     /// its checkpoint.
@@ -1627,38 +1656,9 @@ mod tests {
         let dir = PathBuf::from(dir);
         let data = dir.join("data");
         pretrain_micro(&data, &dir.join("pre"));
-        let d = data.to_str().unwrap();
-        let so = |split: &str| SourceOptions {
-            split: split.into(),
-            allow_pipe: false,
-            ..SourceOptions::default()
-        };
-        let k = super::super::knn::knn(
-            &dir.join("pre"),
-            Weights::Teacher,
-            (d, &so("train")),
-            (d, &so("val")),
-            20,
-            0.07,
-            4,
-            1,
-            Some("cpu"),
-        )
-        .unwrap();
+        let k = knn_of_run(&dir.join("pre"), &data);
         println!("KNN_OK {}", serde_json::to_string(&k).unwrap());
-        let lp = linear_probe(
-            &dir.join("pre"),
-            Weights::Teacher,
-            (d, &so("train")),
-            (d, &so("val")),
-            30,
-            1e-2,
-            4,
-            1,
-            Some("cpu"),
-            0,
-        )
-        .unwrap();
+        let lp = probe_of_run(&dir.join("pre"), &data);
         println!("LINEAR_OK {}", serde_json::to_string(&lp).unwrap());
     }
 
@@ -1705,24 +1705,7 @@ mod tests {
         );
         // One process, same checkpoint.
         let pre = dir.path().join("pre");
-        let d = data.to_str().unwrap();
-        let so = |split: &str| SourceOptions {
-            split: split.into(),
-            allow_pipe: false,
-            ..SourceOptions::default()
-        };
-        let one = super::super::knn::knn(
-            &pre,
-            Weights::Teacher,
-            (d, &so("train")),
-            (d, &so("val")),
-            20,
-            0.07,
-            4,
-            1,
-            Some("cpu"),
-        )
-        .unwrap();
+        let one = knn_of_run(&pre, &data);
         assert_eq!(one.ranks, 1);
         assert_eq!(
             (k["acc1"].as_f64(), k["acc5"].as_f64()),
@@ -1754,19 +1737,7 @@ mod tests {
             .collect();
         assert_eq!(lps.len(), 2, "{text}");
         assert_eq!(lps[0], lps[1], "both ranks fit the same probe");
-        let one = linear_probe(
-            &pre,
-            Weights::Teacher,
-            (d, &so("train")),
-            (d, &so("val")),
-            30,
-            1e-2,
-            4,
-            1,
-            Some("cpu"),
-            0,
-        )
-        .unwrap();
+        let one = probe_of_run(&pre, &data);
         let lp = &lps[0];
         assert_eq!(
             (&lp["ranks"], &lp["train_images"], &lp["val_images"]),
