@@ -101,6 +101,34 @@ pub struct KnnMonitor {
     pub temperature: f64,
 }
 
+impl KnnMonitor {
+    /// Fails now, not at the first checkpoint hours later, when a monitor dataset cannot
+    /// be opened (its shard list resolves) or k / the temperature make no sense.
+    fn check(&self, o: &PretrainOptions) -> Result<()> {
+        if self.k == 0 || !(self.temperature > 0.0) {
+            bail!(
+                "k-NN monitor: k must be >= 1 and the temperature > 0 (got k {}, T {})",
+                self.k,
+                self.temperature
+            );
+        }
+        for (what, data, split) in [
+            ("--knn-train-data", &self.train, &self.train_split),
+            ("--knn-val-data", &self.val, &self.val_split),
+        ] {
+            let so = SourceOptions {
+                split: split.clone(),
+                allow_pipe: o.allow_pipe,
+                http: o.http,
+            };
+            crate::stream::ShardList::resolve(data, &so).with_context(|| {
+                format!("k-NN monitor: {what} {data} (split {split}) cannot be opened")
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// The final summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -394,6 +422,9 @@ pub(crate) fn group_and_device(
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
+    if let Some(m) = &o.knn {
+        m.check(o)?;
+    }
     let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
@@ -1306,6 +1337,31 @@ mod tests {
             std::fs::read(checkpoint::dir_of(&full).join("step-00000006/model.safetensors"))
                 .unwrap();
         assert_eq!(before, after);
+        // A k-NN monitor dataset that does not open fails at the start, not at the
+        // first checkpoint; so does a k of 0.
+        let mut bad = opts(&data, &dir.path().join("knn"));
+        let monitor = KnnMonitor {
+            train: data.to_str().unwrap().into(),
+            train_split: "train".into(),
+            val: dir.path().join("no-such-data").to_str().unwrap().into(),
+            val_split: "val".into(),
+            k: 20,
+            temperature: 0.07,
+        };
+        bad.knn = Some(monitor.clone());
+        let e = format!("{:#}", pretrain(&bad).unwrap_err());
+        assert!(
+            e.contains("--knn-val-data") && e.contains("no-such-data"),
+            "{e}"
+        );
+        bad.knn = Some(KnnMonitor {
+            k: 0,
+            val: monitor.train.clone(),
+            ..monitor
+        });
+        let e = format!("{:#}", pretrain(&bad).unwrap_err());
+        assert!(e.contains("k must be >= 1"), "{e}");
+        assert!(!dir.path().join("knn").exists(), "nothing written");
         // Unwritable output.
         let mut bad = opts(&data, &full);
         bad.out = PathBuf::from("/proc/conmim-no-such-dir");
