@@ -105,7 +105,7 @@ impl KnnMonitor {
     /// Fails now, not at the first checkpoint hours later, when a monitor dataset cannot
     /// be opened (its shard list resolves) or k / the temperature make no sense.
     fn check(&self, o: &PretrainOptions) -> Result<()> {
-        if self.k == 0 || !(self.temperature > 0.0) {
+        if self.k == 0 || self.temperature.is_nan() || self.temperature <= 0.0 {
             bail!(
                 "k-NN monitor: k must be >= 1 and the temperature > 0 (got k {}, T {})",
                 self.k,
