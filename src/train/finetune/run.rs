@@ -1149,6 +1149,15 @@ mod tests {
         .unwrap();
     }
 
+    /// `dir/data`: 4 classes, a train split of 2 shards of 6 and a val split of 3 + 4.
+    fn train_and_val(dir: &Path) -> PathBuf {
+        let data = dir.join("data");
+        std::fs::create_dir(&data).unwrap();
+        labelled(&data, "train", &[6, 6], 4);
+        labelled(&data, "val", &[3, 4], 4);
+        data
+    }
+
     const MICRO: [&str; 8] = [
         "model.image_size=32",
         "model.patch_size=8",
@@ -1437,10 +1446,7 @@ mod tests {
     fn issue5_partial_finetune_trains_only_the_last_blocks() {
         let _rng = crate::train::testing::seeded(0); // libtorch's global generator
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        labelled(&data, "train", &[6, 6], 4);
-        labelled(&data, "val", &[3, 4], 4);
+        let data = train_and_val(dir.path());
         let mut o = ft_opts(&data, &dir.path().join("ft"), None);
         o.epochs = Some(1);
         o.sets.push("train_last_blocks=1".into());
@@ -1552,10 +1558,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        labelled(&data, "train", &[6, 6], 4);
-        labelled(&data, "val", &[3, 4], 4);
+        let data = train_and_val(dir.path());
         let out = dir.path().join("ft");
         let o =
             crate::train::testing::torchrun(2, "train::finetune::run::tests::finetune_rank_child")
@@ -1671,10 +1674,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        labelled(&data, "train", &[6, 6], 4);
-        labelled(&data, "val", &[3, 4], 4);
+        let data = train_and_val(dir.path());
         let o =
             crate::train::testing::torchrun(2, "train::finetune::run::tests::knn_torchrun_child")
                 .env("CONMIM_KNN_CHILD_DIR", dir.path())
@@ -1804,10 +1804,7 @@ mod tests {
     fn issue5_finetune_from_a_pretraining_run() {
         let _rng = crate::train::testing::seeded(0); // libtorch's global generator
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        labelled(&data, "train", &[6, 6], 4);
-        labelled(&data, "val", &[3, 4], 4);
+        let data = train_and_val(dir.path());
         let pre = dir.path().join("pre");
         pretrain_micro(&data, &pre);
         // The k-NN monitor wrote its line at the (step-2) checkpoint.
