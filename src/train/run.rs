@@ -116,16 +116,20 @@ impl KnnMonitor {
             ("--knn-train-data", &self.train, &self.train_split),
             ("--knn-val-data", &self.val, &self.val_split),
         ] {
-            let so = SourceOptions {
-                split: split.clone(),
-                allow_pipe: o.allow_pipe,
-                http: o.http,
-            };
-            crate::stream::ShardList::resolve(data, &so).with_context(|| {
-                format!("k-NN monitor: {what} {data} (split {split}) cannot be opened")
-            })?;
+            crate::stream::ShardList::resolve(data, &Self::source(o, split)).with_context(
+                || format!("k-NN monitor: {what} {data} (split {split}) cannot be opened"),
+            )?;
         }
         Ok(())
+    }
+
+    /// How the monitor reads `split` of its datasets: the run's pipe and http options.
+    fn source(o: &PretrainOptions, split: &str) -> SourceOptions {
+        SourceOptions {
+            split: split.to_owned(),
+            allow_pipe: o.allow_pipe,
+            http: o.http,
+        }
     }
 }
 
@@ -349,16 +353,11 @@ pub(crate) fn dist_timeout() -> std::time::Duration {
 /// torchrun every rank takes part (each extracts the features of its own shards) and
 /// gets the result.
 fn knn_monitor(trainer: &Trainer, m: &KnnMonitor, o: &PretrainOptions) -> Result<(f64, f64)> {
-    let so = |split: &str| SourceOptions {
-        split: split.to_owned(),
-        allow_pipe: o.allow_pipe,
-        http: o.http,
-    };
     let (acc1, acc5, ..) = super::finetune::knn::knn_of(
         &trainer.teacher.vit,
         trainer.device,
-        (&m.train, &so(&m.train_split)),
-        (&m.val, &so(&m.val_split)),
+        (&m.train, &KnnMonitor::source(o, &m.train_split)),
+        (&m.val, &KnnMonitor::source(o, &m.val_split)),
         m.k,
         m.temperature,
         KNN_BATCH,
