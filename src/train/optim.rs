@@ -187,7 +187,10 @@ pub struct AdamW {
     /// Optimiser steps taken (bias correction uses `step` after increment).
     pub step: u64,
     /// Update with PyTorch's fused AdamW kernel (one kernel per group, as
-    /// `AdamW(fused=True)`) instead of the element-wise ops: the default on CUDA.
+    /// `AdamW(fused=True)`) instead of the element-wise ops: the default on CUDA and
+    /// CPU. On CPU it is also ~20x faster than the element-wise ops, which allocate
+    /// four temporaries the size of the group (ViT-B: 1.2 s of a 2.4 s step at batch 4;
+    /// measured 2026-12-05). The element-wise path stays as its reference in tests.
     pub fused: bool,
     /// The step count as a device tensor for the fused kernel (filled, not copied, each
     /// step: no host sync).
@@ -258,12 +261,11 @@ impl AdamW {
                 exp_avg_sq,
             });
         }
-        let fused = groups.iter().any(|g| g.params.flat.device().is_cuda());
         Ok(AdamW {
             cfg,
             groups,
             step: 0,
-            fused,
+            fused: true,
             step_tensor: None,
         })
     }
