@@ -46,6 +46,10 @@ pub struct FlatGroup {
     pub vars: Vec<Tensor>,
     /// The flat buffer (no grad).
     pub flat: Tensor,
+    /// The flat gradient buffer [`FlatGroup::flat_grad`] gathers into, allocated on
+    /// first use and reused every step: on CPU a fresh buffer the size of the model
+    /// costs its page faults every step (ViT-B: 0.4 s of a 1.5 s step at batch 4).
+    grad: Option<Tensor>,
 }
 
 impl FlatGroup {
@@ -79,6 +83,7 @@ impl FlatGroup {
             shapes,
             vars: tensors,
             flat,
+            grad: None,
         })
     }
 
@@ -86,8 +91,10 @@ impl FlatGroup {
         self.flat.size()[0]
     }
 
-    /// The gradients of the variables as one flat tensor (zeros for unused ones).
-    pub fn flat_grad(&self) -> Result<Tensor> {
+    /// The gradients of the variables as one flat tensor (zeros for unused ones),
+    /// gathered into the group's reused gradient buffer: the tensor returned is
+    /// overwritten by the next call.
+    pub fn flat_grad(&mut self) -> Result<Tensor> {
         let pieces: Vec<Tensor> = self
             .vars
             .iter()
@@ -103,7 +110,15 @@ impl FlatGroup {
         if pieces.is_empty() {
             return Ok(self.flat.zeros_like());
         }
-        Tensor::f_cat(&pieces, 0)
+        if pieces.iter().any(|p| p.kind() != self.flat.kind()) {
+            return Tensor::f_cat(&pieces, 0);
+        }
+        let flat = &self.flat;
+        let buf = match &mut self.grad {
+            Some(b) => b,
+            slot => slot.insert(flat.f_empty_like()?),
+        };
+        Tensor::f_cat_out(buf, &pieces, 0)
     }
 
     /// Drops the variables' gradients (`grad = None`, PyTorch's default `zero_grad`):
@@ -293,10 +308,12 @@ impl AdamW {
     /// The gradients as one flat f32 tensor per group, and their global L2 norm (no
     /// host sync): the first half of [`AdamW::step`], so a caller can inspect the norm
     /// (and the loss) in the same device sync before deciding to [`AdamW::apply`].
-    pub fn gradients(&self) -> Result<FlatGrads> {
+    /// The gradients live in the groups' reused buffers: apply (or drop) them before
+    /// the next call.
+    pub fn gradients(&mut self) -> Result<FlatGrads> {
         tch::no_grad(|| {
             let mut grads = Vec::with_capacity(self.groups.len());
-            for g in &self.groups {
+            for g in &mut self.groups {
                 grads.push(g.params.flat_grad()?.to_kind(Kind::Float));
             }
             let norm = global_norm(&grads)?;
