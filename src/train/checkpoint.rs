@@ -101,6 +101,108 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     Ok(list(root)?.pop().map(|(_, p)| p))
 }
 
+/// What names checkpoint `dir` across processes: its step and a hash of its state
+/// file (which holds the step, the samples seen and every rank's loader position, so
+/// two different checkpoints of one step differ too); `None` for no checkpoint or an
+/// unreadable one.
+fn identity(dir: Option<&Path>) -> Option<(u64, u64)> {
+    let bytes = fs::read(dir?.join(STATE_FILE)).ok()?;
+    #[derive(Deserialize)]
+    struct Step {
+        step: u64,
+    }
+    let step = serde_json::from_slice::<Step>(&bytes).ok()?.step;
+    Some((step, xxhash_rust::xxh3::xxh3_64(&bytes)))
+}
+
+/// Makes sure every rank of a job resumes from what rank 0 resumes from (a collective:
+/// every rank calls it once it has chosen `resume_from`, the checkpoint it found in the
+/// run directory `out`, or none). Each rank reads the checkpoint itself (weights,
+/// optimiser, its own loader position), so a rank on a node that does not see rank 0's
+/// run directory (`--out` on a node-local disk), or sees another copy of it, would
+/// start from another step and the ranks' collectives would no longer match: that is
+/// an error on every rank, naming what each group of ranks sees and what to do.
+pub fn agree_across_ranks(
+    pg: &super::dist::ProcessGroup,
+    out: &Path,
+    resume_from: Option<&Path>,
+) -> Result<()> {
+    let own = match identity(resume_from) {
+        // 0 in the first column: nothing to resume from.
+        Some((step, hash)) => [1, step as i64, hash as i64],
+        None if resume_from.is_some() => [2, 0, 0],
+        None => [0, 0, 0],
+    };
+    let all = pg
+        .gather_i64(&own)
+        .context("comparing the ranks' checkpoints to resume from")?;
+    if let Some(seen) = disagreement(&all) {
+        bail!(
+            "the ranks of this job do not see the same checkpoint to resume from in {}: \
+             {seen}. Every rank reads rank 0's run directory: put --out on a filesystem \
+             that every node shares (or give every node an identical copy), then restart \
+             the job",
+            dir_of(out).display(),
+        );
+    }
+    Ok(())
+}
+
+/// What each group of ranks sees, when not all see the same ([`agree_across_ranks`]'s
+/// rows, in rank order): "step 6 on ranks 0-3; no checkpoint on ranks 4-7".
+fn disagreement(all: &[Vec<i64>]) -> Option<String> {
+    if all.iter().all(|r| *r == all[0]) {
+        return None;
+    }
+    // Ranks grouped by what they see, in order of their lowest rank.
+    let mut groups: Vec<(&Vec<i64>, Vec<usize>)> = Vec::new();
+    for (rank, row) in all.iter().enumerate() {
+        match groups.iter_mut().find(|(r, _)| *r == row) {
+            Some((_, ranks)) => ranks.push(rank),
+            None => groups.push((row, vec![rank])),
+        }
+    }
+    let copies_of = |step: i64| {
+        groups
+            .iter()
+            .filter(|(r, _)| r[0] == 1 && r[1] == step)
+            .count()
+    };
+    let seen: Vec<String> = groups
+        .iter()
+        .map(|(row, ranks)| {
+            let what = match row[0] {
+                0 => "no checkpoint".to_string(),
+                1 if copies_of(row[1]) > 1 => format!("a different copy of step {}", row[1]),
+                1 => format!("step {}", row[1]),
+                _ => "an unreadable checkpoint".to_string(),
+            };
+            format!("{what} on {}", rank_ranges(ranks))
+        })
+        .collect();
+    Some(seen.join("; "))
+}
+
+/// "rank 3", "ranks 0-7", "ranks 0-3, 8, 12-15" (`ranks` ascending).
+fn rank_ranges(ranks: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ranks[i].to_string()
+        } else {
+            format!("{}-{}", ranks[i], ranks[j])
+        });
+        i = j + 1;
+    }
+    let plural = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{plural} {}", parts.join(", "))
+}
+
 fn cpu_named(prefix: &str, vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs
         .variables()
@@ -516,6 +618,51 @@ mod tests {
         c.lr = 2e-3 * 2048.0 / 4.0;
         c.warmup_steps = Some(2);
         c
+    }
+
+    /// Issue 6: what each group of ranks sees to resume from, when the ranks disagree
+    /// (a node-local --out, a stale copy), in a message that fits a big job.
+    #[test]
+    fn issue6_ranks_that_see_other_checkpoints_are_named_by_group() {
+        let step = |s: i64, h: i64| vec![1, s, h];
+        let none = || vec![0, 0, 0];
+        assert_eq!(disagreement(&[step(6, 9), step(6, 9)]), None);
+        assert_eq!(disagreement(&[none(), none()]), None);
+        assert_eq!(
+            disagreement(&[step(6, 9), none()]).unwrap(),
+            "step 6 on rank 0; no checkpoint on rank 1"
+        );
+        let mut rows = vec![step(6, 9); 4];
+        rows.extend(vec![none(); 4]);
+        rows.push(step(6, 9));
+        rows.extend(vec![step(6, 5); 2]);
+        rows.push(step(4, 1));
+        rows.push(vec![2, 0, 0]);
+        assert_eq!(
+            disagreement(&rows).unwrap(),
+            "a different copy of step 6 on ranks 0-3, 8; no checkpoint on ranks 4-7; \
+             a different copy of step 6 on ranks 9-10; step 4 on rank 11; \
+             an unreadable checkpoint on rank 12"
+        );
+    }
+
+    #[test]
+    fn identity_names_a_checkpoint_by_step_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for (d, text) in [
+            (&a, r#"{"step": 6, "samples": 24}"#),
+            (&b, r#"{"step": 6, "samples": 25}"#),
+        ] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join(STATE_FILE), text).unwrap();
+        }
+        let (ia, ib) = (identity(Some(&a)).unwrap(), identity(Some(&b)).unwrap());
+        assert_eq!((ia.0, ib.0), (6, 6));
+        assert_ne!(ia.1, ib.1, "two checkpoints of one step differ");
+        assert_eq!(identity(Some(&a)), Some(ia));
+        assert_eq!(identity(Some(&dir.path().join("missing"))), None);
+        assert_eq!(identity(None), None);
     }
 
     #[test]

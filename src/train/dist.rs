@@ -512,14 +512,25 @@ impl ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// Every rank's `own` row (each rank passes the same length), in rank order: each
+    /// rank fills its row of a zeroed `[world, n]` buffer and the rows are summed, so
+    /// the values arrive exactly. A collective.
+    pub fn gather_i64(&self, own: &[i64]) -> Result<Vec<Vec<i64>>> {
+        let n = own.len();
+        let mut rows = vec![0i64; self.world_size * n];
+        rows[self.rank * n..(self.rank + 1) * n].copy_from_slice(own);
+        let t = Tensor::from_slice(&rows);
+        self.all_reduce_sum(&t)?;
+        let all = Vec::<i64>::try_from(&t)?;
+        Ok(all.chunks(n.max(1)).map(<[i64]>::to_vec).collect())
+    }
+
     /// Every rank's loader position, in rank order (a collective: all ranks call it at
     /// the same step, before rank 0 saves a checkpoint).
     pub fn gather_loader_states(
         &self,
         own: &crate::loader::LoaderState,
     ) -> Result<Vec<crate::loader::LoaderState>> {
-        const F: usize = 7;
-        let mut rows = vec![0i64; self.world_size * F];
         let s = own;
         let mine = [
             s.stream.version as i64,
@@ -530,12 +541,9 @@ impl ProcessGroup {
             s.next_batch as i64,
             s.settings as i64,
         ];
-        rows[self.rank * F..(self.rank + 1) * F].copy_from_slice(&mine);
-        let t = Tensor::from_slice(&rows);
-        self.all_reduce_sum(&t)?;
-        let all = Vec::<i64>::try_from(&t)?;
-        Ok(all
-            .chunks(F)
+        Ok(self
+            .gather_i64(&mine)?
+            .into_iter()
             .map(|r| crate::loader::LoaderState {
                 stream: crate::stream::StreamState {
                     version: r[0] as u32,
@@ -709,6 +717,7 @@ impl Drop for ProcessGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::testing::free_port;
     use std::process::{Command, Stdio};
     use std::time::Instant;
 
@@ -1347,14 +1356,6 @@ mod tests {
             "no C++ backtrace in the message: {msg}"
         );
         assert_eq!(msg.matches("Internal torch error").count(), 1, "{msg}");
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     fn child_args() -> [&'static str; 4] {

@@ -430,20 +430,22 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
     // the same checkpoints).
     report_recovery("pretrain", &ck_root, pg.as_ref().map_or(0, |p| p.rank))?;
-    let resume_from = match &o.resume {
-        Resume::No => {
-            if let Some(p) = checkpoint::latest(&ck_root)? {
-                bail!(
-                    "{} already holds checkpoint {}; pass --resume auto to continue it, or \
-                     another --out",
-                    o.out.display(),
-                    p.display()
-                );
-            }
-            None
-        }
-        Resume::Auto => checkpoint::latest(&ck_root)?,
+    let found = match &o.resume {
+        Resume::No | Resume::Auto => checkpoint::latest(&ck_root)?,
         Resume::Path(p) => Some(p.clone()),
+    };
+    // Every rank must take what rank 0 takes (each reads the checkpoint itself).
+    if let Some(pg) = &pg {
+        checkpoint::agree_across_ranks(pg, &o.out, found.as_deref())?;
+    }
+    let resume_from = match (&o.resume, found) {
+        (Resume::No, Some(p)) => bail!(
+            "{} already holds checkpoint {}; pass --resume auto to continue it, or another \
+             --out",
+            o.out.display(),
+            p.display()
+        ),
+        (_, found) => found,
     };
     let mut trainer = Trainer::new(cfg.clone(), device)?;
     if let Some(pg) = pg {
@@ -975,6 +977,16 @@ mod tests {
             "PRETRAIN_OK samples {} stopped_by {:?}",
             s.samples, s.stopped_by
         );
+        // Where torchrun put this rank (the multi-node test checks it).
+        let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
+        println!(
+            "RANK_ENV rank {} local_rank {} local_world_size {} node {} agent_store {}",
+            var("RANK"),
+            var("LOCAL_RANK"),
+            var("LOCAL_WORLD_SIZE"),
+            var("GROUP_RANK"),
+            var("TORCHELASTIC_USE_AGENT_STORE"),
+        );
     }
 
     /// Issue 6: `torchrun --no-python --nproc-per-node 2` running the pretraining loop:
@@ -1062,6 +1074,131 @@ mod tests {
             last.into_iter().collect::<Vec<_>>(),
             want,
             "resumed after a dead rank equals the whole run"
+        );
+    }
+
+    /// Issue 6: the README's multi-node recipe, as two one-GPU "nodes" on loopback: two
+    /// torchrun agents of one job (`--nnodes 2`), each starting one rank, meeting by
+    /// the static rendezvous (`--node-rank`, `--master-addr/--master-port`: node 0's
+    /// agent hosts the store) and by the elastic one (`--rdzv-backend c10d`: the agent
+    /// that becomes node 0 hosts the workers' store on a port of its own). Rank 1 is
+    /// then local rank 0 of its node, and both are clients of an agent's store. Each
+    /// job trains exactly as the one-node job of two ranks does (the same global batch
+    /// split over the same ranks), and only rank 0 writes the run directory.
+    ///
+    /// Then `--out` on a node-local disk: after a restart, rank 0 sees its checkpoint
+    /// and rank 1 none. Both nodes fail at once, naming what each rank sees and what to
+    /// do (each rank reads the checkpoint itself: before, rank 1 trained from step 0
+    /// while rank 0 resumed, and their collectives no longer matched).
+    #[test]
+    fn issue6_two_nodes_under_torchrun_train_like_one_node() {
+        use crate::train::testing::{Rendezvous, free_port, torchrun_node};
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let env = |c: &mut std::process::Command, out: &Path, steps: u64| {
+            c.env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_PRETRAIN_CHILD_STEPS", steps.to_string())
+                .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2")
+                .env("CONMIM_DIST_TIMEOUT_S", "60")
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+        };
+        // One job of two one-rank nodes, node K writing to (its view of) `outs[K]`:
+        // whether each node succeeded, and their output.
+        let job = |rdzv: Rendezvous, outs: [&Path; 2], steps: u64| {
+            let port = free_port();
+            let nodes: Vec<_> = (0..2)
+                .map(|node| {
+                    let mut c = torchrun_node(2, node, 1, rdzv, port, RANK_CHILD);
+                    env(&mut c, outs[node], steps);
+                    c.spawn().unwrap()
+                })
+                .collect();
+            let mut text = String::new();
+            let ok: Vec<bool> = nodes
+                .into_iter()
+                .map(|n| {
+                    let o = n.wait_with_output().unwrap();
+                    text += &output_text(&o);
+                    o.status.success()
+                })
+                .collect();
+            (ok, text)
+        };
+
+        let one_node = dir.path().join("one-node");
+        let mut c = torchrun(2, RANK_CHILD);
+        env(&mut c, &one_node, 6);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", output_text(&o));
+        let want = losses(&one_node);
+        assert_eq!(want.len(), 6);
+
+        for rdzv in [Rendezvous::Static, Rendezvous::C10d] {
+            let out = dir.path().join(format!("{rdzv:?}"));
+            let (ok, text) = job(rdzv, [&out, &out], 6);
+            assert_eq!(ok, [true, true], "{rdzv:?}: a node failed:\n{text}");
+            assert_eq!(
+                text.matches("PRETRAIN_OK samples 24").count(),
+                2,
+                "{rdzv:?}:\n{text}"
+            );
+            for rank in 0..2 {
+                let line = format!(
+                    "RANK_ENV rank {rank} local_rank 0 local_world_size 1 node {rank} \
+                     agent_store True"
+                );
+                assert!(text.contains(&line), "{rdzv:?}: no {line:?} in\n{text}");
+            }
+            assert_eq!(
+                text.matches("data parallel over 2 ranks (gloo), global batch 4 = 2 per rank")
+                    .count(),
+                1,
+                "{rdzv:?}: rank 0 alone logs the group:\n{text}"
+            );
+            assert_eq!(
+                losses(&out),
+                want,
+                "{rdzv:?}: two nodes of one rank train as one node of two\n{text}"
+            );
+            assert_eq!(checkpoint_steps(&out), [4, 6], "{rdzv:?}");
+        }
+
+        // Node-local run directories (same path, other disks): node 1's stays empty.
+        let (local0, local1) = (dir.path().join("node0"), dir.path().join("node1"));
+        let (ok, text) = job(Rendezvous::Static, [&local0, &local1], 4);
+        assert_eq!(ok, [true, true], "{text}");
+        assert_eq!(checkpoint_steps(&local0), [2, 4]);
+        assert!(checkpoint_steps(&local1).is_empty());
+        let t0 = Instant::now();
+        let (ok, text) = job(Rendezvous::Static, [&local0, &local1], 6);
+        assert_eq!(
+            ok,
+            [false, false],
+            "the restart must fail on both nodes:\n{text}"
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(50),
+            "it took {:?}, past the collective timeout?\n{text}",
+            t0.elapsed()
+        );
+        let msg = "do not see the same checkpoint to resume from";
+        assert_eq!(text.matches(msg).count(), 2, "each rank says why:\n{text}");
+        assert!(
+            text.contains("step 4 on rank 0; no checkpoint on rank 1")
+                && text.contains("put --out on a filesystem that every node shares"),
+            "{text}"
+        );
+        assert_eq!(
+            checkpoint_steps(&local0),
+            [2, 4],
+            "nothing written:\n{text}"
         );
     }
 

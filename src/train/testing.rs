@@ -29,23 +29,84 @@ pub fn gloo_built() -> bool {
     super::dist::AVAILABLE
 }
 
+/// A free TCP port on loopback (for a store or a rendezvous).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// The venv's `torchrun --no-python` (env `CONMIM_VENV`, set by `tools/env.sh`).
+fn torchrun_command() -> Command {
+    let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
+    let mut c = Command::new(Path::new(&venv).join("bin/torchrun"));
+    c.arg("--no-python");
+    c
+}
+
+/// Appends this test binary running `test` alone, with its output shown.
+fn this_test(c: &mut Command, test: &str) {
+    c.arg(std::env::current_exe().expect("the test binary"))
+        .args([test, "--exact", "--nocapture"]);
+}
+
 /// The start of a command that runs `test` of this test binary as `nproc` ranks under
 /// the venv's torchrun on loopback (a free port; Gloo on the CPU): `torchrun
 /// --no-python --nnodes 1 --nproc-per-node N ... <this binary> TEST --exact
 /// --nocapture`. Add the test's environment, then run it.
 pub fn torchrun(nproc: usize, test: &str) -> Command {
-    let venv = std::env::var("CONMIM_VENV").expect("CONMIM_VENV (source tools/env.sh)");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-        .to_string();
-    let mut c = Command::new(Path::new(&venv).join("bin/torchrun"));
-    c.args(["--no-python", "--nnodes", "1", "--nproc-per-node"])
+    let mut c = torchrun_command();
+    c.args(["--nnodes", "1", "--nproc-per-node"])
         .arg(nproc.to_string())
-        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-        .arg(std::env::current_exe().expect("the test binary"))
-        .args([test, "--exact", "--nocapture"]);
+        .args(["--master-addr", "127.0.0.1", "--master-port"])
+        .arg(free_port().to_string());
+    this_test(&mut c, test);
+    c
+}
+
+/// How the torchrun agents of a multi-node job find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// `--node-rank K --master-addr HOST --master-port P`: node 0's agent hosts the
+    /// store (torchrun's default, static rendezvous).
+    Static,
+    /// `--rdzv-backend c10d --rdzv-endpoint HOST:P --rdzv-id ID`: the elastic
+    /// rendezvous; the agents agree on the node ranks, and the one that becomes node 0
+    /// hosts the workers' store on a port of its own.
+    C10d,
+}
+
+/// One node of an `nnodes`-node torchrun job on loopback (every agent of the job gets
+/// the same `port`; with [`Rendezvous::Static`] this one is node `node_rank`), running
+/// `test` of this test binary as `nproc` local ranks: the launch line of the README's
+/// multi-node recipe, with 127.0.0.1 for the head node's address.
+pub fn torchrun_node(
+    nnodes: usize,
+    node_rank: usize,
+    nproc: usize,
+    rdzv: Rendezvous,
+    port: u16,
+    test: &str,
+) -> Command {
+    let mut c = torchrun_command();
+    c.args(["--nnodes", &nnodes.to_string()])
+        .args(["--nproc-per-node", &nproc.to_string()]);
+    match rdzv {
+        Rendezvous::Static => c.args(["--node-rank", &node_rank.to_string()]).args([
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port.to_string(),
+        ]),
+        Rendezvous::C10d => c
+            .args(["--rdzv-backend", "c10d", "--rdzv-id", "conmim-test"])
+            .args(["--rdzv-endpoint", &format!("127.0.0.1:{port}")])
+            // The address the node-0 agent gives the workers for its store (else the
+            // machine's FQDN).
+            .args(["--local-addr", "127.0.0.1"]),
+    };
+    this_test(&mut c, test);
     c
 }
 

@@ -529,16 +529,22 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let has_last = last_dir
         .join(crate::train::checkpoint::STATE_FILE)
         .is_file();
-    let resume_from = match &o.resume {
-        Resume::No if has_last => bail!(
+    let found = match &o.resume {
+        Resume::No | Resume::Auto => has_last.then(|| last_dir.clone()),
+        Resume::Path(p) => Some(p.clone()),
+    };
+    // Every rank must take what rank 0 takes (each reads the checkpoint itself).
+    if let Some(pg) = &pg {
+        crate::train::checkpoint::agree_across_ranks(pg, &o.out, found.as_deref())?;
+    }
+    let resume_from = match (&o.resume, found) {
+        (Resume::No, Some(_)) => bail!(
             "{} already holds fine-tuning checkpoint {}; pass --resume auto to continue it, \
              or another --out",
             o.out.display(),
             last_dir.display()
         ),
-        Resume::No => None,
-        Resume::Auto => has_last.then(|| last_dir.clone()),
-        Resume::Path(p) => Some(p.clone()),
+        (_, found) => found,
     };
 
     tch::manual_seed((cfg.seed >> 1) as i64);
