@@ -299,6 +299,36 @@ impl Backend {
     }
 }
 
+/// What to check after libtorch's message `msg` of a failed group init (the usual
+/// multi-node mistakes), if it is one of those.
+fn init_hint(backend: Backend, msg: &str, gloo_ifname: Option<&str>) -> Option<String> {
+    if msg.contains("Unable to find address for") {
+        let var = gloo_ifname.map_or(String::new(), |v| format!("GLOO_SOCKET_IFNAME={v}: "));
+        return Some(format!(
+            "{var}no network interface of that name with an address on this machine: name \
+             one that `ip addr` lists (the one the nodes reach each other on), or unset it"
+        ));
+    }
+    if backend == Backend::Gloo && msg.contains("connectFullMesh") {
+        return Some(
+            "The ranks reached the store but not each other: on several machines, set \
+             GLOO_SOCKET_IFNAME on every node to the network interface they reach each other \
+             on (otherwise Gloo takes the address this machine's hostname resolves to, and \
+             loopback when that fails)"
+                .into(),
+        );
+    }
+    if msg.contains("connect to") && (msg.contains("timed out") || msg.contains("refused")) {
+        return Some(
+            "The store did not answer: check that node 0 is up, that MASTER_ADDR (or the \
+             --rdzv-endpoint) is an address of node 0 that this node reaches, and that no \
+             firewall blocks the port"
+                .into(),
+        );
+    }
+    None
+}
+
 /// A c10d process group (and the store it was made with).
 pub struct ProcessGroup {
     ptr: *mut c_void,
@@ -343,8 +373,14 @@ impl ProcessGroup {
                 TchError::Torch(m) => m,
                 other => other.to_string(),
             };
+            let hint = init_hint(
+                backend,
+                &e,
+                std::env::var("GLOO_SOCKET_IFNAME").ok().as_deref(),
+            )
+            .map_or(String::new(), |h| format!(". {h}"));
             TchError::Torch(format!(
-                "{e} (rank {} of {}, store {}:{})",
+                "{e} (rank {} of {}, store {}:{}){hint}",
                 env.rank, env.world_size, env.master_addr, env.master_port
             ))
         })?;
@@ -777,6 +813,70 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("RANK=2"));
         let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "two")]));
         assert!(bad.unwrap_err().to_string().contains("WORLD_SIZE"));
+    }
+
+    /// Issue 6 (multi-node): a group that cannot form says what to check, for the
+    /// usual mistakes of a first multi-node launch (libtorch's own messages).
+    #[test]
+    fn issue6_failed_init_says_what_to_check() {
+        let gloo = |m: &str| init_hint(Backend::Gloo, m, None).unwrap_or_default();
+        let ifname = init_hint(
+            Backend::Gloo,
+            "[enforce fail at gloo/transport/tcp/device.cc:84] ifa != nullptr. Unable to find \
+             address for: eth9",
+            Some("eth9"),
+        )
+        .unwrap();
+        assert!(ifname.starts_with("GLOO_SOCKET_IFNAME=eth9: ") && ifname.contains("ip addr"));
+        assert!(
+            gloo("Gloo connectFullMesh failed with [..] Connection refused")
+                .contains("set GLOO_SOCKET_IFNAME on every node")
+        );
+        assert!(
+            init_hint(Backend::Nccl, "Gloo connectFullMesh failed", None).is_none(),
+            "not a Gloo group"
+        );
+        let store = "The client socket has timed out after 30000ms while trying to connect to \
+                     (10.0.0.1, 29500).";
+        assert!(gloo(store).contains("check that node 0 is up"));
+        assert!(init_hint(Backend::Nccl, store, None).is_some());
+        assert!(init_hint(Backend::Gloo, "RANK=2 with WORLD_SIZE=2", None).is_none());
+    }
+
+    /// Issue 6 (multi-node): GLOO_SOCKET_IFNAME, torch.distributed's way to pick the
+    /// network interface, is honoured (libtorch's own default options read it), and a
+    /// wrong one fails at once, naming the variable.
+    #[test]
+    fn issue6_gloo_socket_ifname_is_honoured() {
+        if !AVAILABLE {
+            return;
+        }
+        let one = |ifname: &str| {
+            let o = Command::new(std::env::current_exe().unwrap())
+                .args(child_args())
+                .env("CONMIM_DIST_CHILD", "1")
+                .env("GLOO_SOCKET_IFNAME", ifname)
+                .env("WORLD_SIZE", "1")
+                .env("RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", free_port().to_string())
+                .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+                .output()
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let out = one("lo");
+        assert!(out.contains("DIST_OK rank 0 of 1"), "{out}");
+        let out = one("conmim-noif0");
+        assert!(
+            out.contains("Unable to find address for: conmim-noif0")
+                && out.contains("GLOO_SOCKET_IFNAME=conmim-noif0: no network interface"),
+            "{out}"
+        );
     }
 
     /// The body each rank runs (a no-op unless launched by the tests below).
