@@ -17,7 +17,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shim_util.h"
@@ -158,6 +161,74 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
                 at::Tensor()};
     }
 };
+// A name for this attempt of the job that every rank agrees on and no earlier attempt
+// used. torchrun's agent store outlives the workers: after a restart
+// (`--max-restarts`, a node rejoining) it still holds the keys the dead attempt's
+// groups wrote, and a new rank that read, say, a dead rank 0's Gloo address instead of
+// the new one's would fail ("connectFullMesh ... Connection refused"; an NCCL unique id
+// likewise). torch.distributed's fixed key names have that race; so does a restart
+// count, which each agent keeps for itself. So rank 0 draws a random token and hands it
+// to each rank in answer to that rank's own fresh random nonce, which no earlier
+// attempt can have answered; each rank acknowledges under the token, and rank 0 waits
+// for every acknowledgement. Stale hellos get answers nobody reads (a few bytes each).
+std::string attempt_token(c10d::Store& store, int rank, int world,
+                          std::chrono::milliseconds timeout) {
+    std::random_device rd;
+    auto draw = [&rd] {
+        const uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+        char buf[17];
+        snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+        return std::string(buf);
+    };
+    const std::string hello = "conmim/attempt/hello/", welcome = "conmim/attempt/welcome/",
+                      ack = "conmim/attempt/ack/";
+    if (world == 1) return draw();
+    if (rank != 0) {
+        const auto nonce = draw();
+        store.set(hello + std::to_string(rank), nonce);
+        const auto token = store.get_to_str(welcome + nonce);  // waits, at most the timeout
+        store.deleteKey(welcome + nonce);
+        store.set(ack + token + "/" + std::to_string(rank), std::string("1"));
+        return token;
+    }
+    const auto token = draw();
+    std::vector<std::string> answered(world);
+    std::vector<int> pending;
+    for (int r = 1; r < world; ++r) pending.push_back(r);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!pending.empty()) {
+        std::vector<int> still;
+        for (const int r : pending) {
+            const auto h = hello + std::to_string(r);
+            if (store.check({h})) {
+                const auto nonce = store.get_to_str(h);
+                if (nonce != answered[r]) {
+                    store.set(welcome + nonce, token);
+                    answered[r] = nonce;
+                }
+            }
+            const auto a = ack + token + "/" + std::to_string(r);
+            if (store.check({a})) {
+                store.deleteKey(a);
+            } else {
+                still.push_back(r);
+            }
+        }
+        pending.swap(still);
+        if (pending.empty()) break;
+        if (std::chrono::steady_clock::now() > deadline) {
+            std::string ranks;
+            for (size_t i = 0; i < pending.size() && i < 8; ++i)
+                ranks += (i ? ", " : "") + std::to_string(pending[i]);
+            if (pending.size() > 8) ranks += ", ...";
+            throw std::runtime_error("timed out after " + std::to_string(timeout.count()) +
+                                     " ms waiting for rank(s) " + ranks +
+                                     " to join the process group");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return token;
+}
 }  // namespace
 
 extern "C" {
@@ -180,9 +251,11 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
     // torch.distributed names its groups: a later group (e.g. `conmim eval` after a
     // fine-tuning run in one process) must not read the rendezvous keys of an earlier
     // one. Every rank creates its groups in the same order, so the names agree.
+    // And each attempt of the job its own, so no rank reads what a dead attempt wrote.
     static std::atomic<int> groups{0};
+    const auto attempt = attempt_token(*tcp, rank, world, timeout);
     auto store = c10::make_intrusive<c10d::PrefixStore>(
-        "conmim/pg/" + std::to_string(groups.fetch_add(1)), tcp);
+        "conmim/pg/" + attempt + "/" + std::to_string(groups.fetch_add(1)), tcp);
     auto g = new Group{store, {}, timeout, {}};
     const std::string b(backend);
     if (b == "gloo") {

@@ -964,6 +964,22 @@ mod tests {
                 o.fault_exit_after_step = Some(step.parse().unwrap());
             }
         }
+        // The same, in the first attempt of a torchrun job only (`--max-restarts`).
+        let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_default();
+        if let (Ok(spec), "0") = (std::env::var("CONMIM_PRETRAIN_CHILD_DIE_FIRST"), &*attempt) {
+            let (rank, step) = spec.split_once(':').unwrap();
+            if std::env::var("RANK").unwrap() == rank {
+                o.fault_exit_after_step = Some(step.parse().unwrap());
+            }
+        }
+        // Rank 0 of a restarted attempt joins late (this many ms): the other ranks look
+        // for it in a store that still holds the dead attempt's keys.
+        if let Ok(ms) = std::env::var("CONMIM_PRETRAIN_CHILD_LATE_RANK0_MS")
+            && attempt != "0"
+            && std::env::var("RANK").unwrap() == "0"
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap()));
+        }
         if let Ok(every) = std::env::var("CONMIM_PRETRAIN_CHILD_SAVE_EVERY") {
             o.save_every = every.parse().unwrap();
         }
@@ -1199,6 +1215,62 @@ mod tests {
             checkpoint_steps(&local0),
             [2, 4],
             "nothing written:\n{text}"
+        );
+    }
+
+    /// Issue 6: torchrun's own fault tolerance, `--max-restarts`: rank 1 dies after
+    /// step 3, torchrun restarts both ranks, and they resume from the step-2 checkpoint
+    /// to the losses of an uninterrupted run. The agent's store outlives the workers and
+    /// still holds what the dead attempt's group wrote (rank 0's old Gloo address among
+    /// it); the restarted rank 0 joins late here, so a rank that took the old keys for
+    /// the new ones would fail ("connectFullMesh ... Connection refused": it did, one
+    /// restart in three, before each attempt got keys of its own).
+    #[test]
+    fn issue6_torchrun_max_restarts_restarts_and_resumes() {
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let launch = |out: &Path, env: &[(&str, &str)]| {
+            let mut c = torchrun(2, RANK_CHILD);
+            let o = c
+                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_PRETRAIN_CHILD_STEPS", "6")
+                .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2")
+                .env("CONMIM_DIST_TIMEOUT_S", "60")
+                .env("OMP_NUM_THREADS", "1")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            let text = output_text(&o);
+            assert!(o.status.success(), "{text}");
+            text
+        };
+        let full = dir.path().join("full");
+        launch(&full, &[]);
+        let want = losses(&full);
+        assert_eq!(want.len(), 6);
+
+        let out = dir.path().join("restarted");
+        let text = launch(
+            &out,
+            &[
+                ("PET_MAX_RESTARTS", "1"), // = torchrun --max-restarts 1
+                ("CONMIM_PRETRAIN_CHILD_DIE_FIRST", "1:3"),
+                ("CONMIM_PRETRAIN_CHILD_LATE_RANK0_MS", "1500"),
+            ],
+        );
+        assert!(text.contains("resumed from"), "{text}");
+        assert_eq!(text.matches("PRETRAIN_OK").count(), 2, "{text}");
+        // Steps 1-3 were logged twice: the restarted attempt's lines come last.
+        let last: std::collections::BTreeMap<u64, f64> = losses(&out).into_iter().collect();
+        assert_eq!(
+            last.into_iter().collect::<Vec<_>>(),
+            want,
+            "the restarted job equals the uninterrupted one:\n{text}"
         );
     }
 
