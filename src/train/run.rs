@@ -468,11 +468,13 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         trainer
             .load_checkpoint(p)
             .with_context(|| format!("resuming from {}", p.display()))?;
-        eprintln!(
-            "conmim pretrain: resumed from {} at step {}",
-            p.display(),
-            trainer.step()
-        );
+        if main {
+            eprintln!(
+                "conmim pretrain: resumed from {} at step {}",
+                p.display(),
+                trainer.step()
+            );
+        }
     }
     crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)
         .context("writing config.json")?;
