@@ -177,30 +177,10 @@ fn disagreement(all: &[Vec<i64>]) -> Option<String> {
                 1 => format!("step {}", row[1]),
                 _ => "an unreadable checkpoint".to_string(),
             };
-            format!("{what} on {}", rank_ranges(ranks))
+            format!("{what} on {}", super::dist::rank_ranges(ranks))
         })
         .collect();
     Some(seen.join("; "))
-}
-
-/// "rank 3", "ranks 0-7", "ranks 0-3, 8, 12-15" (`ranks` ascending).
-fn rank_ranges(ranks: &[usize]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < ranks.len() {
-        let mut j = i;
-        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
-            j += 1;
-        }
-        parts.push(if i == j {
-            ranks[i].to_string()
-        } else {
-            format!("{}-{}", ranks[i], ranks[j])
-        });
-        i = j + 1;
-    }
-    let plural = if ranks.len() == 1 { "rank" } else { "ranks" };
-    format!("{plural} {}", parts.join(", "))
 }
 
 fn cpu_named(prefix: &str, vs: &nn::VarStore) -> Vec<(String, Tensor)> {

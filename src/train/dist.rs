@@ -595,6 +595,26 @@ impl ProcessGroup {
     }
 }
 
+/// "rank 3", "ranks 0-7", "ranks 0-3, 8, 12-15" (`ranks` ascending).
+pub fn rank_ranges(ranks: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            ranks[i].to_string()
+        } else {
+            format!("{}-{}", ranks[i], ranks[j])
+        });
+        i = j + 1;
+    }
+    let plural = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{plural} {}", parts.join(", "))
+}
+
 /// The loader position rank `rank` of `world` resumes from: its own entry of a
 /// multi-rank checkpoint (`per_rank`), the single-process one (`single`) otherwise. A
 /// checkpoint of another world size is an error (its data split differs).

@@ -281,6 +281,98 @@ pub(crate) fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The differences between two JSON values, one per leaf that differs, by dotted
+/// path: `model.depth: A 12, B 6` (`a_name` / `b_name` say whose values they are).
+pub(crate) fn json_differences(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    a_name: &str,
+    b_name: &str,
+) -> Vec<String> {
+    fn walk(
+        a: &serde_json::Value,
+        b: &serde_json::Value,
+        path: &str,
+        names: (&str, &str),
+        out: &mut Vec<String>,
+    ) {
+        use serde_json::Value;
+        if let (Value::Object(x), Value::Object(y)) = (a, b) {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let (va, vb) = (x.get(k), y.get(k));
+                walk(
+                    va.unwrap_or(&Value::Null),
+                    vb.unwrap_or(&Value::Null),
+                    &sub,
+                    names,
+                    out,
+                );
+            }
+        } else if a != b {
+            out.push(format!("{path}: {} {a}, {} {b}", names.0, names.1));
+        }
+    }
+    let mut out = Vec::new();
+    walk(a, b, "", (a_name, b_name), &mut out);
+    out
+}
+
+/// Makes sure every rank of a torchrun job runs `cmd` with rank 0's `settings` (the
+/// effective config and every option that decides what the ranks do together; not
+/// paths or thread counts, which may differ from node to node). A collective. Ranks
+/// with other settings (another config file on a node, another command line, another
+/// conmim build) would train differently, or call their collectives at other steps
+/// and hang until the timeout: instead every rank fails at once, and each differing
+/// rank names the keys in which it differs.
+pub(crate) fn check_same_settings(
+    pg: &ProcessGroup,
+    cmd: &str,
+    settings: &serde_json::Value,
+) -> Result<()> {
+    let mut mine = settings.clone();
+    mine["conmim_version"] = env!("CARGO_PKG_VERSION").into();
+    let bytes = serde_json::to_vec(&mine)?;
+    let all = pg
+        .gather_i64(&[xxhash_rust::xxh3::xxh3_64(&bytes) as i64])
+        .context("comparing the ranks' settings")?;
+    let differ: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    // Rank 0's settings to every rank, so that each differing rank names its keys.
+    let len = tch::Tensor::from_slice(&[bytes.len() as i64]);
+    pg.broadcast(&len, 0)?;
+    let n = i64::try_from(&len)?;
+    let buf = if pg.rank == 0 {
+        tch::Tensor::from_slice(&bytes)
+    } else {
+        tch::Tensor::zeros([n], (tch::Kind::Uint8, Device::Cpu))
+    };
+    pg.broadcast(&buf, 0)?;
+    let root: serde_json::Value = serde_json::from_slice(&Vec::<u8>::try_from(&buf)?)?;
+    let fix = "every node must run the same command line, config file and conmim build";
+    if differ.contains(&pg.rank) {
+        bail!(
+            "conmim {cmd}: rank {} runs with other settings than rank 0 ({}): {fix}",
+            pg.rank,
+            json_differences(&root, &mine, "rank 0", "this rank").join("; ")
+        );
+    }
+    bail!(
+        "conmim {cmd}: the settings of {} differ from rank 0's (their own errors name the \
+         keys): {fix}",
+        crate::train::dist::rank_ranges(&differ)
+    )
+}
+
 /// Runs [`checkpoint::recover`] on `root` and says on stderr (rank 0) what it did.
 pub(crate) fn report_recovery(cmd: &str, root: &Path, rank: usize) -> Result<()> {
     let r = checkpoint::recover(root).with_context(|| {
@@ -418,6 +510,19 @@ pub(crate) fn group_and_device(
     Ok((pg, device))
 }
 
+/// What every rank of a pretraining job must agree on ([`check_same_settings`]): the
+/// config but its loader thread count, when checkpoints (a collective) are written, and
+/// the k-NN monitor's k and temperature (its datasets may be at other paths).
+fn collective_settings(cfg: &PretrainConfig, o: &PretrainOptions) -> Result<serde_json::Value> {
+    let mut config = serde_json::to_value(cfg)?;
+    config["data_threads"] = serde_json::Value::Null;
+    Ok(serde_json::json!({
+        "config": config,
+        "save_every": o.save_every,
+        "knn": o.knn.as_ref().map(|k| (k.k, k.temperature)),
+    }))
+}
+
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let cfg = build_config(o)?;
@@ -425,6 +530,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         m.check(o)?;
     }
     let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
+    if let Some(pg) = &pg {
+        check_same_settings(pg, "pretrain", &collective_settings(&cfg, o)?)?;
+    }
     check_writable(&o.out)?;
     let ck_root = checkpoint::dir_of(&o.out);
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
@@ -966,6 +1074,16 @@ mod tests {
                 o.fault_exit_after_step = Some(step.parse().unwrap());
             }
         }
+        // Rank 1 alone gets these `--set`s and this thread count (another node's
+        // config file, core count).
+        if std::env::var("RANK").as_deref() == Ok("1") {
+            if let Ok(set) = std::env::var("CONMIM_PRETRAIN_CHILD_RANK1_SET") {
+                o.sets.push(set);
+            }
+            if let Ok(t) = std::env::var("CONMIM_PRETRAIN_CHILD_RANK1_THREADS") {
+                o.threads = Some(t.parse().unwrap());
+            }
+        }
         // The same, in the first attempt of a torchrun job only (`--max-restarts`).
         let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_default();
         if let (Ok(spec), "0") = (std::env::var("CONMIM_PRETRAIN_CHILD_DIE_FIRST"), &*attempt) {
@@ -978,7 +1096,7 @@ mod tests {
         // for it in a store that still holds the dead attempt's keys.
         if let Ok(ms) = std::env::var("CONMIM_PRETRAIN_CHILD_LATE_RANK0_MS")
             && attempt != "0"
-            && std::env::var("RANK").unwrap() == "0"
+            && std::env::var("RANK").as_deref() == Ok("0")
         {
             std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap()));
         }
@@ -1274,6 +1392,55 @@ mod tests {
             want,
             "the restarted job equals the uninterrupted one:\n{text}"
         );
+    }
+
+    /// Issue 6: the ranks of a job must run with the same settings. A node with another
+    /// config (here rank 1 with another mask ratio) would train differently from the
+    /// others, or call its collectives at other steps and hang them until the timeout;
+    /// instead both ranks fail at once, rank 1 naming the key and both values. What may
+    /// differ between nodes, the loader's thread count, does not count.
+    #[test]
+    fn issue6_ranks_with_other_settings_fail_at_once() {
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        let launch = |out: &Path, env: &[(&str, &str)]| {
+            let mut c = torchrun(2, RANK_CHILD);
+            let o = c
+                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
+                .env("CONMIM_PRETRAIN_CHILD_STEPS", "2")
+                .env("CONMIM_DIST_TIMEOUT_S", "60")
+                .env("OMP_NUM_THREADS", "1")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            (o.status.success(), output_text(&o))
+        };
+        let (ok, text) = launch(
+            &dir.path().join("threads"),
+            &[("CONMIM_PRETRAIN_CHILD_RANK1_THREADS", "1")],
+        );
+        assert!(ok, "{text}");
+        let t0 = Instant::now();
+        let out = dir.path().join("mask");
+        let (ok, text) = launch(
+            &out,
+            &[("CONMIM_PRETRAIN_CHILD_RANK1_SET", "mask_ratio=0.5")],
+        );
+        assert!(!ok, "{text}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(40), "{text}");
+        let want = "conmim pretrain: rank 1 runs with other settings than rank 0 \
+                    (config.mask_ratio: rank 0 0.75, this rank 0.5)";
+        assert!(text.contains(want), "{text}");
+        assert!(
+            text.contains("the settings of rank 1 differ from rank 0's"),
+            "{text}"
+        );
+        assert!(checkpoint_steps(&out).is_empty());
     }
 
     /// Issue 6: under torchrun, one process takes the distributed path too (a process

@@ -434,23 +434,12 @@ fn resume(
 ) -> Result<ResumeState> {
     let state = model::read_state(dir)?;
     if &state.config != cfg {
-        let (a, b) = (
-            serde_json::to_value(&state.config)?,
-            serde_json::to_value(cfg)?,
+        let differ = crate::train::run::json_differences(
+            &serde_json::to_value(&state.config)?,
+            &serde_json::to_value(cfg)?,
+            "checkpoint",
+            "this run",
         );
-        let differ: Vec<String> = match (a.as_object(), b.as_object()) {
-            (Some(a), Some(b)) => a
-                .iter()
-                .filter(|(k, v)| b.get(*k) != Some(v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k}: checkpoint {v}, this run {}",
-                        b.get(k).unwrap_or(&serde_json::Value::Null)
-                    )
-                })
-                .collect(),
-            _ => vec![],
-        };
         bail!(
             "the checkpoint was written with another config ({}); resume with the same \
              preset, --set and flags",
@@ -481,8 +470,20 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank, p.world_size));
     let main = rank == 0;
-    if let (Some(pg), true) = (&pg, main) {
-        eprintln!("conmim finetune: {}", pg.describe(cfg.batch_size));
+    if let Some(pg) = &pg {
+        // What every rank must agree on: the config but its loader thread count, and
+        // when evaluations (collectives) run and the run stops.
+        let mut config = serde_json::to_value(&cfg)?;
+        config["data_threads"] = serde_json::Value::Null;
+        let settings = serde_json::json!({
+            "config": config,
+            "eval_every": o.eval_every,
+            "stop_after_epoch": o.stop_after_epoch,
+        });
+        crate::train::run::check_same_settings(pg, "finetune", &settings)?;
+        if main {
+            eprintln!("conmim finetune: {}", pg.describe(cfg.batch_size));
+        }
     }
     let amp = device.is_cuda();
     if amp {
