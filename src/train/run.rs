@@ -840,6 +840,37 @@ mod tests {
             .collect()
     }
 
+    /// A temporary directory holding the torchrun tests' dataset in `data/` (where
+    /// `pretrain_rank_child` looks for it, next to the run directories).
+    fn with_dataset() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[6, 6]);
+        dir
+    }
+
+    /// The environment of `pretrain_rank_child`: run directory `out`, `steps` steps,
+    /// a checkpoint every 2, a 60 s collective timeout.
+    fn rank_child_env(c: &mut std::process::Command, out: &Path, steps: u64) {
+        c.env("CONMIM_PRETRAIN_CHILD_OUT", out)
+            .env("CONMIM_PRETRAIN_CHILD_STEPS", steps.to_string())
+            .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2")
+            .env("CONMIM_DIST_TIMEOUT_S", "60")
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+    }
+
+    /// `pretrain_rank_child` as 2 ranks under torchrun ([`rank_child_env`], plus
+    /// `env`): whether the job succeeded, and its output.
+    fn two_rank_job(out: &Path, steps: u64, env: &[(&str, &str)]) -> (bool, String) {
+        let mut c = torchrun(2, RANK_CHILD);
+        rank_child_env(&mut c, out, steps);
+        let o = c.envs(env.iter().copied()).output().unwrap();
+        (o.status.success(), output_text(&o))
+    }
+
     /// The body of `issue4_kill_9_at_any_moment_resumes_exactly`'s child processes (no-op
     /// otherwise): `pretrain --resume auto`, 8 steps, a checkpoint every 2, keep 2.
     #[test]
@@ -1232,19 +1263,7 @@ mod tests {
         if !crate::train::testing::gloo_built() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        dataset(&data, &[6, 6]);
-        let env = |c: &mut std::process::Command, out: &Path, steps: u64| {
-            c.env("CONMIM_PRETRAIN_CHILD_OUT", out)
-                .env("CONMIM_PRETRAIN_CHILD_STEPS", steps.to_string())
-                .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2")
-                .env("CONMIM_DIST_TIMEOUT_S", "60")
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-        };
+        let dir = with_dataset();
         // One job of two one-rank nodes, node K writing to (its view of) `outs[K]`:
         // whether each node succeeded, and their output.
         let job = |rdzv: Rendezvous, outs: [&Path; 2], steps: u64| {
@@ -1252,7 +1271,7 @@ mod tests {
             let nodes: Vec<_> = (0..2)
                 .map(|node| {
                     let mut c = torchrun_node(2, node, 1, rdzv, port, RANK_CHILD);
-                    env(&mut c, outs[node], steps);
+                    rank_child_env(&mut c, outs[node], steps);
                     c.spawn().unwrap()
                 })
                 .collect();
@@ -1269,10 +1288,8 @@ mod tests {
         };
 
         let one_node = dir.path().join("one-node");
-        let mut c = torchrun(2, RANK_CHILD);
-        env(&mut c, &one_node, 6);
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "{}", output_text(&o));
+        let (ok, text) = two_rank_job(&one_node, 6, &[]);
+        assert!(ok, "{text}");
         let want = losses(&one_node);
         assert_eq!(want.len(), 6);
 
@@ -1350,23 +1367,10 @@ mod tests {
         if !crate::train::testing::gloo_built() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        dataset(&data, &[6, 6]);
+        let dir = with_dataset();
         let launch = |out: &Path, env: &[(&str, &str)]| {
-            let mut c = torchrun(2, RANK_CHILD);
-            let o = c
-                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
-                .env("CONMIM_PRETRAIN_CHILD_STEPS", "6")
-                .env("CONMIM_PRETRAIN_CHILD_SAVE_EVERY", "2")
-                .env("CONMIM_DIST_TIMEOUT_S", "60")
-                .env("OMP_NUM_THREADS", "1")
-                .envs(env.iter().copied())
-                .output()
-                .unwrap();
-            let text = output_text(&o);
-            assert!(o.status.success(), "{text}");
+            let (ok, text) = two_rank_job(out, 6, env);
+            assert!(ok, "{text}");
             text
         };
         let full = dir.path().join("full");
@@ -1404,22 +1408,8 @@ mod tests {
         if !crate::train::testing::gloo_built() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        dataset(&data, &[6, 6]);
-        let launch = |out: &Path, env: &[(&str, &str)]| {
-            let mut c = torchrun(2, RANK_CHILD);
-            let o = c
-                .env("CONMIM_PRETRAIN_CHILD_OUT", out)
-                .env("CONMIM_PRETRAIN_CHILD_STEPS", "2")
-                .env("CONMIM_DIST_TIMEOUT_S", "60")
-                .env("OMP_NUM_THREADS", "1")
-                .envs(env.iter().copied())
-                .output()
-                .unwrap();
-            (o.status.success(), output_text(&o))
-        };
+        let dir = with_dataset();
+        let launch = |out: &Path, env: &[(&str, &str)]| two_rank_job(out, 2, env);
         let (ok, text) = launch(
             &dir.path().join("threads"),
             &[("CONMIM_PRETRAIN_CHILD_RANK1_THREADS", "1")],
