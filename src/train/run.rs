@@ -1115,19 +1115,27 @@ mod tests {
                 o.threads = Some(t.parse().unwrap());
             }
         }
-        // The same, in the first attempt of a torchrun job only (`--max-restarts`).
-        let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_default();
-        if let (Ok(spec), "0") = (std::env::var("CONMIM_PRETRAIN_CHILD_DIE_FIRST"), &*attempt) {
+        // The same, the first time only: a torchrun job's first attempt, whichever node
+        // the rank is on (`--max-restarts`; marker files next to OUT, as each agent
+        // counts its restarts for itself).
+        let first_time = |what: &str| {
+            let rank = std::env::var("RANK").unwrap_or_default();
+            let marker = out.with_extension(format!("rank-{rank}.{what}"));
+            let first = !marker.exists();
+            std::fs::write(&marker, b"").unwrap();
+            first
+        };
+        if let Ok(spec) = std::env::var("CONMIM_PRETRAIN_CHILD_DIE_FIRST") {
             let (rank, step) = spec.split_once(':').unwrap();
-            if std::env::var("RANK").unwrap() == rank {
+            if std::env::var("RANK").unwrap() == rank && first_time("died") {
                 o.fault_exit_after_step = Some(step.parse().unwrap());
             }
         }
         // Rank 0 of a restarted attempt joins late (this many ms): the other ranks look
         // for it in a store that still holds the dead attempt's keys.
         if let Ok(ms) = std::env::var("CONMIM_PRETRAIN_CHILD_LATE_RANK0_MS")
-            && attempt != "0"
             && std::env::var("RANK").as_deref() == Ok("0")
+            && !first_time("started")
         {
             std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap()));
         }
@@ -1266,13 +1274,13 @@ mod tests {
         let dir = with_dataset();
         // One job of two one-rank nodes, node K writing to (its view of) `outs[K]`:
         // whether each node succeeded, and their output.
-        let job = |rdzv: Rendezvous, outs: [&Path; 2], steps: u64| {
+        let job_env = |rdzv: Rendezvous, outs: [&Path; 2], steps: u64, env: &[(&str, &str)]| {
             let port = free_port();
             let nodes: Vec<_> = (0..2)
                 .map(|node| {
                     let mut c = torchrun_node(2, node, 1, rdzv, port, RANK_CHILD);
                     rank_child_env(&mut c, outs[node], steps);
-                    c.spawn().unwrap()
+                    c.envs(env.iter().copied()).spawn().unwrap()
                 })
                 .collect();
             let mut text = String::new();
@@ -1286,6 +1294,7 @@ mod tests {
                 .collect();
             (ok, text)
         };
+        let job = |rdzv: Rendezvous, outs: [&Path; 2], steps: u64| job_env(rdzv, outs, steps, &[]);
 
         let one_node = dir.path().join("one-node");
         let (ok, text) = two_rank_job(&one_node, 6, &[]);
@@ -1352,6 +1361,32 @@ mod tests {
             checkpoint_steps(&local0),
             [2, 4],
             "nothing written:\n{text}"
+        );
+
+        // `--max-restarts` across nodes, elastic rendezvous: rank 1 dies after step 3;
+        // its agent restarts it and opens a new rendezvous round, the other agent
+        // restarts its rank for that round without counting a restart (so
+        // TORCHELASTIC_RESTART_COUNT differs between the nodes, and cannot name the
+        // attempt), and rank 0 of the new round joins late. The job resumes from step
+        // 2 and ends with the one-node losses.
+        let out = dir.path().join("restarted");
+        let (ok, text) = job_env(
+            Rendezvous::C10d,
+            [&out, &out],
+            6,
+            &[
+                ("PET_MAX_RESTARTS", "1"),
+                ("CONMIM_PRETRAIN_CHILD_DIE_FIRST", "1:3"),
+                ("CONMIM_PRETRAIN_CHILD_LATE_RANK0_MS", "1500"),
+            ],
+        );
+        assert_eq!(ok, [true, true], "{text}");
+        assert!(text.contains("resumed from"), "{text}");
+        let last: std::collections::BTreeMap<u64, f64> = losses(&out).into_iter().collect();
+        assert_eq!(
+            last.into_iter().collect::<Vec<_>>(),
+            want,
+            "the restarted two-node job equals the one-node one:\n{text}"
         );
     }
 
