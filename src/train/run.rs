@@ -840,6 +840,13 @@ mod tests {
             .collect()
     }
 
+    /// The loss of each step as last logged: a restarted run logs the steps after its
+    /// checkpoint twice, and its second attempt's lines come last.
+    fn last_losses(out: &Path) -> Vec<(u64, f64)> {
+        let last: std::collections::BTreeMap<u64, f64> = losses(out).into_iter().collect();
+        last.into_iter().collect()
+    }
+
     /// A temporary directory holding the torchrun tests' dataset in `data/` (where
     /// `pretrain_rank_child` looks for it, next to the run directories).
     fn with_dataset() -> tempfile::TempDir {
@@ -1241,12 +1248,8 @@ mod tests {
         assert_eq!(steps, [2], "{text}");
         let text = run_ok(&crashed, Some(6));
         assert!(text.contains("resumed from"), "{text}");
-        let mut last = std::collections::BTreeMap::new();
-        for (step, loss) in losses(&crashed) {
-            last.insert(step, loss);
-        }
         assert_eq!(
-            last.into_iter().collect::<Vec<_>>(),
+            last_losses(&crashed),
             want,
             "resumed after a dead rank equals the whole run"
         );
@@ -1382,9 +1385,8 @@ mod tests {
         );
         assert_eq!(ok, [true, true], "{text}");
         assert!(text.contains("resumed from"), "{text}");
-        let last: std::collections::BTreeMap<u64, f64> = losses(&out).into_iter().collect();
         assert_eq!(
-            last.into_iter().collect::<Vec<_>>(),
+            last_losses(&out),
             want,
             "the restarted two-node job equals the one-node one:\n{text}"
         );
@@ -1424,10 +1426,8 @@ mod tests {
         );
         assert!(text.contains("resumed from"), "{text}");
         assert_eq!(text.matches("PRETRAIN_OK").count(), 2, "{text}");
-        // Steps 1-3 were logged twice: the restarted attempt's lines come last.
-        let last: std::collections::BTreeMap<u64, f64> = losses(&out).into_iter().collect();
         assert_eq!(
-            last.into_iter().collect::<Vec<_>>(),
+            last_losses(&out),
             want,
             "the restarted job equals the uninterrupted one:\n{text}"
         );
