@@ -345,6 +345,15 @@ impl Stream {
         Ok(())
     }
 
+    /// Moves to the start of epoch `epoch`, whatever position (or saved state) this
+    /// stream had: the samples that follow are those a fresh stream yields once it has
+    /// passed its first `epoch` epochs. For a run that cannot resume exactly (a
+    /// checkpoint of another world size, whose per-rank positions do not apply).
+    pub fn seek_epoch(&mut self, epoch: u64) {
+        self.start_epoch(epoch);
+        self.finished = self.past_last_epoch();
+    }
+
     /// The next sample, collecting shard errors (see [`Stream::take_errors`]) and
     /// passing over epoch ends.
     pub fn next_sample(&mut self) -> Option<StreamSample> {

@@ -53,7 +53,8 @@ pub struct CheckpointState {
     pub momentum_schedule: MomentumSchedule,
     pub loader_state: Option<LoaderState>,
     /// Data parallelism: every rank's loader position (index = rank); empty for a
-    /// single-process run. A multi-rank run resumes with the same WORLD_SIZE.
+    /// single-process run. A run with the same WORLD_SIZE resumes each rank exactly;
+    /// another world size restarts the data epoch ([`super::dist::resume_at`]).
     #[serde(default)]
     pub rank_loader_states: Vec<LoaderState>,
     /// Parameter names of the optimiser groups, in flat-buffer order.

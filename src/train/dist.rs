@@ -615,28 +615,113 @@ pub fn rank_ranges(ranks: &[usize]) -> String {
     format!("{plural} {}", parts.join(", "))
 }
 
-/// The loader position rank `rank` of `world` resumes from: its own entry of a
-/// multi-rank checkpoint (`per_rank`), the single-process one (`single`) otherwise. A
-/// checkpoint of another world size is an error (its data split differs).
-pub fn resume_state(
+/// Where a rank's training loader resumes (see [`resume_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeAt {
+    /// At the start of the data (nothing saved).
+    Start,
+    /// Exactly where the saved run was: this rank's own saved position.
+    Exact(crate::loader::LoaderState),
+    /// The checkpoint is from a run of another world size (`saved_world` ranks), whose
+    /// per-rank positions do not apply to this run's split of the shards: every rank
+    /// starts data epoch `epoch` (the earliest a saved rank was in) afresh with the new
+    /// split. Nothing is skipped; the `read` samples of it the saved ranks had read
+    /// (counting the ranks that were still in it) are read again.
+    EpochStart {
+        epoch: u64,
+        saved_world: usize,
+        read: u64,
+    },
+}
+
+impl ResumeAt {
+    /// The line that says what a resume across world sizes does to the data (None when
+    /// the data resumes exactly).
+    pub fn notice(&self, world: usize) -> Option<String> {
+        let ResumeAt::EpochStart {
+            epoch,
+            saved_world,
+            read,
+        } = *self
+        else {
+            return None;
+        };
+        let (was, now) = (ranks_word(saved_world), ranks_word(world));
+        Some(format!(
+            "the checkpoint is from a run of {was} and this run has {now}: the weights, \
+             optimiser and schedules resume exactly, but the shards are split over the \
+             ranks differently, so the data restarts epoch {epoch} from its start with \
+             the new split (the {read} samples of it read before the checkpoint are read \
+             again; nothing is skipped)"
+        ))
+    }
+}
+
+fn ranks_word(n: usize) -> String {
+    if n == 1 {
+        "1 process".into()
+    } else {
+        format!("{n} ranks")
+    }
+}
+
+/// Where rank `rank` of `world` resumes: its own entry of a multi-rank checkpoint
+/// (`per_rank`, one state per rank) or the single-process one (`single`), exactly,
+/// when the world size is the one saved; else [`ResumeAt::EpochStart`] (a job resumed
+/// on fewer or more GPUs, or an elastic rendezvous that came back with another number
+/// of nodes).
+pub fn resume_at(
     per_rank: &[crate::loader::LoaderState],
     single: Option<crate::loader::LoaderState>,
     rank: usize,
     world: usize,
-) -> std::result::Result<Option<crate::loader::LoaderState>, String> {
-    match (per_rank.len(), world) {
-        (0, _) if single.is_none() => Ok(None),
-        (0, 1) => Ok(single),
-        (n, w) if n == w => Ok(Some(per_rank[rank])),
-        (0, w) => Err(format!(
-            "the checkpoint is from a single-process run; resume it with one process (this \
-             run has WORLD_SIZE {w})"
-        )),
-        (n, w) => Err(format!(
-            "the checkpoint is from a {n}-rank run; resume it with WORLD_SIZE {n} (this run \
-             has {w})"
-        )),
+) -> ResumeAt {
+    let saved: Vec<_> = if per_rank.is_empty() {
+        single.into_iter().collect()
+    } else {
+        per_rank.to_vec()
+    };
+    if saved.is_empty() {
+        return ResumeAt::Start;
     }
+    if saved.len() == world {
+        return ResumeAt::Exact(saved[rank]);
+    }
+    let epoch = saved.iter().map(|s| s.stream.epoch).min().unwrap_or(0);
+    ResumeAt::EpochStart {
+        epoch,
+        saved_world: saved.len(),
+        read: saved
+            .iter()
+            .filter(|s| s.stream.epoch == epoch)
+            .map(|s| s.stream.samples)
+            .sum(),
+    }
+}
+
+/// Opens the training loader over `data` with `cfg` (this rank's) where `at` says.
+pub fn open_loader_at(
+    data: &str,
+    opts: &crate::stream::SourceOptions,
+    cfg: crate::loader::LoaderConfig,
+    at: &ResumeAt,
+) -> anyhow::Result<crate::loader::Loader> {
+    use crate::loader::Loader;
+    use crate::stream::Stream;
+    use anyhow::Context;
+    let open =
+        || Stream::open(data, opts, cfg.stream.clone()).with_context(|| format!("opening {data}"));
+    Ok(match at {
+        ResumeAt::Start => {
+            Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?
+        }
+        ResumeAt::Exact(s) => Loader::with_state(open()?, cfg, s).context("resuming the loader")?,
+        ResumeAt::EpochStart { epoch, .. } => {
+            let mut stream = open()?;
+            stream.seek_epoch(*epoch);
+            Loader::new(stream, cfg).with_context(|| format!("opening {data}"))?
+        }
+    })
 }
 
 /// Where a rank writes its logs (config, metrics, TensorBoard events, summary): rank 0
@@ -776,6 +861,82 @@ mod tests {
     use crate::train::testing::free_port;
     use std::process::{Command, Stdio};
     use std::time::Instant;
+
+    fn at(epoch: u64, samples: u64) -> crate::loader::LoaderState {
+        crate::loader::LoaderState {
+            stream: crate::stream::StreamState {
+                version: crate::stream::STATE_VERSION,
+                epoch,
+                samples,
+                events: samples,
+                fingerprint: 7,
+            },
+            next_batch: samples / 2,
+            settings: 9,
+        }
+    }
+
+    /// Issue 6: where each rank's loader resumes. The same world size: its own saved
+    /// position, exactly; another one: the earliest saved epoch from its start, counting
+    /// the samples of it that will be read again.
+    #[test]
+    fn issue6_resume_at_follows_the_world_size() {
+        assert_eq!(resume_at(&[], None, 0, 1), ResumeAt::Start);
+        assert_eq!(resume_at(&[], None, 1, 4), ResumeAt::Start);
+        assert_eq!(
+            resume_at(&[], Some(at(2, 5)), 0, 1),
+            ResumeAt::Exact(at(2, 5))
+        );
+        let two = [at(3, 4), at(3, 6)];
+        assert_eq!(resume_at(&two, None, 1, 2), ResumeAt::Exact(at(3, 6)));
+        // A torchrun checkpoint's per-rank positions win over its rank-0 copy.
+        assert_eq!(
+            resume_at(&two[..1], Some(at(0, 1)), 0, 1),
+            ResumeAt::Exact(at(3, 4))
+        );
+        let fewer = ResumeAt::EpochStart {
+            epoch: 3,
+            saved_world: 2,
+            read: 10,
+        };
+        assert_eq!(resume_at(&two, None, 0, 1), fewer);
+        // Ranks in different epochs (no equalised epochs): the earliest, so nothing is
+        // skipped.
+        let apart = [at(4, 2), at(3, 6), at(3, 1)];
+        for rank in 0..4 {
+            assert_eq!(
+                resume_at(&apart, None, rank, 4),
+                ResumeAt::EpochStart {
+                    epoch: 3,
+                    saved_world: 3,
+                    read: 7
+                }
+            );
+        }
+        let more = resume_at(&[], Some(at(1, 8)), 1, 2);
+        assert_eq!(
+            more,
+            ResumeAt::EpochStart {
+                epoch: 1,
+                saved_world: 1,
+                read: 8
+            }
+        );
+        assert_eq!(ResumeAt::Exact(at(1, 1)).notice(1), None);
+        let n = more.notice(2).unwrap();
+        assert!(
+            n.starts_with("the checkpoint is from a run of 1 process and this run has 2 ranks")
+                && n.contains("restarts epoch 1 from its start")
+                && n.contains("the 8 samples of it read before the checkpoint are read again"),
+            "{n}"
+        );
+        assert!(
+            fewer
+                .notice(1)
+                .unwrap()
+                .contains("a run of 2 ranks and this run has 1 process")
+        );
+    }
 
     #[test]
     fn other_ranks_log_to_a_scratch_dir_that_is_removed() {

@@ -603,8 +603,11 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         allow_pipe: o.allow_pipe,
         http: o.http,
     };
-    let state = trainer.resume_loader_state()?;
-    let mut loader = trainer.open_loader(&o.data, &opts, state.as_ref())?;
+    let at = trainer.resume_at();
+    if let (Some(notice), true) = (at.notice(trainer.world_size()), main) {
+        eprintln!("conmim pretrain: {notice}");
+    }
+    let mut loader = trainer.open_loader_at(&o.data, &opts, &at)?;
 
     let pb = if o.progress && main {
         ProgressBar::new(total)
@@ -778,7 +781,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::testing::{output_text, seeded, send_signal, torchrun};
+    use crate::train::testing::{one_process, output_text, seeded, send_signal, torchrun};
     use crate::train::train_data::dataset;
 
     /// The rank body of the torchrun tests below.
@@ -1431,6 +1434,108 @@ mod tests {
             want,
             "the restarted job equals the uninterrupted one:\n{text}"
         );
+    }
+
+    /// Issue 6: a checkpoint resumed with another number of ranks (a job moved to fewer
+    /// or more GPUs, an elastic rendezvous back with fewer nodes): the model, optimiser
+    /// and schedules continue from the checkpoint's step; the per-rank data positions do
+    /// not apply to the new split, so the data restarts the epoch the saved ranks were
+    /// in, from its start, and rank 0 says so. 2 ranks -> 1 process, and 1 -> 2.
+    #[test]
+    fn issue6_resume_with_another_number_of_ranks() {
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = with_dataset(); // 2 shards of 6 samples
+        // (epoch, samples read in it) of each saved loader position of the last checkpoint.
+        let loader_at = |out: &Path| -> Vec<(u64, u64)> {
+            let ck = checkpoint::latest(&checkpoint::dir_of(out))
+                .unwrap()
+                .unwrap();
+            let s = checkpoint::read_state(&ck).unwrap();
+            let states = if s.rank_loader_states.is_empty() {
+                s.loader_state.into_iter().collect()
+            } else {
+                s.rank_loader_states
+            };
+            states
+                .iter()
+                .map(|l| (l.stream.epoch, l.stream.samples))
+                .collect()
+        };
+        let one = |out: &Path, steps: u64| {
+            let mut c = one_process(RANK_CHILD);
+            rank_child_env(&mut c, out, steps);
+            let o = c.output().unwrap();
+            let text = output_text(&o);
+            assert!(o.status.success(), "{text}");
+            text
+        };
+        let two = |out: &Path, steps: u64| {
+            let (ok, text) = two_rank_job(out, steps, &[]);
+            assert!(ok, "{text}");
+            text
+        };
+
+        // 4 steps of 2 x 2 images: each rank is 2 samples into epoch 1 (6 per rank).
+        let out = dir.path().join("two-then-one");
+        two(&out, 4);
+        assert_eq!(loader_at(&out), [(1, 2), (1, 2)]);
+        let text = one(&out, 6);
+        assert!(
+            text.contains("resumed from") && text.contains("at step 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "the checkpoint is from a run of 2 ranks and this run has 1 process: the \
+                 weights, optimiser and schedules resume exactly, but the shards are split \
+                 over the ranks differently, so the data restarts epoch 1 from its start \
+                 with the new split (the 4 samples of it read before the checkpoint are \
+                 read again; nothing is skipped)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("PRETRAIN_OK samples 8"), "{text}");
+        assert_eq!(checkpoint_steps(&out).last(), Some(&6));
+        // 2 steps of 4 from the start of epoch 1 (12 samples for one process).
+        assert_eq!(loader_at(&out), [(1, 8)]);
+
+        // And back: one process 4 steps of 4 (4 samples into epoch 1), then 2 ranks.
+        let out = dir.path().join("one-then-two");
+        one(&out, 4);
+        assert_eq!(loader_at(&out), [(1, 4)]);
+        let text = two(&out, 6);
+        assert!(
+            text.contains("a run of 1 process and this run has 2 ranks")
+                && text.contains("restarts epoch 1 from its start")
+                && text.contains("the 4 samples of it"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("restarts epoch").count(),
+            1,
+            "rank 0 alone: {text}"
+        );
+        assert_eq!(loader_at(&out), [(1, 4), (1, 4)]);
+        // The 2-rank step-6 checkpoint resumes exactly with 2 ranks (no notice; each
+        // rank goes on from its own position: 2 more steps, 4 more samples each).
+        let text = two(&out, 8);
+        assert!(!text.contains("restarts epoch"), "{text}");
+        assert_eq!(loader_at(&out), [(2, 2), (2, 2)]);
+
+        // torchrun with one rank, then a plain process: the same world size, an exact
+        // resume, and the plain run's checkpoint holds its own position (it used to
+        // carry the torchrun rank's again, and the next resume went back to it).
+        let out = dir.path().join("torchrun-one-then-plain");
+        let mut c = torchrun(1, RANK_CHILD);
+        rank_child_env(&mut c, &out, 2);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", output_text(&o));
+        assert_eq!(loader_at(&out), [(0, 8)]);
+        let text = one(&out, 4);
+        assert!(!text.contains("restarts epoch"), "{text}");
+        assert_eq!(loader_at(&out), [(1, 4)]);
     }
 
     /// Issue 6: the ranks of a job must run with the same settings. A node with another

@@ -65,6 +65,25 @@ pub fn torchrun(nproc: usize, test: &str) -> Command {
     c
 }
 
+/// `test` of this test binary as one plain process, not under torchrun (none of its
+/// variables set): how a single-process run is launched.
+pub fn one_process(test: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("the test binary"));
+    c.args([test, "--exact", "--nocapture"]);
+    for k in [
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+    ] {
+        c.env_remove(k);
+    }
+    c.env_remove("MASTER_PORT")
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    c
+}
+
 /// How the torchrun agents of a multi-node job find each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rendezvous {

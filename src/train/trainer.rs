@@ -34,7 +34,7 @@ use super::schedule::{CosineSchedule, MomentumSchedule};
 use super::teacher::EmaTeacher;
 use super::vit::VisionTransformer;
 use crate::loader::{Batch, Loader, LoaderState};
-use crate::stream::{SourceOptions, Stream};
+use crate::stream::SourceOptions;
 
 /// Name prefix of the projection head inside each VarStore (the official names).
 pub const HEAD_PREFIX: &str = "projectors";
@@ -198,18 +198,27 @@ impl Trainer {
         Ok(())
     }
 
-    /// The loader position this rank resumes from: its own entry of a multi-rank
-    /// checkpoint, the single-process one otherwise. A checkpoint of another world size
-    /// is an error (its data split differs).
-    pub fn resume_loader_state(&self) -> Result<Option<LoaderState>> {
-        let world = self.dist.as_ref().map_or(1, |d| d.world_size);
-        super::dist::resume_state(
+    /// Where this rank's loader resumes ([`super::dist::resume_at`]): exactly, from its
+    /// own saved position, when the checkpoint's world size is this run's; else at the
+    /// start of the earliest saved epoch, with this run's split of the shards. Forgets
+    /// the saved per-rank positions: a later checkpoint of this run stores those
+    /// gathered then, or none in a single process (a single process resumed from a
+    /// torchrun checkpoint saved them again unchanged, and its next resume took the
+    /// stale one).
+    pub fn resume_at(&mut self) -> super::dist::ResumeAt {
+        let at = super::dist::resume_at(
             &self.rank_loader_states,
             self.loader_state,
             self.rank(),
-            world,
-        )
-        .map_err(anyhow::Error::msg)
+            self.world_size(),
+        );
+        self.rank_loader_states.clear();
+        at
+    }
+
+    /// The number of ranks (1 without data parallelism).
+    pub fn world_size(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.world_size)
     }
 
     /// This process's rank (0 without data parallelism).
@@ -229,6 +238,19 @@ impl Trainer {
         opts: &SourceOptions,
         state: Option<&LoaderState>,
     ) -> Result<Loader> {
+        let at = state.map_or(super::dist::ResumeAt::Start, |s| {
+            super::dist::ResumeAt::Exact(*s)
+        });
+        self.open_loader_at(data, opts, &at)
+    }
+
+    /// Opens the training loader for this run on `data` where `at` says.
+    pub fn open_loader_at(
+        &self,
+        data: &str,
+        opts: &SourceOptions,
+        at: &super::dist::ResumeAt,
+    ) -> Result<Loader> {
         let mut cfg = self.cfg.loader_config();
         if let Some(pg) = &self.dist {
             // Per-rank batch; shards split by RANK / WORLD_SIZE (the stream's epoch rules).
@@ -237,14 +259,7 @@ impl Trainer {
                 .with_env_distribution()
                 .context("splitting the data by rank")?;
         }
-        Ok(match state {
-            None => Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?,
-            Some(s) => {
-                let stream = Stream::open(data, opts, cfg.stream.clone())
-                    .with_context(|| format!("opening {data}"))?;
-                Loader::with_state(stream, cfg, s).context("resuming the loader")?
-            }
-        })
+        super::dist::open_loader_at(data, opts, cfg, at)
     }
 
     /// One training step on `batch` (uploads it, then [`Trainer::train_step_device`]).

@@ -48,7 +48,7 @@ use super::config::FinetuneConfig;
 use super::layer_decay::param_groups_of;
 use super::model::{self, Classifier, FINETUNE_KIND, FinetuneState, InitReport, ResumeState};
 use crate::loader::{Loader, LoaderConfig, Task, default_threads_per_process};
-use crate::stream::{Remainder, ShardList, SourceOptions, Stream, StreamConfig};
+use crate::stream::{Remainder, ShardList, SourceOptions, StreamConfig};
 use crate::train::dist::ProcessGroup;
 use crate::train::export::Weights;
 use crate::train::mixup::{self, MixupConfig, soft_target_cross_entropy};
@@ -663,21 +663,15 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             .with_env_distribution()
             .context("splitting the data by rank")?;
     }
-    let resume_at = match &resumed {
-        Some(r) => crate::train::dist::resume_state(&r.loader_states, None, rank, world)
-            .map_err(anyhow::Error::msg)?,
-        None => None,
+    let at = match &resumed {
+        Some(r) => crate::train::dist::resume_at(&r.loader_states, None, rank, world),
+        None => crate::train::dist::ResumeAt::Start,
     };
-    let mut loader = match &resume_at {
-        None => {
-            Loader::open(&o.data, &train_opts, lc).with_context(|| format!("opening {}", o.data))?
-        }
-        Some(st) => {
-            let stream = Stream::open(&o.data, &train_opts, lc.stream.clone())
-                .with_context(|| format!("opening {}", o.data))?;
-            Loader::with_state(stream, lc, st).context("resuming the training loader")?
-        }
-    };
+    if let (Some(notice), true) = (at.notice(world), main) {
+        eprintln!("conmim finetune: {notice}");
+    }
+    let mut loader = crate::train::dist::open_loader_at(&o.data, &train_opts, lc, &at)
+        .context("opening the training data")?;
     // The position after the last batch trained on (saved at the end of each epoch).
     let mut loader_state: Option<crate::loader::LoaderState>;
     let pb = if o.progress && main {
@@ -1519,6 +1513,12 @@ mod tests {
         let data = out.parent().unwrap().join("data");
         let mut o = ft_opts(&data, &out, None);
         o.epochs = Some(1);
+        // Epochs of the run, and the epoch after which it stops ("EPOCHS:STOP").
+        if let Ok(spec) = std::env::var("CONMIM_FT_CHILD_EPOCHS_STOP") {
+            let (epochs, stop) = spec.split_once(':').unwrap();
+            o.epochs = Some(epochs.parse().unwrap());
+            o.stop_after_epoch = Some(stop.parse().unwrap());
+        }
         let s = finetune(&o).unwrap();
         let r = s.last.unwrap();
         println!(
@@ -1607,6 +1607,25 @@ mod tests {
             3 + 1,
             "rank 0 alone wrote 3 steps + 1 eval"
         );
+
+        // The first epoch of a 2-epoch run on 2 ranks, the second resumed in one process
+        // (another world size: the data restarts its epoch with the one-process split).
+        let out = dir.path().join("ft-then-one");
+        let o =
+            crate::train::testing::torchrun(2, "train::finetune::run::tests::finetune_rank_child")
+                .env("CONMIM_FT_CHILD_OUT", &out)
+                .env("CONMIM_FT_CHILD_EPOCHS_STOP", "2:1")
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .output()
+                .unwrap();
+        let text = crate::train::testing::output_text(&o);
+        assert!(o.status.success(), "{text}");
+        let mut o = ft_opts(&data, &out, None);
+        o.epochs = Some(2);
+        o.resume = Resume::Auto;
+        let s = finetune(&o).unwrap();
+        assert_eq!((s.epochs_done, s.resumed_at_step), (2, 3));
+        assert_eq!((s.samples, s.last.unwrap().images), (24, 7));
     }
 
     /// The train / val options of [`labelled`] data.
