@@ -1284,7 +1284,7 @@ mod tests {
             let port = free_port();
             let nodes: Vec<_> = (0..2)
                 .map(|node| {
-                    let mut c = torchrun_node(2, node, 1, rdzv, port, RANK_CHILD);
+                    let mut c = torchrun_node("2", node, 1, rdzv, port, RANK_CHILD);
                     rank_child_env(&mut c, outs[node], steps);
                     c.envs(env.iter().copied()).spawn().unwrap()
                 })
@@ -1536,6 +1536,100 @@ mod tests {
         let text = one(&out, 4);
         assert!(!text.contains("restarts epoch"), "{text}");
         assert_eq!(loader_at(&out), [(1, 4)]);
+    }
+
+    /// Issue 6, elastic: a job of 1 to 2 nodes (`--nnodes 1:2`, c10d rendezvous,
+    /// `--max-restarts 1`) loses a node for good (its agent and rank SIGKILLed, as a
+    /// preempted machine; rank 0 or 1, whichever it ran): the surviving node's rank fails
+    /// at its next collective, its
+    /// agent restarts it in a new rendezvous round of the one node left, and the run
+    /// resumes from rank 0's last checkpoint as one rank (the data restarting its epoch
+    /// with the new split, as rank 0 says) and completes.
+    #[test]
+    fn issue6_elastic_job_goes_on_when_a_node_is_lost() {
+        use crate::train::testing::{Rendezvous, free_port, torchrun_node};
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = with_dataset();
+        let out = dir.path().join("elastic");
+        let steps = 60;
+        let port = free_port();
+        let node = || {
+            let mut c = torchrun_node("1:2", 0, 1, Rendezvous::C10d, port, RANK_CHILD);
+            rank_child_env(&mut c, &out, steps);
+            // A round waits 5 s for more nodes once it has one; the agents notice a
+            // lost node after 3 missed heartbeats of 1 s (defaults: 30 s, 3 of 5 s).
+            c.env(
+                "PET_RDZV_CONF",
+                "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3",
+            )
+            .env("PET_MAX_RESTARTS", "1")
+            .env("CONMIM_PRETRAIN_CHILD_PIDS", "1")
+            .spawn()
+            .unwrap()
+        };
+        // The node that stays starts first and so hosts the rendezvous store (the
+        // endpoint of `--rdzv-endpoint`: a job cannot outlive that node).
+        let stays = node();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed().as_secs() < 60, "no rendezvous store on {port}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let lost = node();
+        // Lose the second node, agent and rank, once the two ranks have saved a
+        // checkpoint (under load the first rendezvous round may have started without
+        // the second node, and restarted with it).
+        let parent = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+        };
+        let ranks_saved = || -> Option<usize> {
+            let ck = checkpoint::latest(&checkpoint::dir_of(&out)).ok()??;
+            Some(checkpoint::read_state(&ck).ok()?.rank_loader_states.len())
+        };
+        let worker = loop {
+            assert!(t0.elapsed().as_secs() < 120, "no 2-rank checkpoint");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            if ranks_saved() != Some(2) {
+                continue;
+            }
+            let on_lost = (0..2)
+                .filter_map(|r| {
+                    std::fs::read_to_string(out.with_extension(format!("rank-{r}.pid"))).ok()
+                })
+                .filter_map(|p| p.trim().parse::<u32>().ok())
+                .find(|&p| parent(p) == Some(lost.id()));
+            if let Some(w) = on_lost {
+                break w;
+            }
+        };
+        send_signal(lost.id(), "KILL");
+        send_signal(worker, "KILL");
+        drop(lost.wait_with_output());
+        let o = stays.wait_with_output().unwrap();
+        let text = output_text(&o);
+        assert!(o.status.success(), "{text}");
+        assert!(
+            text.contains("resumed from")
+                && text
+                    .contains("the checkpoint is from a run of 2 ranks and this run has 1 process"),
+            "{text}"
+        );
+        assert!(text.contains("PRETRAIN_OK"), "{text}");
+        assert_eq!(checkpoint_steps(&out).last(), Some(&steps));
+        assert_eq!(last_losses(&out).len() as u64, steps);
+        let ck = checkpoint::latest(&checkpoint::dir_of(&out))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            checkpoint::read_state(&ck)
+                .unwrap()
+                .rank_loader_states
+                .len(),
+            1
+        );
     }
 
     /// Issue 6: the ranks of a job must run with the same settings. A node with another

@@ -96,12 +96,13 @@ pub enum Rendezvous {
     C10d,
 }
 
-/// One node of an `nnodes`-node torchrun job on loopback (every agent of the job gets
+/// One node of an `nnodes`-node torchrun job on loopback (`nnodes` as torchrun takes
+/// it: `2`, or `1:2` for an elastic job of 1 to 2 nodes; every agent of the job gets
 /// the same `port`; with [`Rendezvous::Static`] this one is node `node_rank`), running
 /// `test` of this test binary as `nproc` local ranks: the launch line of the README's
 /// multi-node recipe, with 127.0.0.1 for the head node's address.
 pub fn torchrun_node(
-    nnodes: usize,
+    nnodes: &str,
     node_rank: usize,
     nproc: usize,
     rdzv: Rendezvous,
@@ -109,7 +110,7 @@ pub fn torchrun_node(
     test: &str,
 ) -> Command {
     let mut c = torchrun_command();
-    c.args(["--nnodes", &nnodes.to_string()])
+    c.args(["--nnodes", nnodes])
         .args(["--nproc-per-node", &nproc.to_string()]);
     match rdzv {
         Rendezvous::Static => c.args(["--node-rank", &node_rank.to_string()]).args([
