@@ -621,7 +621,7 @@ fn pretrain_options(a: &PretrainArgs) -> Result<conmim::train::run::PretrainOpti
                 k: conmim::train::finetune::knn::KNN_K,
                 temperature: conmim::train::finetune::knn::KNN_TEMPERATURE,
             }),
-        fault_exit_after_step: None,
+        faults: Default::default(),
     })
 }
 

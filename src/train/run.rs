@@ -82,10 +82,19 @@ pub struct PretrainOptions {
     /// The k-NN monitor, run on the teacher at every checkpoint (by every rank together;
     /// rank 0 logs it).
     pub knn: Option<KnnMonitor>,
-    /// Fault injection for tests: the process exits (status 3, no cleanup, as if
-    /// killed) right after this step.
+    /// Fault injection for tests.
     #[doc(hidden)]
-    pub fault_exit_after_step: Option<u64>,
+    pub faults: Faults,
+}
+
+/// Fault injection for tests (all off by default).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// The process exits (status 3, no cleanup, as if killed) right after this step.
+    pub exit_after_step: Option<u64>,
+    /// Sleep this long after every step (slow steps, to let a test act mid-run).
+    pub step_delay: Option<std::time::Duration>,
 }
 
 /// `conmim pretrain --knn-train-data D --knn-val-data D`: DINO's weighted k-NN
@@ -721,9 +730,12 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
                 }
             }
         }
-        if o.fault_exit_after_step == Some(step) {
+        if o.faults.exit_after_step == Some(step) {
             metrics.flush()?;
             std::process::exit(3);
+        }
+        if let Some(d) = o.faults.step_delay {
+            std::thread::sleep(d);
         }
         if stats.stop {
             stopped_by = Some(
@@ -828,7 +840,7 @@ mod tests {
             keep: 2,
             progress: false,
             knn: None,
-            fault_exit_after_step: None,
+            faults: Faults::default(),
         }
     }
 
@@ -1112,7 +1124,7 @@ mod tests {
         if let Ok(spec) = std::env::var("CONMIM_PRETRAIN_CHILD_DIE") {
             let (rank, step) = spec.split_once(':').unwrap();
             if std::env::var("RANK").unwrap() == rank {
-                o.fault_exit_after_step = Some(step.parse().unwrap());
+                o.faults.exit_after_step = Some(step.parse().unwrap());
             }
         }
         // Rank 1 alone gets these `--set`s and this thread count (another node's
@@ -1138,7 +1150,7 @@ mod tests {
         if let Ok(spec) = std::env::var("CONMIM_PRETRAIN_CHILD_DIE_FIRST") {
             let (rank, step) = spec.split_once(':').unwrap();
             if std::env::var("RANK").unwrap() == rank && first_time("died") {
-                o.fault_exit_after_step = Some(step.parse().unwrap());
+                o.faults.exit_after_step = Some(step.parse().unwrap());
             }
         }
         // Rank 0 of a restarted attempt joins late (this many ms): the other ranks look
@@ -1148,6 +1160,12 @@ mod tests {
             && !first_time("started")
         {
             std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap()));
+        }
+        // Steps this slow (ms) while the job has one rank (until another node joins).
+        if let Ok(ms) = std::env::var("CONMIM_PRETRAIN_CHILD_SLOW_ALONE_MS")
+            && std::env::var("WORLD_SIZE").as_deref() == Ok("1")
+        {
+            o.faults.step_delay = Some(std::time::Duration::from_millis(ms.parse().unwrap()));
         }
         if let Ok(every) = std::env::var("CONMIM_PRETRAIN_CHILD_SAVE_EVERY") {
             o.save_every = every.parse().unwrap();
@@ -1565,6 +1583,8 @@ mod tests {
                 "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3",
             )
             .env("PET_MAX_RESTARTS", "1")
+            // As the README's elastic recipe (see the test of a node joining).
+            .env("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
             .env("CONMIM_PRETRAIN_CHILD_PIDS", "1")
             .spawn()
             .unwrap()
@@ -1630,6 +1650,75 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    /// Issue 6, elastic: a node joins a running `--nnodes 1:2` job. torchrun's agent
+    /// stops its rank with SIGTERM to admit the new node; the rank stops after the step
+    /// in progress with a checkpoint of it (nothing lost), and both ranks of the new
+    /// round resume from it (the data restarting its epoch with the 2-rank split) and
+    /// complete the run.
+    #[test]
+    fn issue6_elastic_job_takes_in_a_node_that_joins() {
+        use crate::train::testing::{Rendezvous, free_port, torchrun_node};
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = with_dataset();
+        let out = dir.path().join("elastic");
+        let steps = 40;
+        let port = free_port();
+        let node = || {
+            let mut c = torchrun_node("1:2", 0, 1, Rendezvous::C10d, port, RANK_CHILD);
+            rank_child_env(&mut c, &out, steps);
+            // The first node starts alone (a round waits 1 s for more once it has one),
+            // with slow steps while alone, so the second one joins mid-run. torch
+            // 2.11's agents keep the first round's address of the store they share
+            // with the workers, so a node joining a later round waits for keys nobody
+            // writes (the job fails after 60 s; seen here): the README's elastic recipe
+            // sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per round, hosted by
+            // rank 0).
+            c.env("PET_RDZV_CONF", "last_call_timeout=1")
+                .env("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+                .env("CONMIM_PRETRAIN_CHILD_SLOW_ALONE_MS", "500")
+                .spawn()
+                .unwrap()
+        };
+        let first = node();
+        // Once the one-rank run has saved a checkpoint, the second node comes.
+        let t0 = Instant::now();
+        while checkpoint_steps(&out).is_empty() {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "no checkpoint of the one-rank run"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let second = node();
+        let outs: Vec<_> = [first, second]
+            .into_iter()
+            .map(|n| n.wait_with_output().unwrap())
+            .collect();
+        let text: String = outs.iter().map(output_text).collect();
+        assert!(outs.iter().all(|o| o.status.success()), "{text}");
+        // The one-rank attempt stopped on torchrun's SIGTERM with a checkpoint of its
+        // last step, the one the two ranks resumed from.
+        let stopped = text
+            .lines()
+            .find(|l| l.contains("stopped by SIGTERM") || l.contains("stopped_by Some"))
+            .unwrap_or_else(|| panic!("no graceful stop:\n{text}"));
+        assert!(stopped.contains("SIGTERM"), "{stopped}");
+        assert!(
+            text.contains("the checkpoint is from a run of 1 process and this run has 2 ranks"),
+            "{text}"
+        );
+        assert_eq!(text.matches("PRETRAIN_OK").count(), 3, "{text}");
+        assert_eq!(checkpoint_steps(&out).last(), Some(&steps));
+        assert_eq!(last_losses(&out).len() as u64, steps);
+        let ck = checkpoint::latest(&checkpoint::dir_of(&out))
+            .unwrap()
+            .unwrap();
+        let state = checkpoint::read_state(&ck).unwrap();
+        assert_eq!(state.rank_loader_states.len(), 2);
     }
 
     /// Issue 6: the ranks of a job must run with the same settings. A node with another

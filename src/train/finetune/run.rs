@@ -1241,7 +1241,7 @@ mod tests {
                 k: 20,
                 temperature: 0.07,
             }),
-            fault_exit_after_step: None,
+            faults: crate::train::run::Faults::default(),
         };
         pretrain(&o).unwrap();
     }
