@@ -862,6 +862,18 @@ mod tests {
         last.into_iter().collect()
     }
 
+    /// Run `out` completed `steps` steps: its last checkpoint is of that step and holds
+    /// the loader positions of `ranks` ranks, and it logged one loss per step.
+    fn assert_completed(out: &Path, steps: u64, ranks: usize) {
+        assert_eq!(checkpoint_steps(out).last(), Some(&steps));
+        assert_eq!(last_losses(out).len() as u64, steps);
+        let ck = checkpoint::latest(&checkpoint::dir_of(out))
+            .unwrap()
+            .unwrap();
+        let state = checkpoint::read_state(&ck).unwrap();
+        assert_eq!(state.rank_loader_states.len(), ranks);
+    }
+
     /// A temporary directory holding the torchrun tests' dataset in `data/` (where
     /// `pretrain_rank_child` looks for it, next to the run directories).
     fn with_dataset() -> tempfile::TempDir {
@@ -1558,11 +1570,10 @@ mod tests {
 
     /// Issue 6, elastic: a job of 1 to 2 nodes (`--nnodes 1:2`, c10d rendezvous,
     /// `--max-restarts 1`) loses a node for good (its agent and rank SIGKILLed, as a
-    /// preempted machine; rank 0 or 1, whichever it ran): the surviving node's rank fails
-    /// at its next collective, its
-    /// agent restarts it in a new rendezvous round of the one node left, and the run
-    /// resumes from rank 0's last checkpoint as one rank (the data restarting its epoch
-    /// with the new split, as rank 0 says) and completes.
+    /// preempted machine; rank 0 or 1, whichever it ran): the surviving node's rank
+    /// fails at its next collective, its agent restarts it in a new rendezvous round of
+    /// the one node left, and the run resumes from rank 0's last checkpoint as one rank
+    /// (the data restarting its epoch with the new split, as rank 0 says) and completes.
     #[test]
     fn issue6_elastic_job_goes_on_when_a_node_is_lost() {
         use crate::train::testing::{Rendezvous, free_port, torchrun_node};
@@ -1638,18 +1649,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("PRETRAIN_OK"), "{text}");
-        assert_eq!(checkpoint_steps(&out).last(), Some(&steps));
-        assert_eq!(last_losses(&out).len() as u64, steps);
-        let ck = checkpoint::latest(&checkpoint::dir_of(&out))
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            checkpoint::read_state(&ck)
-                .unwrap()
-                .rank_loader_states
-                .len(),
-            1
-        );
+        assert_completed(&out, steps, 1);
     }
 
     /// Issue 6, elastic: a node joins a running `--nnodes 1:2` job. torchrun's agent
@@ -1712,13 +1712,7 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("PRETRAIN_OK").count(), 3, "{text}");
-        assert_eq!(checkpoint_steps(&out).last(), Some(&steps));
-        assert_eq!(last_losses(&out).len() as u64, steps);
-        let ck = checkpoint::latest(&checkpoint::dir_of(&out))
-            .unwrap()
-            .unwrap();
-        let state = checkpoint::read_state(&ck).unwrap();
-        assert_eq!(state.rank_loader_states.len(), 2);
+        assert_completed(&out, steps, 2);
     }
 
     /// Issue 6: the ranks of a job must run with the same settings. A node with another
