@@ -63,7 +63,9 @@ enum Cmd {
     /// 2048; min_lr likewise). Writes OUT/config.json, OUT/metrics.jsonl (one line per
     /// step), atomic checkpoints in OUT/checkpoints/step-N (the last --keep), and
     /// OUT/summary.json. `--resume auto` continues from the newest checkpoint in OUT
-    /// exactly (same batches, same random draws).
+    /// exactly (same batches, same random draws); with another number of torchrun ranks
+    /// than the checkpoint's, the model and optimiser still resume exactly, and the data
+    /// restarts its epoch with the new split.
     ///
     /// SIGTERM (a scheduler's preemption) or Ctrl-C stops the run after the step in
     /// progress, with a checkpoint of it, and exits with status 143 (130 for Ctrl-C);
