@@ -249,6 +249,213 @@ fn issue6_seek_epoch_starts_the_epoch_afresh() {
     assert!(render(&mut s, 10).is_empty());
 }
 
+/// The keys the stream yields in epoch `epoch` from where it is: at most `max`, or up
+/// to the epoch's end.
+fn epoch_keys(s: &mut Stream, epoch: u64, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < max {
+        match s.next() {
+            Some(Event::Sample(x)) if x.epoch == epoch => out.push(x.sample.key),
+            Some(Event::Sample(x)) => panic!("a sample of epoch {} in epoch {epoch}", x.epoch),
+            Some(Event::ShardError { url, error }) => panic!("{url}: {error}"),
+            Some(Event::EpochEnd { .. }) | None => break,
+        }
+    }
+    out
+}
+
+/// Issue 6 (a checkpoint resumed with another world size): `Stream::rejoin` goes on
+/// with the shards of the saved epoch that no saved rank had read through, split over
+/// the new ranks. Nothing of the epoch is skipped, the new ranks read disjoint shards,
+/// and what is read twice is bounded by the saved ranks' unfinished shards (their
+/// shuffle buffers and the shard each was in), not the epoch: starting the epoch afresh
+/// read up to all of it again. The rejoined epoch resumes exactly in its turn (its left-out
+/// shards are in the saved state), and a second change of world size within it still
+/// skips nothing.
+#[test]
+fn issue6_rejoin_goes_on_with_the_unfinished_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sizes: Vec<u64> = (0..40).map(|i| 5 + (i * 7) % 5).collect();
+    dataset(tmp.path(), &sizes);
+    let all: usize = sizes.iter().sum::<u64>() as usize;
+    let c = |rank, world| StreamConfig {
+        epochs: Some(3),
+        remainder: Remainder::Keep,
+        ..cfg(5, rank, world)
+    };
+    let (buffer, largest) = (7usize, *sizes.iter().max().unwrap() as usize);
+    let open_at = |world: usize, cut: usize, epoch: u64| -> (Vec<String>, Vec<StreamState>) {
+        let mut keys = Vec::new();
+        let mut states = Vec::new();
+        for r in 0..world {
+            let mut s = stream(tmp.path(), c(r, world));
+            if epoch > 0 {
+                s.seek_epoch(epoch);
+            }
+            keys.extend(epoch_keys(&mut s, epoch, cut));
+            states.push(s.state());
+        }
+        (keys, states)
+    };
+    for (old_w, new_w) in [(2usize, 1usize), (1, 2), (2, 3), (4, 2)] {
+        for cut in [0usize, 3, 12, 40, 90] {
+            if cut * old_w >= all {
+                continue; // the epoch read through: tested below
+            }
+            let (before, saved) = open_at(old_w, cut, 1);
+            let mut after = Vec::new();
+            let mut per_rank = Vec::new();
+            for r in 0..new_w {
+                let mut s = stream(tmp.path(), c(r, new_w));
+                let j = s.rejoin(&saved).unwrap();
+                assert_eq!((j.epoch, j.saved_world, j.next_epoch), (1, old_w, false));
+                let k = epoch_keys(&mut s, 1, usize::MAX);
+                per_rank.push(k.clone());
+                after.extend(k);
+            }
+            let what = format!("{old_w} -> {new_w} ranks, cut {cut}");
+            let mut union: Vec<&String> = before.iter().chain(&after).collect();
+            union.sort();
+            union.dedup();
+            assert_eq!(union.len(), all, "nothing skipped: {what}");
+            // A shuffle buffer of B keeps some samples of earlier shards for about
+            // B ln B further samples, and a shard counts as read through only once
+            // its last sample is out: what is read twice is of that order per saved
+            // rank, whatever the cut.
+            let twice = before.len() + after.len() - all;
+            assert!(
+                twice <= old_w * (6 * buffer + largest),
+                "{twice} samples read twice: {what}"
+            );
+            if cut >= 40 {
+                assert!(twice * 2 < before.len(), "{twice} read twice: {what}");
+            }
+            // The new ranks read disjoint shards.
+            let mut a = after.clone();
+            a.sort();
+            a.dedup();
+            assert_eq!(a.len(), after.len(), "{what}");
+            assert!(per_rank.iter().all(|k| !k.is_empty()), "{what}");
+        }
+    }
+    // The rejoined epoch resumes exactly from a state saved in it (JSON round trip)...
+    let (_, saved) = open_at(2, 20, 1);
+    let mut s = stream(tmp.path(), c(0, 1));
+    s.rejoin(&saved).unwrap();
+    let mut s2 = stream(tmp.path(), c(0, 1));
+    s2.rejoin(&saved).unwrap();
+    let whole = render(&mut s2, 10_000);
+    let head = render(&mut s, 9);
+    let state: StreamState =
+        serde_json::from_str(&serde_json::to_string(&s.state()).unwrap()).unwrap();
+    assert!(state.excluded.is_some());
+    let mut r = stream(tmp.path(), c(0, 1));
+    r.restore(&state).unwrap();
+    assert_eq!([head, render(&mut r, 10_000)].concat(), whole);
+    // ... and past its end the epochs are the usual ones.
+    let fresh = render(&mut stream(tmp.path(), c(0, 1)), 10_000);
+    let tail = |v: &[String]| v[v.iter().position(|l| l.starts_with("2#")).unwrap()..].to_vec();
+    assert_eq!(tail(&whole), tail(&fresh));
+    // A second change of world size within the rejoined epoch: 2 -> 3 -> 1 ranks.
+    let (before, saved) = open_at(2, 15, 1);
+    let mut mid = Vec::new();
+    let mut saved3 = Vec::new();
+    for r in 0..3 {
+        let mut s = stream(tmp.path(), c(r, 3));
+        s.rejoin(&saved).unwrap();
+        mid.extend(epoch_keys(&mut s, 1, 6));
+        saved3.push(s.state());
+    }
+    let mut s = stream(tmp.path(), c(0, 1));
+    let j = s.rejoin(&saved3).unwrap();
+    assert!(j.shards_done > 0, "{j:?}");
+    let rest = epoch_keys(&mut s, 1, usize::MAX);
+    let mut union: Vec<&String> = before.iter().chain(&mid).chain(&rest).collect();
+    union.sort();
+    union.dedup();
+    assert_eq!(union.len(), all, "nothing skipped after two changes");
+    // Saved one sample before the end of the epoch: fewer shards are left than the 40
+    // new ranks, so they start the next epoch.
+    let saved: Vec<StreamState> = (0..2)
+        .map(|r| {
+            let n = epoch_keys(&mut stream(tmp.path(), c(r, 2)), 0, usize::MAX).len();
+            let mut s = stream(tmp.path(), c(r, 2));
+            epoch_keys(&mut s, 0, n - 1);
+            s.state()
+        })
+        .collect();
+    let mut s = stream(tmp.path(), c(5, 40));
+    let j = s.rejoin(&saved).unwrap();
+    assert_eq!((j.epoch, j.next_epoch), (1, true), "{j:?}");
+    assert!(j.shards_left > 0 && j.shards_left < 40, "{j:?}");
+    assert!(
+        j.describe(40).contains("goes on with epoch 1"),
+        "{}",
+        j.describe(40)
+    );
+    let mut fresh = stream(tmp.path(), c(5, 40));
+    fresh.seek_epoch(1);
+    assert_eq!(
+        epoch_keys(&mut s, 1, usize::MAX),
+        epoch_keys(&mut fresh, 1, usize::MAX)
+    );
+    // Positions saved with other settings are refused, naming the rank.
+    let mut s = stream(tmp.path(), StreamConfig { seed: 9, ..c(0, 1) });
+    let e = s.rejoin(&saved).unwrap_err().to_string();
+    assert!(
+        e.contains("rank 0 of 2") && e.contains("another shard list"),
+        "{e}"
+    );
+}
+
+/// Issue 6: with the default epoch rules (dropped remainder, equalised sample counts),
+/// the new ranks of a rejoined epoch still yield the same number of samples each (so
+/// their batches stay in step), and nothing the saved run would have read is skipped.
+#[test]
+fn issue6_rejoin_keeps_the_ranks_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sizes: Vec<u64> = (0..13).map(|i| 4 + (i * 3) % 6).collect();
+    dataset(tmp.path(), &sizes);
+    let c = |rank, world| StreamConfig {
+        epochs: Some(2),
+        ..cfg(2, rank, world)
+    };
+    for (old_w, new_w, cut) in [(2usize, 3usize, 17usize), (3, 2, 9), (2, 4, 4)] {
+        let mut saved = Vec::new();
+        let mut before = Vec::new();
+        let mut would = Vec::new();
+        for r in 0..old_w {
+            let mut s = stream(tmp.path(), c(r, old_w));
+            before.extend(epoch_keys(&mut s, 0, cut));
+            saved.push(s.state());
+            let mut whole = stream(tmp.path(), c(r, old_w));
+            would.extend(epoch_keys(&mut whole, 0, usize::MAX));
+        }
+        let mut counts = Vec::new();
+        let mut after = Vec::new();
+        for r in 0..new_w {
+            let mut s = stream(tmp.path(), c(r, new_w));
+            s.rejoin(&saved).unwrap();
+            let k = epoch_keys(&mut s, 0, usize::MAX);
+            counts.push(k.len());
+            after.extend(k);
+        }
+        let what = format!("{old_w} -> {new_w} ranks, cut {cut}");
+        assert!(
+            counts.iter().all(|&n| n == counts[0] && n > 0),
+            "{counts:?}: {what}"
+        );
+        // What the old run would have read is read, but for what the new split's own
+        // remainder and equalising leave out.
+        let seen: std::collections::HashSet<&String> = before.iter().chain(&after).collect();
+        let missed = would.iter().filter(|k| !seen.contains(k)).count();
+        // At most the new split's dropped remainder (fewer than `new_w` shards) and
+        // what equalising trims (under a shard per rank).
+        let largest = *sizes.iter().max().unwrap() as usize;
+        assert!(missed < 2 * new_w * largest, "{missed} missed: {what}");
+    }
+}
+
 /// Issue 6 (resume after a failure): a run whose data was staged to another directory
 /// (a per-job scratch copy, another mount point) resumes where it was; a different
 /// shard list still does not.

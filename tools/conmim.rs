@@ -65,7 +65,8 @@ enum Cmd {
     /// OUT/summary.json. `--resume auto` continues from the newest checkpoint in OUT
     /// exactly (same batches, same random draws); with another number of torchrun ranks
     /// than the checkpoint's, the model and optimiser still resume exactly, and the data
-    /// restarts its epoch with the new split.
+    /// goes on with the shards of its epoch that the saved ranks had not read through,
+    /// split anew.
     ///
     /// SIGTERM (a scheduler's preemption) or Ctrl-C stops the run after the step in
     /// progress, with a checkpoint of it, and exits with status 143 (130 for Ctrl-C);

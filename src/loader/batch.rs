@@ -7,7 +7,7 @@ use crate::stream::StreamState;
 
 /// Where a loader is, for resuming: saved after a batch, it makes a new loader start
 /// with the batch that follows (see [`Loader::with_state`](super::Loader::with_state)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
     /// The stream's position just after the last sample of the batch.
     pub stream: StreamState,
@@ -92,7 +92,7 @@ impl Batch {
 
     /// The state to save to resume after this batch.
     pub fn state(&self) -> LoaderState {
-        self.state
+        self.state.clone()
     }
 
     /// Side of the square views.

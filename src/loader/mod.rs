@@ -1114,12 +1114,12 @@ impl Collator {
             epoch: self.epoch,
             index: self.next_batch,
             state: LoaderState {
-                stream: state,
                 next_batch: if state.epoch == self.epoch {
                     self.next_batch + 1
                 } else {
                     0
                 },
+                stream: state,
                 settings: self.settings,
             },
             image_size: self.image_size,

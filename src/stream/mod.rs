@@ -68,6 +68,24 @@
 //! by their names relative to the directory they all share, so the same shards moved
 //! elsewhere (a per-job scratch copy, another mount point, an http mirror) resume.
 //!
+//! # Resume with another world size
+//! A run resumed on fewer or more ranks cannot take up each saved rank's position: the
+//! shards are split differently. [`Stream::rejoin`] takes every saved rank's state and
+//! goes on with the earliest epoch a saved rank was in, less the shards the saved ranks
+//! had *read through* — the first [`StreamState::done`] shards of each one's plan,
+//! every sample of which had been yielded (all of them for a rank already in a later
+//! epoch). The rest of the epoch's permutation is split over the new ranks by the
+//! rules above, as if it were the whole list; the left-out shards travel in the state
+//! ([`StreamState::excluded`]), so the rejoined epoch resumes exactly in its turn and a
+//! further change of world size adds to them; the next epoch is an ordinary one. When
+//! fewer shards than ranks are left, the next epoch starts instead (the few left are
+//! that epoch's remainder). Nothing is skipped; what is read twice are the samples the
+//! saved ranks had yielded from shards they had begun but not read through. A shuffle
+//! buffer of `B` samples keeps a few samples of a shard for about `B ln B` more, so
+//! that is of the order of `B ln B` samples per saved rank (simulated with the default
+//! 2,048 and ImageNet's 1,281-sample shards: 14-22 thousand), against up to the whole
+//! epoch when the epoch starts afresh ([`Stream::seek_epoch`]).
+//!
 //! # Errors
 //! A shard that cannot be opened or is damaged yields the samples complete before the
 //! damage, then one [`Event::ShardError`] (url + error), and the stream goes on with
@@ -92,7 +110,8 @@ pub use http::{
 };
 pub use plan::{
     DEFAULT_SEED, DEFAULT_SHUFFLE_BUFFER, ENV_RANK, ENV_WORLD_SIZE, EpochPlan, MAX_SHUFFLE_BUFFER,
-    Mode, Remainder, StreamConfig, epoch_plan, parse_dist_env, shard_order, stream_id,
+    Mode, Remainder, StreamConfig, epoch_plan, epoch_plan_excluding, parse_dist_env, shard_order,
+    stream_id,
 };
 pub use reader::{
     MAX_MEMBER_BYTES, MAX_META_BYTES, RawSample, ShardSamples, TarDamage, TarEntry, TarReader,
@@ -143,7 +162,7 @@ pub enum Event {
 }
 
 /// Where a stream is, for resuming (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamState {
     /// [`STATE_VERSION`].
     pub version: u32,
@@ -155,10 +174,82 @@ pub struct StreamState {
     pub events: u64,
     /// Hash of the order-deciding config and the shard list.
     pub fingerprint: u64,
+    /// How many shards at the front of this rank's plan for the epoch are read through
+    /// and all their samples yielded ([`Stream::rejoin`] skips them; 0 in states saved
+    /// before it existed: nothing is skipped).
+    #[serde(default)]
+    pub done: u64,
+    /// The shards (positions in the list) this epoch leaves out because they were read
+    /// before a change of world size ([`Stream::rejoin`]); `None` in an ordinary epoch.
+    /// Shared, so a state is cheap to clone for every sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<Arc<[usize]>>,
+}
+
+/// What [`Stream::rejoin`] made of the saved ranks' positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejoin {
+    /// The epoch the stream goes on with.
+    pub epoch: u64,
+    /// Ranks of the saved run.
+    pub saved_world: usize,
+    /// Shards of `epoch` that the saved ranks had read through (left out now).
+    pub shards_done: usize,
+    /// Shards of `epoch` still to be read, split over the new ranks.
+    pub shards_left: usize,
+    /// Samples the saved ranks had yielded that are read again: those of shards they
+    /// had not finished (and of an epoch some of them had begun after `epoch`);
+    /// `None` when the shards' sample counts are unknown (no manifest).
+    pub reread: Option<u64>,
+    /// Too few shards were left of the saved epoch for the new ranks (fewer than the
+    /// world size), so the stream starts the next epoch instead.
+    pub next_epoch: bool,
+}
+
+impl Rejoin {
+    /// One line for the log: what a resume across world sizes does to the data.
+    pub fn describe(&self, world: usize) -> String {
+        let ranks = |n: usize| {
+            if n == 1 {
+                "1 process".to_string()
+            } else {
+                format!("{n} ranks")
+            }
+        };
+        let reread = match self.reread {
+            Some(n) => format!("about {n} samples"),
+            None => "the samples".into(),
+        };
+        let how = if self.next_epoch {
+            format!(
+                "so the data goes on with epoch {} with the new split (the {} shard(s) left \
+                 of epoch {} are fewer than the ranks: they are left out of it, as an \
+                 epoch's remainder is)",
+                self.epoch,
+                self.shards_left,
+                self.epoch.saturating_sub(1)
+            )
+        } else {
+            format!(
+                "so the data goes on with the {} shards of epoch {} that the saved ranks had \
+                 not finished ({} were done), split anew",
+                self.shards_left, self.epoch, self.shards_done
+            )
+        };
+        format!(
+            "the checkpoint is from a run of {} and this run has {}: the weights, optimiser \
+             and schedules resume exactly, but the shards are split over the ranks \
+             differently, {how}; {reread} of shards the saved ranks had begun but not \
+             finished are read again, nothing is skipped",
+            ranks(self.saved_world),
+            ranks(world),
+        )
+    }
 }
 
 enum Pull {
-    Sample(RawSample),
+    /// A sample and its position in the plan.
+    Sample(usize, RawSample),
     Error(String, Error),
     Exhausted,
 }
@@ -174,7 +265,14 @@ pub struct Stream {
     next_shard: usize,
     current: Option<ShardSamples>,
     input_done: bool,
-    buffer: ShuffleBuffer<RawSample>,
+    /// Samples with their plan position.
+    buffer: ShuffleBuffer<(usize, RawSample)>,
+    /// Per plan position: samples read and not yet yielded.
+    pending: Vec<u32>,
+    /// Plan positions at the front read through with every sample yielded.
+    done: usize,
+    /// Shards this epoch leaves out ([`Stream::rejoin`]).
+    excluded: Option<Arc<[usize]>>,
     read: u64,
     samples: u64,
     events: u64,
@@ -267,6 +365,9 @@ impl Stream {
             current: None,
             input_done: false,
             buffer,
+            pending: Vec::new(),
+            done: 0,
+            excluded: None,
             read: 0,
             samples: 0,
             events: 0,
@@ -275,6 +376,7 @@ impl Stream {
             errors: Vec::new(),
             cfg,
         };
+        s.start_epoch(0, None);
         s.finished = s.past_last_epoch();
         Ok(s)
     }
@@ -315,6 +417,8 @@ impl Stream {
             samples: self.samples,
             events: self.events,
             fingerprint: self.fingerprint,
+            done: self.done as u64,
+            excluded: self.excluded.clone(),
         }
     }
 
@@ -339,7 +443,7 @@ impl Stream {
                 self.list.shards().first().map_or("", |s| s.url.as_str()),
             )));
         }
-        self.start_epoch(state.epoch);
+        self.start_epoch(state.epoch, state.excluded.clone());
         self.skip = state.events;
         self.finished = self.past_last_epoch();
         Ok(())
@@ -350,8 +454,107 @@ impl Stream {
     /// passed its first `epoch` epochs. For a run that cannot resume exactly (a
     /// checkpoint of another world size, whose per-rank positions do not apply).
     pub fn seek_epoch(&mut self, epoch: u64) {
-        self.start_epoch(epoch);
+        self.start_epoch(epoch, None);
         self.finished = self.past_last_epoch();
+    }
+
+    /// Goes on from the positions `saved` of the ranks of a run of another world size
+    /// (one state per saved rank, in rank order): a job resumed on fewer or more GPUs,
+    /// an elastic rendezvous back with another number of nodes. The per-rank positions
+    /// do not fit this run's split of the shards, so the stream takes up the earliest
+    /// epoch a saved rank was in, leaves out the shards every saved rank had read
+    /// through (with all their samples yielded: [`StreamState::done`]; a rank already
+    /// in a later epoch had read through all of its shards) and splits the rest of the
+    /// epoch's permutation over this run's ranks, by the usual rules
+    /// ([`epoch_plan_excluding`]). Every rank of the new run computes the same split.
+    /// Nothing is skipped: the samples a saved rank had yielded from shards it had not
+    /// read through are read again (see the module docs: of the order of `B ln B` for a
+    /// shuffle buffer of `B`). When fewer shards than ranks are left, the next epoch starts
+    /// instead. [`Mode::Resampled`] has nothing to leave out: the epoch starts afresh.
+    /// Refuses states saved with another shard list or order-deciding settings.
+    pub fn rejoin(&mut self, saved: &[StreamState]) -> Result<Rejoin> {
+        let w = saved.len();
+        let Some(epoch) = saved.iter().map(|s| s.epoch).min() else {
+            return Err(Error::Config("rejoin: no saved rank positions".into()));
+        };
+        let counts: Option<Vec<u64>> = self.list.shards().iter().map(|s| s.nsamples).collect();
+        let n = self.list.len();
+        // The exclusions the saved epoch already had (a second change of world size
+        // within one epoch): the same for every rank that was in it.
+        let prior: Vec<usize> = saved
+            .iter()
+            .find(|s| s.epoch == epoch)
+            .and_then(|s| s.excluded.as_deref())
+            .unwrap_or(&[])
+            .to_vec();
+        let mut gone = vec![false; n];
+        for &i in prior.iter().filter(|&&i| i < n) {
+            gone[i] = true;
+        }
+        let mut reread = Some(0u64);
+        for (r, s) in saved.iter().enumerate() {
+            let old = StreamConfig {
+                rank: r,
+                world_size: w,
+                ..self.cfg.clone()
+            };
+            if s.version != STATE_VERSION
+                || (s.fingerprint != fingerprint(&self.list, &old)
+                    && s.fingerprint != legacy_fingerprint(&self.list, &old))
+            {
+                return Err(Error::Config(format!(
+                    "the saved position of rank {r} of {w} was written with another shard \
+                     list (names, order or sample counts), seed, mode or shuffle setting \
+                     than this run's ({n} shards from {}); resume with the shards and \
+                     settings of the saved run, or start a new run",
+                    self.list.shards().first().map_or("", |s| s.url.as_str()),
+                )));
+            }
+            if self.cfg.mode == Mode::Resampled {
+                continue;
+            }
+            let plan = plan::epoch_plan_excluding(&self.list, &old, epoch, &prior).shards;
+            let (finished, yielded) = if s.epoch > epoch {
+                (plan.as_slice(), 0)
+            } else {
+                (&plan[..(s.done as usize).min(plan.len())], s.samples)
+            };
+            for &i in finished {
+                gone[i] = true;
+            }
+            let later = if s.epoch > epoch { s.samples } else { 0 };
+            reread = match (reread, &counts) {
+                (Some(acc), Some(c)) => {
+                    let in_done: u64 = finished.iter().map(|&i| c[i]).sum();
+                    Some(acc + yielded.saturating_sub(in_done) + later)
+                }
+                _ => None,
+            };
+        }
+        let excluded: Vec<usize> = (0..n).filter(|&i| gone[i]).collect();
+        let left = n - excluded.len();
+        let mut out = Rejoin {
+            epoch,
+            saved_world: w,
+            shards_done: excluded.len(),
+            shards_left: left,
+            reread,
+            next_epoch: false,
+        };
+        if self.cfg.mode == Mode::Resampled {
+            out.reread = None;
+            self.seek_epoch(epoch);
+        } else if excluded.is_empty() {
+            self.seek_epoch(epoch);
+        } else if left < self.cfg.world_size {
+            out.epoch = epoch + 1;
+            out.next_epoch = true;
+            self.seek_epoch(epoch + 1);
+        } else {
+            self.start_epoch(epoch, Some(excluded.into()));
+            self.finished = self.past_last_epoch();
+        }
+        Ok(out)
     }
 
     /// The next sample, collecting shard errors (see [`Stream::take_errors`]) and
@@ -375,9 +578,19 @@ impl Stream {
         self.cfg.epochs.is_some_and(|n| self.epoch >= n)
     }
 
-    fn start_epoch(&mut self, epoch: u64) {
+    /// Moves to the start of `epoch`, leaving out the shards `excluded`.
+    fn start_epoch(&mut self, epoch: u64, excluded: Option<Arc<[usize]>>) {
         self.epoch = epoch;
-        self.plan = epoch_plan(&self.list, &self.cfg, epoch);
+        self.plan = plan::epoch_plan_excluding(
+            &self.list,
+            &self.cfg,
+            epoch,
+            excluded.as_deref().unwrap_or(&[]),
+        );
+        self.excluded = excluded;
+        self.pending.clear();
+        self.pending.resize(self.plan.shards.len(), 0);
+        self.done = 0;
         self.next_shard = 0;
         self.current = None;
         self.input_done = false;
@@ -398,7 +611,7 @@ impl Stream {
                 match cur.next() {
                     Some(Ok(s)) => {
                         self.read += 1;
-                        return Pull::Sample(s);
+                        return Pull::Sample(self.next_shard - 1, s);
                     }
                     Some(Err(e)) => {
                         let url = s_url(cur);
@@ -423,7 +636,18 @@ impl Stream {
         }
     }
 
-    fn emit(&mut self, sample: RawSample) -> Event {
+    /// Moves `done` past the plan positions at the front that are read through with
+    /// every sample yielded.
+    fn advance_done(&mut self) {
+        let over = self.next_shard - usize::from(self.current.is_some());
+        while self.done < over && self.pending[self.done] == 0 {
+            self.done += 1;
+        }
+    }
+
+    fn emit(&mut self, (pos, sample): (usize, RawSample)) -> Event {
+        self.pending[pos] -= 1;
+        self.advance_done();
         let number = self.samples;
         self.samples += 1;
         Event::Sample(StreamSample {
@@ -437,13 +661,20 @@ impl Stream {
     fn step(&mut self) -> Option<Event> {
         while !self.input_done {
             match self.pull() {
-                Pull::Sample(s) => {
-                    if let Some(out) = self.buffer.push(s) {
+                Pull::Sample(pos, s) => {
+                    self.pending[pos] += 1;
+                    if let Some(out) = self.buffer.push((pos, s)) {
                         return Some(self.emit(out));
                     }
                 }
-                Pull::Error(url, error) => return Some(Event::ShardError { url, error }),
-                Pull::Exhausted => self.input_done = true,
+                Pull::Error(url, error) => {
+                    self.advance_done();
+                    return Some(Event::ShardError { url, error });
+                }
+                Pull::Exhausted => {
+                    self.input_done = true;
+                    self.advance_done();
+                }
             }
         }
         let out = self.buffer.drain()?;
@@ -474,7 +705,7 @@ impl Iterator for Stream {
                 }
                 None => {
                     let (epoch, samples) = (self.epoch, self.samples);
-                    self.start_epoch(epoch + 1);
+                    self.start_epoch(epoch + 1, None);
                     self.finished = samples == 0 || self.past_last_epoch();
                     return Some(Event::EpochEnd { epoch, samples });
                 }

@@ -220,6 +220,9 @@ pub fn shard_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize>
 
 fn rank_shards(order: &[usize], cfg: &StreamConfig, rank: usize) -> Vec<usize> {
     let (n, w) = (order.len(), cfg.world_size);
+    if n == 0 {
+        return Vec::new();
+    }
     match cfg.remainder {
         Remainder::Drop => (0..n / w).map(|k| order[rank + k * w]).collect(),
         Remainder::Pad => (0..n.div_ceil(w))
@@ -231,10 +234,31 @@ fn rank_shards(order: &[usize], cfg: &StreamConfig, rank: usize) -> Vec<usize> {
 
 /// The plan of `cfg.rank` for `epoch` (`cfg.validate_for(list)` must hold).
 pub fn epoch_plan(list: &ShardList, cfg: &StreamConfig, epoch: u64) -> EpochPlan {
+    epoch_plan_excluding(list, cfg, epoch, &[])
+}
+
+/// The plan of `cfg.rank` for what is left of `epoch` once the shards `excluded` (their
+/// positions in the list) have been read: the epoch's permutation less those shards,
+/// split over the ranks as [`epoch_plan`] splits the whole of it (remainder and sample
+/// equalisation over what is left). For a run resumed with another world size (see
+/// [`Stream::rejoin`](super::Stream::rejoin)). [`Mode::Resampled`] excludes nothing.
+pub fn epoch_plan_excluding(
+    list: &ShardList,
+    cfg: &StreamConfig,
+    epoch: u64,
+    excluded: &[usize],
+) -> EpochPlan {
     let n = list.len();
     match cfg.mode {
         Mode::Epoch => {
-            let order = shard_order(n, cfg.seed, epoch, cfg.shuffle_shards);
+            let mut order = shard_order(n, cfg.seed, epoch, cfg.shuffle_shards);
+            if !excluded.is_empty() {
+                let mut gone = vec![false; n];
+                for &i in excluded.iter().filter(|&&i| i < n) {
+                    gone[i] = true;
+                }
+                order.retain(|&i| !gone[i]);
+            }
             let shards = rank_shards(&order, cfg, cfg.rank);
             let counts: Option<Vec<u64>> = list.shards().iter().map(|s| s.nsamples).collect();
             let sample_limit = match counts {

@@ -54,7 +54,8 @@ pub struct CheckpointState {
     pub loader_state: Option<LoaderState>,
     /// Data parallelism: every rank's loader position (index = rank); empty for a
     /// single-process run. A run with the same WORLD_SIZE resumes each rank exactly;
-    /// another world size restarts the data epoch ([`super::dist::resume_at`]).
+    /// another world size goes on with the shards of the epoch the saved ranks had not
+    /// read through ([`super::dist::resume_at`], [`crate::stream::Stream::rejoin`]).
     #[serde(default)]
     pub rank_loader_states: Vec<LoaderState>,
     /// Parameter names of the optimiser groups, in flat-buffer order.
@@ -230,7 +231,7 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
             config: trainer.cfg.clone(),
             lr_schedule: trainer.lr,
             momentum_schedule: trainer.momentum,
-            loader_state: trainer.loader_state,
+            loader_state: trainer.loader_state.clone(),
             rank_loader_states: trainer.rank_loader_states.clone(),
             optimizer_layout: trainer.opt.layout(),
         };

@@ -576,9 +576,37 @@ impl ProcessGroup {
             s.stream.fingerprint as i64,
             s.next_batch as i64,
             s.settings as i64,
+            s.stream.done as i64,
+            s.stream.excluded.as_ref().map_or(-1, |e| e.len() as i64),
         ];
-        Ok(self
-            .gather_i64(&mine)?
+        let rows = self.gather_i64(&mine)?;
+        // The shards an epoch resumed across world sizes leaves out: the same list on
+        // every rank still in that epoch (none on a rank already past it), sent once by
+        // the first rank that has it.
+        let excluded: Option<std::sync::Arc<[usize]>> = match rows.iter().position(|r| r[8] >= 0) {
+            None => None,
+            Some(root) => {
+                let len = rows[root][8] as usize;
+                let list: Vec<i64> = if root == self.rank {
+                    s.stream
+                        .excluded
+                        .as_deref()
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|&i| i as i64)
+                        .collect()
+                } else {
+                    vec![0; len]
+                };
+                let t = Tensor::from_slice(&list);
+                if len > 0 {
+                    self.broadcast(&t, root)?;
+                }
+                let got = Vec::<i64>::try_from(&t)?;
+                Some(got.into_iter().map(|i| i as usize).collect())
+            }
+        };
+        Ok(rows
             .into_iter()
             .map(|r| crate::loader::LoaderState {
                 stream: crate::stream::StreamState {
@@ -587,6 +615,8 @@ impl ProcessGroup {
                     samples: r[2] as u64,
                     events: r[3] as u64,
                     fingerprint: r[4] as u64,
+                    done: r[7] as u64,
+                    excluded: if r[8] >= 0 { excluded.clone() } else { None },
                 },
                 next_batch: r[5] as u64,
                 settings: r[6] as u64,
@@ -616,58 +646,22 @@ pub fn rank_ranges(ranks: &[usize]) -> String {
 }
 
 /// Where a rank's training loader resumes (see [`resume_at`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeAt {
     /// At the start of the data (nothing saved).
     Start,
     /// Exactly where the saved run was: this rank's own saved position.
     Exact(crate::loader::LoaderState),
-    /// The checkpoint is from a run of another world size (`saved_world` ranks), whose
-    /// per-rank positions do not apply to this run's split of the shards: every rank
-    /// starts data epoch `epoch` (the earliest a saved rank was in) afresh with the new
-    /// split. Nothing is skipped; the `read` samples of it the saved ranks had read
-    /// (counting the ranks that were still in it) are read again.
-    EpochStart {
-        epoch: u64,
-        saved_world: usize,
-        read: u64,
-    },
-}
-
-impl ResumeAt {
-    /// The line that says what a resume across world sizes does to the data (None when
-    /// the data resumes exactly).
-    pub fn notice(&self, world: usize) -> Option<String> {
-        let ResumeAt::EpochStart {
-            epoch,
-            saved_world,
-            read,
-        } = *self
-        else {
-            return None;
-        };
-        let (was, now) = (ranks_word(saved_world), ranks_word(world));
-        Some(format!(
-            "the checkpoint is from a run of {was} and this run has {now}: the weights, \
-             optimiser and schedules resume exactly, but the shards are split over the \
-             ranks differently, so the data restarts epoch {epoch} from its start with \
-             the new split (the {read} samples of it read before the checkpoint are read \
-             again; nothing is skipped)"
-        ))
-    }
-}
-
-fn ranks_word(n: usize) -> String {
-    if n == 1 {
-        "1 process".into()
-    } else {
-        format!("{n} ranks")
-    }
+    /// The checkpoint is from a run of another world size: the saved ranks' positions
+    /// (in rank order), which do not apply to this run's split of the shards one by
+    /// one. Every rank goes on with the shards of the saved epoch that no saved rank
+    /// had read through, split anew ([`crate::stream::Stream::rejoin`]).
+    OtherWorld(Vec<crate::loader::LoaderState>),
 }
 
 /// Where rank `rank` of `world` resumes: its own entry of a multi-rank checkpoint
 /// (`per_rank`, one state per rank) or the single-process one (`single`), exactly,
-/// when the world size is the one saved; else [`ResumeAt::EpochStart`] (a job resumed
+/// when the world size is the one saved; else [`ResumeAt::OtherWorld`] (a job resumed
 /// on fewer or more GPUs, or an elastic rendezvous that came back with another number
 /// of nodes).
 pub fn resume_at(
@@ -682,44 +676,47 @@ pub fn resume_at(
         per_rank.to_vec()
     };
     if saved.is_empty() {
-        return ResumeAt::Start;
-    }
-    if saved.len() == world {
-        return ResumeAt::Exact(saved[rank]);
-    }
-    let epoch = saved.iter().map(|s| s.stream.epoch).min().unwrap_or(0);
-    ResumeAt::EpochStart {
-        epoch,
-        saved_world: saved.len(),
-        read: saved
-            .iter()
-            .filter(|s| s.stream.epoch == epoch)
-            .map(|s| s.stream.samples)
-            .sum(),
+        ResumeAt::Start
+    } else if saved.len() == world {
+        ResumeAt::Exact(saved[rank].clone())
+    } else {
+        ResumeAt::OtherWorld(saved)
     }
 }
 
-/// Opens the training loader over `data` with `cfg` (this rank's) where `at` says.
+/// Opens the training loader over `data` with `cfg` (this rank's) where `at` says;
+/// with [`ResumeAt::OtherWorld`], also what became of the saved positions (for the
+/// log: [`crate::stream::Rejoin::describe`]).
 pub fn open_loader_at(
     data: &str,
     opts: &crate::stream::SourceOptions,
     cfg: crate::loader::LoaderConfig,
     at: &ResumeAt,
-) -> anyhow::Result<crate::loader::Loader> {
+) -> anyhow::Result<(crate::loader::Loader, Option<crate::stream::Rejoin>)> {
     use crate::loader::Loader;
     use crate::stream::Stream;
     use anyhow::Context;
     let open =
         || Stream::open(data, opts, cfg.stream.clone()).with_context(|| format!("opening {data}"));
     Ok(match at {
-        ResumeAt::Start => {
-            Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?
-        }
-        ResumeAt::Exact(s) => Loader::with_state(open()?, cfg, s).context("resuming the loader")?,
-        ResumeAt::EpochStart { epoch, .. } => {
+        ResumeAt::Start => (
+            Loader::open(data, opts, cfg).with_context(|| format!("opening {data}"))?,
+            None,
+        ),
+        ResumeAt::Exact(s) => (
+            Loader::with_state(open()?, cfg, s).context("resuming the loader")?,
+            None,
+        ),
+        ResumeAt::OtherWorld(saved) => {
             let mut stream = open()?;
-            stream.seek_epoch(*epoch);
-            Loader::new(stream, cfg).with_context(|| format!("opening {data}"))?
+            let states: Vec<_> = saved.iter().map(|s| s.stream.clone()).collect();
+            let rejoin = stream
+                .rejoin(&states)
+                .context("resuming the data of a run of another world size")?;
+            (
+                Loader::new(stream, cfg).with_context(|| format!("opening {data}"))?,
+                Some(rejoin),
+            )
         }
     })
 }
@@ -870,6 +867,8 @@ mod tests {
                 samples,
                 events: samples,
                 fingerprint: 7,
+                done: 1,
+                excluded: None,
             },
             next_batch: samples / 2,
             settings: 9,
@@ -877,8 +876,8 @@ mod tests {
     }
 
     /// Issue 6: where each rank's loader resumes. The same world size: its own saved
-    /// position, exactly; another one: the earliest saved epoch from its start, counting
-    /// the samples of it that will be read again.
+    /// position, exactly; another one: every saved rank's position, for the stream to
+    /// work out what is left of the epoch (`Stream::rejoin`, tested in tests/stream.rs).
     #[test]
     fn issue6_resume_at_follows_the_world_size() {
         assert_eq!(resume_at(&[], None, 0, 1), ResumeAt::Start);
@@ -894,47 +893,20 @@ mod tests {
             resume_at(&two[..1], Some(at(0, 1)), 0, 1),
             ResumeAt::Exact(at(3, 4))
         );
-        let fewer = ResumeAt::EpochStart {
-            epoch: 3,
-            saved_world: 2,
-            read: 10,
-        };
-        assert_eq!(resume_at(&two, None, 0, 1), fewer);
-        // Ranks in different epochs (no equalised epochs): the earliest, so nothing is
-        // skipped.
+        assert_eq!(
+            resume_at(&two, None, 0, 1),
+            ResumeAt::OtherWorld(two.to_vec())
+        );
         let apart = [at(4, 2), at(3, 6), at(3, 1)];
         for rank in 0..4 {
             assert_eq!(
                 resume_at(&apart, None, rank, 4),
-                ResumeAt::EpochStart {
-                    epoch: 3,
-                    saved_world: 3,
-                    read: 7
-                }
+                ResumeAt::OtherWorld(apart.to_vec())
             );
         }
-        let more = resume_at(&[], Some(at(1, 8)), 1, 2);
         assert_eq!(
-            more,
-            ResumeAt::EpochStart {
-                epoch: 1,
-                saved_world: 1,
-                read: 8
-            }
-        );
-        assert_eq!(ResumeAt::Exact(at(1, 1)).notice(1), None);
-        let n = more.notice(2).unwrap();
-        assert!(
-            n.starts_with("the checkpoint is from a run of 1 process and this run has 2 ranks")
-                && n.contains("restarts epoch 1 from its start")
-                && n.contains("the 8 samples of it read before the checkpoint are read again"),
-            "{n}"
-        );
-        assert!(
-            fewer
-                .notice(1)
-                .unwrap()
-                .contains("a run of 2 ranks and this run has 1 process")
+            resume_at(&[], Some(at(1, 8)), 1, 2),
+            ResumeAt::OtherWorld(vec![at(1, 8)])
         );
     }
 
@@ -1560,6 +1532,47 @@ mod tests {
             (1.5..7.0).contains(&secs),
             "timed out after {secs} s, set 2 s: {line}"
         );
+    }
+
+    /// Rank 0 is past an epoch resumed across world sizes, rank 1 still in it (so only
+    /// rank 1 holds its left-out shards); every rank gathers both positions. Runs only
+    /// as a child of `issue6_loader_positions_gather_with_their_left_out_shards`.
+    #[test]
+    fn gather_child() {
+        if std::env::var_os("CONMIM_GATHER_CHILD").is_none() {
+            return;
+        }
+        let env = DistEnv::from_env().unwrap().expect("WORLD_SIZE set");
+        let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(20)).unwrap();
+        let mut own = at(3 + (env.rank == 0) as u64, 10 + env.rank as u64);
+        own.stream.done = 4 + env.rank as u64;
+        if env.rank == 1 {
+            own.stream.excluded = Some(vec![2usize, 5, 11].into());
+        }
+        let all = pg.gather_loader_states(&own).unwrap();
+        let mut want = [at(4, 10), at(3, 11)];
+        want[0].stream.done = 4;
+        want[1].stream.done = 5;
+        want[1].stream.excluded = Some(vec![2usize, 5, 11].into());
+        assert_eq!(all, want);
+        println!("GATHER_OK rank {}", env.rank);
+    }
+
+    /// Issue 6: the loader positions a checkpoint of a multi-rank run holds carry what
+    /// `Stream::rejoin` needs: each rank's read-through shard count, and the shards an
+    /// epoch resumed across world sizes leaves out (held by the ranks still in it).
+    #[test]
+    fn issue6_loader_positions_gather_with_their_left_out_shards() {
+        if unavailable() {
+            return;
+        }
+        let outs = two_ranks(
+            "train::dist::tests::gather_child",
+            &[("CONMIM_GATHER_CHILD", "1")],
+        );
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.contains(&format!("GATHER_OK rank {r}")), "rank {r}:\n{o}");
+        }
     }
 
     /// Runs test `child` of this test binary as ranks 0 and 1 on loopback (rank 0 hosts

@@ -613,10 +613,10 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         http: o.http,
     };
     let at = trainer.resume_at();
-    if let (Some(notice), true) = (at.notice(trainer.world_size()), main) {
-        eprintln!("conmim pretrain: {notice}");
+    let (mut loader, rejoin) = trainer.open_loader_at(&o.data, &opts, &at)?;
+    if let (Some(r), true) = (rejoin, main) {
+        eprintln!("conmim pretrain: {}", r.describe(trainer.world_size()));
     }
-    let mut loader = trainer.open_loader_at(&o.data, &opts, &at)?;
 
     let pb = if o.progress && main {
         ProgressBar::new(total)
@@ -1469,8 +1469,11 @@ mod tests {
     /// Issue 6: a checkpoint resumed with another number of ranks (a job moved to fewer
     /// or more GPUs, an elastic rendezvous back with fewer nodes): the model, optimiser
     /// and schedules continue from the checkpoint's step; the per-rank data positions do
-    /// not apply to the new split, so the data restarts the epoch the saved ranks were
-    /// in, from its start, and rank 0 says so. 2 ranks -> 1 process, and 1 -> 2.
+    /// not apply to the new split, so the data goes on with the shards of the epoch
+    /// the saved ranks had not read through, split anew (here none was: two shards, each
+    /// still in the shuffle buffer), and rank 0 says so. 2 ranks -> 1 process, and 1 -> 2.
+    /// (Which shards are left out when some were read through: `Stream::rejoin`'s tests
+    /// in tests/stream.rs.)
     #[test]
     fn issue6_resume_with_another_number_of_ranks() {
         if !crate::train::testing::gloo_built() {
@@ -1520,9 +1523,10 @@ mod tests {
             text.contains(
                 "the checkpoint is from a run of 2 ranks and this run has 1 process: the \
                  weights, optimiser and schedules resume exactly, but the shards are split \
-                 over the ranks differently, so the data restarts epoch 1 from its start \
-                 with the new split (the 4 samples of it read before the checkpoint are \
-                 read again; nothing is skipped)"
+                 over the ranks differently, so the data goes on with the 2 shards of \
+                 epoch 1 that the saved ranks had not finished (0 were done), split anew; \
+                 about 4 samples of shards the saved ranks had begun but not finished are \
+                 read again, nothing is skipped"
             ),
             "{text}"
         );
@@ -1538,12 +1542,12 @@ mod tests {
         let text = two(&out, 6);
         assert!(
             text.contains("a run of 1 process and this run has 2 ranks")
-                && text.contains("restarts epoch 1 from its start")
-                && text.contains("the 4 samples of it"),
+                && text.contains("goes on with the 2 shards of epoch 1")
+                && text.contains("about 4 samples"),
             "{text}"
         );
         assert_eq!(
-            text.matches("restarts epoch").count(),
+            text.matches("split anew").count(),
             1,
             "rank 0 alone: {text}"
         );
@@ -1551,7 +1555,7 @@ mod tests {
         // The 2-rank step-6 checkpoint resumes exactly with 2 ranks (no notice; each
         // rank goes on from its own position: 2 more steps, 4 more samples each).
         let text = two(&out, 8);
-        assert!(!text.contains("restarts epoch"), "{text}");
+        assert!(!text.contains("split anew"), "{text}");
         assert_eq!(loader_at(&out), [(2, 2), (2, 2)]);
 
         // torchrun with one rank, then a plain process: the same world size, an exact
@@ -1564,7 +1568,7 @@ mod tests {
         assert!(o.status.success(), "{}", output_text(&o));
         assert_eq!(loader_at(&out), [(0, 8)]);
         let text = one(&out, 4);
-        assert!(!text.contains("restarts epoch"), "{text}");
+        assert!(!text.contains("split anew"), "{text}");
         assert_eq!(loader_at(&out), [(1, 4)]);
     }
 

@@ -189,11 +189,11 @@ impl Trainer {
         let Some(pg) = &self.dist else {
             return Ok(());
         };
-        let Some(s) = self.loader_state else {
+        let Some(s) = &self.loader_state else {
             bail!("rank {}: no loader position to save yet", pg.rank);
         };
         self.rank_loader_states = pg
-            .gather_loader_states(&s)
+            .gather_loader_states(s)
             .context("gathering loader positions")?;
         Ok(())
     }
@@ -208,7 +208,7 @@ impl Trainer {
     pub fn resume_at(&mut self) -> super::dist::ResumeAt {
         let at = super::dist::resume_at(
             &self.rank_loader_states,
-            self.loader_state,
+            self.loader_state.clone(),
             self.rank(),
             self.world_size(),
         );
@@ -239,18 +239,19 @@ impl Trainer {
         state: Option<&LoaderState>,
     ) -> Result<Loader> {
         let at = state.map_or(super::dist::ResumeAt::Start, |s| {
-            super::dist::ResumeAt::Exact(*s)
+            super::dist::ResumeAt::Exact(s.clone())
         });
-        self.open_loader_at(data, opts, &at)
+        Ok(self.open_loader_at(data, opts, &at)?.0)
     }
 
-    /// Opens the training loader for this run on `data` where `at` says.
+    /// Opens the training loader for this run on `data` where `at` says (and what
+    /// became of a checkpoint of another world size, for the log).
     pub fn open_loader_at(
         &self,
         data: &str,
         opts: &SourceOptions,
         at: &super::dist::ResumeAt,
-    ) -> Result<Loader> {
+    ) -> Result<(Loader, Option<crate::stream::Rejoin>)> {
         let mut cfg = self.cfg.loader_config();
         if let Some(pg) = &self.dist {
             // Per-rank batch; shards split by RANK / WORLD_SIZE (the stream's epoch rules).
@@ -353,8 +354,8 @@ impl Trainer {
         }
         self.opt.apply(grads, lr, self.cfg.clip_grad)?;
         self.ema.update(&self.opt, momentum)?;
-        if let Some(state) = x.state {
-            self.loader_state = Some(state);
+        if let Some(state) = &x.state {
+            self.loader_state = Some(state.clone());
         }
         self.samples += b as u64;
         Ok(StepStats {

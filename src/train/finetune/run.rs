@@ -667,11 +667,11 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         Some(r) => crate::train::dist::resume_at(&r.loader_states, None, rank, world),
         None => crate::train::dist::ResumeAt::Start,
     };
-    if let (Some(notice), true) = (at.notice(world), main) {
-        eprintln!("conmim finetune: {notice}");
-    }
-    let mut loader = crate::train::dist::open_loader_at(&o.data, &train_opts, lc, &at)
+    let (mut loader, rejoin) = crate::train::dist::open_loader_at(&o.data, &train_opts, lc, &at)
         .context("opening the training data")?;
+    if let (Some(r), true) = (rejoin, main) {
+        eprintln!("conmim finetune: {}", r.describe(world));
+    }
     // The position after the last batch trained on (saved at the end of each epoch).
     let mut loader_state: Option<crate::loader::LoaderState>;
     let pb = if o.progress && main {
