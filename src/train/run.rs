@@ -1572,6 +1572,71 @@ mod tests {
         assert_eq!(loader_at(&out), [(1, 4)]);
     }
 
+    /// Issue 6: a run resumed with another number of ranks leaves out the shards its
+    /// saved ranks had read through. 2 ranks over 8 shards of 4 samples (shuffle buffer
+    /// 4) stop 12 samples into their 16; one process goes on with the shards left (rank
+    /// 0 names how many were done), and its checkpoint, still in that epoch, carries
+    /// them; 2 ranks again go on from it, adding what the one process read through, and
+    /// complete the run.
+    #[test]
+    fn issue6_resume_with_another_number_of_ranks_leaves_out_read_shards() {
+        if !crate::train::testing::gloo_built() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        dataset(&data, &[4; 8]);
+        let out = dir.path().join("run");
+        let states = || {
+            let ck = checkpoint::latest(&checkpoint::dir_of(&out))
+                .unwrap()
+                .unwrap();
+            let s = checkpoint::read_state(&ck).unwrap();
+            if s.rank_loader_states.is_empty() {
+                s.loader_state.into_iter().collect()
+            } else {
+                s.rank_loader_states
+            }
+        };
+        let done_in = |text: &str| -> usize {
+            let at = text.find(" were done)").unwrap_or_else(|| panic!("{text}"));
+            let open = text[..at].rfind('(').unwrap();
+            text[open + 1..at].parse().unwrap()
+        };
+        let (ok, text) = two_rank_job(&out, 6, &[]);
+        assert!(ok, "{text}");
+        let saved = states();
+        assert!(
+            saved
+                .iter()
+                .all(|s| (s.stream.epoch, s.stream.samples) == (0, 12)),
+            "{saved:?}"
+        );
+        assert!(saved.iter().any(|s| s.stream.done > 0), "{saved:?}");
+
+        let mut c = one_process(RANK_CHILD);
+        rank_child_env(&mut c, &out, 8);
+        let o = c.output().unwrap();
+        let text = output_text(&o);
+        assert!(o.status.success(), "{text}");
+        let done = done_in(&text);
+        assert!(done > 0 && text.contains("split anew"), "{text}");
+        let one = states();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].stream.epoch, 0, "{one:?}");
+        assert_eq!(
+            one[0].stream.excluded.as_ref().map(|e| e.len()),
+            Some(done),
+            "{one:?}"
+        );
+
+        let (ok, text) = two_rank_job(&out, 10, &[]);
+        assert!(ok, "{text}");
+        assert!(done_in(&text) >= done, "{text}");
+        assert_completed(&out, 10, 2);
+    }
+
     /// Issue 6, elastic: a job of 1 to 2 nodes (`--nnodes 1:2`, c10d rendezvous,
     /// `--max-restarts 1`) loses a node for good (its agent and rank SIGKILLed, as a
     /// preempted machine; rank 0 or 1, whichever it ran): the surviving node's rank
