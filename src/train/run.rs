@@ -862,6 +862,20 @@ mod tests {
         last.into_iter().collect()
     }
 
+    /// The loader positions in run `out`'s last checkpoint: one per rank (a single
+    /// process: its own).
+    fn saved_positions(out: &Path) -> Vec<crate::loader::LoaderState> {
+        let ck = checkpoint::latest(&checkpoint::dir_of(out))
+            .unwrap()
+            .unwrap();
+        let s = checkpoint::read_state(&ck).unwrap();
+        if s.rank_loader_states.is_empty() {
+            s.loader_state.into_iter().collect()
+        } else {
+            s.rank_loader_states
+        }
+    }
+
     /// Run `out` completed `steps` steps: its last checkpoint is of that step and holds
     /// the loader positions of `ranks` ranks, and it logged one loss per step.
     fn assert_completed(out: &Path, steps: u64, ranks: usize) {
@@ -1482,16 +1496,7 @@ mod tests {
         let dir = with_dataset(); // 2 shards of 6 samples
         // (epoch, samples read in it) of each saved loader position of the last checkpoint.
         let loader_at = |out: &Path| -> Vec<(u64, u64)> {
-            let ck = checkpoint::latest(&checkpoint::dir_of(out))
-                .unwrap()
-                .unwrap();
-            let s = checkpoint::read_state(&ck).unwrap();
-            let states = if s.rank_loader_states.is_empty() {
-                s.loader_state.into_iter().collect()
-            } else {
-                s.rank_loader_states
-            };
-            states
+            saved_positions(out)
                 .iter()
                 .map(|l| (l.stream.epoch, l.stream.samples))
                 .collect()
@@ -1588,17 +1593,7 @@ mod tests {
         std::fs::create_dir(&data).unwrap();
         dataset(&data, &[4; 8]);
         let out = dir.path().join("run");
-        let states = || {
-            let ck = checkpoint::latest(&checkpoint::dir_of(&out))
-                .unwrap()
-                .unwrap();
-            let s = checkpoint::read_state(&ck).unwrap();
-            if s.rank_loader_states.is_empty() {
-                s.loader_state.into_iter().collect()
-            } else {
-                s.rank_loader_states
-            }
-        };
+        let states = || saved_positions(&out);
         let done_in = |text: &str| -> usize {
             let at = text.find(" were done)").unwrap_or_else(|| panic!("{text}"));
             let open = text[..at].rfind('(').unwrap();
