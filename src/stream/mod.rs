@@ -329,6 +329,20 @@ fn fingerprint_of<'a>(
     crate::seed::hash_str(0, &s)
 }
 
+/// A hash of what a shard list holds, as every rank of a job must see it: the shards'
+/// names (relative to the directory they share, so identical copies at other paths
+/// or an http mirror agree, as for resuming), in order, with their sample counts.
+pub fn list_fingerprint(list: &ShardList) -> u64 {
+    let mut s = String::new();
+    for (name, n) in shard_names(list)
+        .into_iter()
+        .zip(list.shards().iter().map(|s| s.nsamples))
+    {
+        s.push_str(&format!("{name}|{n:?}\n"));
+    }
+    crate::seed::hash_str(0, &s)
+}
+
 /// The fingerprint of a list and config, over [`shard_names`].
 fn fingerprint(list: &ShardList, cfg: &StreamConfig) -> u64 {
     let names = shard_names(list);
@@ -741,6 +755,22 @@ mod tests {
         assert_eq!(fingerprint(&local, &cfg), fingerprint(&mirror, &cfg));
         let swapped = list(&["/data/in1k/t-1.tar", "/data/in1k/t-0.tar"]);
         assert_ne!(fingerprint(&local, &cfg), fingerprint(&swapped, &cfg));
+        // What the ranks of a job compare: names and counts, not where the copy is.
+        assert_eq!(list_fingerprint(&local), list_fingerprint(&mirror));
+        assert_ne!(list_fingerprint(&local), list_fingerprint(&swapped));
+        let counted = |n: u64| {
+            ShardList::from_specs(
+                ["/d/a.tar", "/d/b.tar"]
+                    .iter()
+                    .map(|u| ShardSpec {
+                        url: u.to_string(),
+                        nsamples: Some(n),
+                    })
+                    .collect(),
+            )
+        };
+        assert_eq!(list_fingerprint(&counted(5)), list_fingerprint(&counted(5)));
+        assert_ne!(list_fingerprint(&counted(5)), list_fingerprint(&counted(6)));
     }
 
     /// A state saved before shard names (whole URLs) still resumes at the same place.

@@ -367,12 +367,25 @@ pub(crate) fn check_same_settings(
     };
     pg.broadcast(&buf, 0)?;
     let root: serde_json::Value = serde_json::from_slice(&Vec::<u8>::try_from(&buf)?)?;
-    let fix = "every node must run the same command line, config file and conmim build";
+    let fix = "every node must run the same command line, config file and conmim build, \
+               over the same shards";
     if differ.contains(&pg.rank) {
+        let keys = json_differences(&root, &mine, "rank 0", "this rank");
+        let data = keys.iter().any(|k| {
+            ["data.", "val_data.", "knn_data."]
+                .iter()
+                .any(|p| k.starts_with(p))
+        });
         bail!(
-            "conmim {cmd}: rank {} runs with other settings than rank 0 ({}): {fix}",
+            "conmim {cmd}: rank {} runs with other settings than rank 0 ({}): {}",
             pg.rank,
-            json_differences(&root, &mine, "rank 0", "this rank").join("; ")
+            keys.join("; "),
+            if data {
+                "the data must name the same shards, with the same sample counts, on \
+                 every node (a shared path, an http(s) manifest, or identical copies)"
+            } else {
+                fix
+            }
         );
     }
     bail!(
@@ -525,11 +538,37 @@ pub(crate) fn group_and_device(
 fn collective_settings(cfg: &PretrainConfig, o: &PretrainOptions) -> Result<serde_json::Value> {
     let mut config = serde_json::to_value(cfg)?;
     config["data_threads"] = serde_json::Value::Null;
+    let source = |split: &str| SourceOptions {
+        split: split.to_owned(),
+        allow_pipe: o.allow_pipe,
+        http: o.http,
+    };
     Ok(serde_json::json!({
         "config": config,
         "save_every": o.save_every,
         "knn": o.knn.as_ref().map(|k| (k.k, k.temperature)),
+        "data": data_identity(&o.data, &source(&o.split)),
+        "knn_data": o.knn.as_ref().map(|k| [
+            data_identity(&k.train, &source(&k.train_split)),
+            data_identity(&k.val, &source(&k.val_split)),
+        ]),
     }))
+}
+
+/// What a rank's data source holds, for [`check_same_settings`]: the number of shards,
+/// of samples (when known) and [`crate::stream::list_fingerprint`] (names and counts,
+/// not the path: identical copies at other paths agree), or the error resolving it.
+/// Ranks that see other shards would split the epoch inconsistently (shards read
+/// twice or never, or sample counts that end the ranks' epochs at other steps).
+pub(crate) fn data_identity(spec: &str, opts: &SourceOptions) -> serde_json::Value {
+    match crate::stream::ShardList::resolve(spec, opts) {
+        Ok(list) => serde_json::json!({
+            "shards": list.len(),
+            "samples": list.total_samples(),
+            "list": format!("{:016x}", crate::stream::list_fingerprint(&list)),
+        }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
 }
 
 /// Runs `conmim pretrain`.
@@ -1153,9 +1192,12 @@ mod tests {
                 o.faults.exit_after_step = Some(step.parse().unwrap());
             }
         }
-        // Rank 1 alone gets these `--set`s and this thread count (another node's
-        // config file, core count).
+        // Rank 1 alone gets these `--set`s, this thread count and this dataset (another
+        // node's config file, core count, copy of the data).
         if std::env::var("RANK").as_deref() == Ok("1") {
+            if let Some(d) = std::env::var_os("CONMIM_PRETRAIN_CHILD_RANK1_DATA") {
+                o.data = d.to_str().unwrap().into();
+            }
             if let Ok(set) = std::env::var("CONMIM_PRETRAIN_CHILD_RANK1_SET") {
                 o.sets.push(set);
             }
@@ -1783,7 +1825,10 @@ mod tests {
     /// config (here rank 1 with another mask ratio) would train differently from the
     /// others, or call its collectives at other steps and hang them until the timeout;
     /// instead both ranks fail at once, rank 1 naming the key and both values. What may
-    /// differ between nodes, the loader's thread count, does not count.
+    /// differ between nodes, the loader's thread count, does not count. The same for
+    /// the data: ranks that see other shards (another sample count in a node's copy,
+    /// no copy at all) would split the epoch inconsistently, or end their epochs at
+    /// other steps and hang; a copy at another path is fine.
     #[test]
     fn issue6_ranks_with_other_settings_fail_at_once() {
         if !crate::train::testing::gloo_built() {
@@ -1812,6 +1857,44 @@ mod tests {
             "{text}"
         );
         assert!(checkpoint_steps(&out).is_empty());
+
+        // The data: an identical copy elsewhere is fine (as on a node-local scratch
+        // disk); a copy with another sample count in one shard is not, nor is a
+        // missing one, and rank 1 names what differs.
+        let copy = dir.path().join("copy/of/data");
+        std::fs::create_dir_all(&copy).unwrap();
+        dataset(&copy, &[6, 6]);
+        let (ok, text) = launch(
+            &dir.path().join("copy-ok"),
+            &[("CONMIM_PRETRAIN_CHILD_RANK1_DATA", copy.to_str().unwrap())],
+        );
+        assert!(ok, "{text}");
+        let other = dir.path().join("other/data");
+        std::fs::create_dir_all(&other).unwrap();
+        dataset(&other, &[6, 5]);
+        let missing = dir.path().join("missing");
+        for (d, what) in [
+            (&other, "data.samples: rank 0 12, this rank 11"),
+            (&missing, "data.error: rank 0 null, this rank \""),
+        ] {
+            let out = dir
+                .path()
+                .join(format!("bad-{}", d.file_name().unwrap().display()));
+            let t0 = Instant::now();
+            let (ok, text) = launch(
+                &out,
+                &[("CONMIM_PRETRAIN_CHILD_RANK1_DATA", d.to_str().unwrap())],
+            );
+            assert!(!ok, "{text}");
+            assert!(t0.elapsed() < std::time::Duration::from_secs(40), "{text}");
+            assert!(
+                text.contains("rank 1 runs with other settings than rank 0")
+                    && text.contains(what)
+                    && text.contains("the data must name the same shards"),
+                "{text}"
+            );
+            assert!(checkpoint_steps(&out).is_empty());
+        }
     }
 
     /// Issue 6: under torchrun, one process takes the distributed path too (a process

@@ -475,10 +475,18 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         // when evaluations (collectives) run and the run stops.
         let mut config = serde_json::to_value(&cfg)?;
         config["data_threads"] = serde_json::Value::Null;
+        let source = |split: &str| crate::stream::SourceOptions {
+            split: split.to_owned(),
+            allow_pipe: o.allow_pipe,
+            http: o.http,
+        };
+        let identity = crate::train::run::data_identity;
         let settings = serde_json::json!({
             "config": config,
             "eval_every": o.eval_every,
             "stop_after_epoch": o.stop_after_epoch,
+            "data": identity(&o.data, &source(&o.train_split)),
+            "val_data": identity(o.val_data.as_deref().unwrap_or(&o.data), &source(&o.val_split)),
         });
         crate::train::run::check_same_settings(pg, "finetune", &settings)?;
         if main {
