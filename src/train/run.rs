@@ -1679,7 +1679,7 @@ mod tests {
     /// preempted machine; rank 0 or 1, whichever it ran): the surviving node's rank
     /// fails at its next collective, its agent restarts it in a new rendezvous round of
     /// the one node left, and the run resumes from rank 0's last checkpoint as one rank
-    /// (the data restarting its epoch with the new split, as rank 0 says) and completes.
+    /// (the data going on with what is left of its epoch, as rank 0 says) and completes.
     #[test]
     fn issue6_elastic_job_goes_on_when_a_node_is_lost() {
         use crate::train::testing::{Rendezvous, free_port, torchrun_node};
@@ -1761,8 +1761,8 @@ mod tests {
     /// Issue 6, elastic: a node joins a running `--nnodes 1:2` job. torchrun's agent
     /// stops its rank with SIGTERM to admit the new node; the rank stops after the step
     /// in progress with a checkpoint of it (nothing lost), and both ranks of the new
-    /// round resume from it (the data restarting its epoch with the 2-rank split) and
-    /// complete the run.
+    /// round resume from it (the data going on with what is left of its epoch, split
+    /// over the 2 ranks) and complete the run.
     #[test]
     fn issue6_elastic_job_takes_in_a_node_that_joins() {
         use crate::train::testing::{Rendezvous, free_port, torchrun_node};

@@ -1617,7 +1617,8 @@ mod tests {
         );
 
         // The first epoch of a 2-epoch run on 2 ranks, the second resumed in one process
-        // (another world size: the data restarts its epoch with the one-process split).
+        // (another world size: the data goes on with what is left of its epoch, split for
+        // one process).
         let out = dir.path().join("ft-then-one");
         let o =
             crate::train::testing::torchrun(2, "train::finetune::run::tests::finetune_rank_child")
