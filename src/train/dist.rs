@@ -299,6 +299,23 @@ impl Backend {
     }
 }
 
+/// Which attempt this is when torchrun restarted the workers (`--max-restarts`, a node
+/// lost or joining an elastic job), from its variables (`get`): "torchrun restart 1 of
+/// at most 3 (this node's count)", or `None` for a first attempt or outside torchrun.
+/// Each node's agent counts its own restarts.
+pub fn restart_note(get: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let count: u64 = get("TORCHELASTIC_RESTART_COUNT")?.trim().parse().ok()?;
+    if count == 0 {
+        return None;
+    }
+    Some(
+        match get("TORCHELASTIC_MAX_RESTARTS").and_then(|m| m.trim().parse::<u64>().ok()) {
+            Some(max) => format!("torchrun restart {count} of at most {max} (this node's count)"),
+            None => format!("torchrun restart {count} (this node's count)"),
+        },
+    )
+}
+
 /// What to check after libtorch's message `msg` of a failed group init (the usual
 /// multi-node mistakes), if it is one of those.
 fn init_hint(backend: Backend, msg: &str, gloo_ifname: Option<&str>) -> Option<String> {
@@ -398,8 +415,11 @@ impl ProcessGroup {
 
     /// One line for the log: ranks, backend and how the global batch splits.
     pub fn describe(&self, global_batch: usize) -> String {
+        let restart =
+            restart_note(|k| std::env::var(k).ok()).map_or(String::new(), |n| format!("; {n}"));
         format!(
-            "data parallel over {} rank{} ({}), global batch {global_batch} = {} per rank",
+            "data parallel over {} rank{} ({}), global batch {global_batch} = {} per \
+             rank{restart}",
             self.world_size,
             if self.world_size == 1 { "" } else { "s" },
             self.backend.name(),
@@ -966,6 +986,33 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("RANK=2"));
         let bad = DistEnv::from_vars(vars(&[("WORLD_SIZE", "two")]));
         assert!(bad.unwrap_err().to_string().contains("WORLD_SIZE"));
+    }
+
+    /// Issue 6: a restarted attempt says so in rank 0's first line.
+    #[test]
+    fn issue6_restart_note_names_the_attempt() {
+        let note = |vars: &[(&str, &str)]| {
+            restart_note(|k| {
+                vars.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        assert_eq!(note(&[]), None);
+        assert_eq!(note(&[("TORCHELASTIC_RESTART_COUNT", "0")]), None);
+        assert_eq!(
+            note(&[
+                ("TORCHELASTIC_RESTART_COUNT", "2"),
+                ("TORCHELASTIC_MAX_RESTARTS", "3")
+            ])
+            .unwrap(),
+            "torchrun restart 2 of at most 3 (this node's count)"
+        );
+        assert_eq!(
+            note(&[("TORCHELASTIC_RESTART_COUNT", "1")]).unwrap(),
+            "torchrun restart 1 (this node's count)"
+        );
+        assert_eq!(note(&[("TORCHELASTIC_RESTART_COUNT", "x")]), None);
     }
 
     /// Issue 6 (multi-node): a group that cannot form says what to check, for the

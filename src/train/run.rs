@@ -1514,6 +1514,10 @@ mod tests {
             ],
         );
         assert!(text.contains("resumed from"), "{text}");
+        assert!(
+            text.contains("per rank; torchrun restart 1 of at most 1 (this node's count)"),
+            "{text}"
+        );
         assert_eq!(text.matches("PRETRAIN_OK").count(), 2, "{text}");
         assert_eq!(
             last_losses(&out),
