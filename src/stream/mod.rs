@@ -79,8 +79,9 @@
 //! ([`StreamState::excluded`]), so the rejoined epoch resumes exactly in its turn and a
 //! further change of world size adds to them; the next epoch is an ordinary one. When
 //! fewer shards than ranks are left, the next epoch starts instead (the few left are
-//! that epoch's remainder). Nothing is skipped; what is read twice are the samples the
-//! saved ranks had yielded from shards they had begun but not read through. A shuffle
+//! that epoch's remainder, as with [`Remainder::Drop`]). Otherwise nothing is skipped;
+//! what is read twice are the samples the saved ranks had yielded from shards they had
+//! begun but not read through. A shuffle
 //! buffer of `B` samples keeps a few samples of a shard for about `B ln B` more, so
 //! that is of the order of `B ln B` samples per saved rank (simulated with the default
 //! 2,048 and ImageNet's 1,281-sample shards: 14-22 thousand), against up to the whole
@@ -216,33 +217,32 @@ impl Rejoin {
                 format!("{n} ranks")
             }
         };
+        let head = format!(
+            "the checkpoint is from a run of {} and this run has {}: the weights, optimiser \
+             and schedules resume exactly, but the shards are split over the ranks \
+             differently",
+            ranks(self.saved_world),
+            ranks(world),
+        );
+        if self.next_epoch {
+            return format!(
+                "{head}, and only {} shard(s) of epoch {} were left, fewer than the ranks: \
+                 the data goes on with epoch {} (what the saved ranks had not taken of those \
+                 shards is left out of their epoch, as an epoch's remainder is)",
+                self.shards_left,
+                self.epoch.saturating_sub(1),
+                self.epoch
+            );
+        }
         let reread = match self.reread {
             Some(n) => format!("about {n} samples"),
             None => "the samples".into(),
         };
-        let how = if self.next_epoch {
-            format!(
-                "so the data goes on with epoch {} with the new split (the {} shard(s) left \
-                 of epoch {} are fewer than the ranks: they are left out of it, as an \
-                 epoch's remainder is)",
-                self.epoch,
-                self.shards_left,
-                self.epoch.saturating_sub(1)
-            )
-        } else {
-            format!(
-                "so the data goes on with the {} shards of epoch {} that the saved ranks had \
-                 not finished ({} were done), split anew",
-                self.shards_left, self.epoch, self.shards_done
-            )
-        };
         format!(
-            "the checkpoint is from a run of {} and this run has {}: the weights, optimiser \
-             and schedules resume exactly, but the shards are split over the ranks \
-             differently, {how}; {reread} of shards the saved ranks had begun but not \
-             finished are read again, nothing is skipped",
-            ranks(self.saved_world),
-            ranks(world),
+            "{head}, so the data goes on with the {} shards of epoch {} that the saved ranks \
+             had not finished ({} were done), split anew; {reread} of shards the saved ranks \
+             had begun but not finished are read again, nothing is skipped",
+            self.shards_left, self.epoch, self.shards_done
         )
     }
 }
@@ -484,8 +484,9 @@ impl Stream {
     /// Nothing is skipped: the samples a saved rank had yielded from shards it had not
     /// read through are read again (see the module docs: of the order of `B ln B` for a
     /// shuffle buffer of `B`). When fewer shards than ranks are left, the next epoch starts
-    /// instead. [`Mode::Resampled`] has nothing to leave out: the epoch starts afresh.
-    /// Refuses states saved with another shard list or order-deciding settings.
+    /// instead (those few are the epoch's remainder). [`Mode::Resampled`] has nothing to
+    /// leave out: the epoch starts afresh. Refuses states saved with another shard list
+    /// or order-deciding settings.
     pub fn rejoin(&mut self, saved: &[StreamState]) -> Result<Rejoin> {
         let w = saved.len();
         let Some(epoch) = saved.iter().map(|s| s.epoch).min() else {
