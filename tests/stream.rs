@@ -202,6 +202,78 @@ fn resume_mid_epoch_equals_uninterrupted() {
     }
 }
 
+/// Opens shards with [`DefaultOpener`], noting each URL.
+struct CountingOpener(std::sync::Mutex<Vec<String>>);
+
+impl Opener for CountingOpener {
+    fn open(&self, url: &str) -> conmim::Result<Box<dyn std::io::Read + Send>> {
+        self.0.lock().unwrap().push(url.to_owned());
+        DefaultOpener::default().open(url)
+    }
+}
+
+/// Resuming replays the epoch up to the saved position, but the shards the saved
+/// stream had read through (every sample yielded) are not read again: stand-ins of
+/// their manifest sample counts take their place, and the output still equals the
+/// uninterrupted one. Without counts (no manifest), or after a shard error in the
+/// epoch, every shard is read again, as before.
+#[test]
+fn restore_does_not_read_again_the_shards_read_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sizes: Vec<u64> = (0..12).map(|i| 4 + i % 3).collect();
+    dataset(tmp.path(), &sizes);
+    let c = StreamConfig {
+        epochs: Some(2),
+        ..cfg(8, 0, 1)
+    };
+    let full = render(&mut stream(tmp.path(), c.clone()), 10_000);
+    let list = |spec: &str| ShardList::resolve(spec, &SourceOptions::default()).unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    for cut in [10usize, 30, 50] {
+        let mut s = stream(tmp.path(), c.clone());
+        let head = render(&mut s, cut);
+        let state = s.state();
+        assert!(cut < 30 || state.done > 2, "cut {cut}: {state:?}");
+        let opener = Arc::new(CountingOpener(Default::default()));
+        let mut r = Stream::new(list(dir), c.clone(), opener.clone()).unwrap();
+        r.restore(&state).unwrap();
+        let tail = render(&mut r, 10_000);
+        assert_eq!([head, tail].concat(), full, "cut {cut}");
+        // The epoch-0 shards opened again: none of the `done` read through.
+        let plan = conmim::stream::epoch_plan(&list(dir), &c, 0).shards;
+        let opened = opener.0.lock().unwrap().clone();
+        let names = list(dir);
+        let url = |p: usize| names.shards()[plan[p]].url.clone();
+        let done = state.done as usize;
+        let with_counts = opened.len();
+        for p in 0..done {
+            assert_eq!(
+                opened.iter().filter(|u| **u == url(p)).count(),
+                1,
+                "cut {cut}: shard {p} of the plan is read through, read once (in epoch 1)"
+            );
+        }
+        // Without sample counts (a brace pattern), the replay reads them all.
+        let pattern = format!("{dir}/train-{{000000..000011}}.tar");
+        let opener = Arc::new(CountingOpener(Default::default()));
+        let mut r = Stream::new(list(&pattern), c.clone(), opener.clone()).unwrap();
+        let mut s = Stream::new(list(&pattern), c.clone(), Arc::new(DefaultOpener::default()))
+            .unwrap();
+        let head = render(&mut s, cut);
+        assert_eq!(s.state().done, state.done, "the same stream, but for the counts");
+        r.restore(&s.state()).unwrap();
+        assert!(opener.0.lock().unwrap().is_empty(), "restore itself reads nothing");
+        let tail = render(&mut r, 10_000);
+        let again = render(
+            &mut Stream::new(list(&pattern), c.clone(), Arc::new(DefaultOpener::default()))
+                .unwrap(),
+            10_000,
+        );
+        assert_eq!([head, tail].concat(), again, "cut {cut} (no counts)");
+        assert_eq!(opener.0.lock().unwrap().len(), with_counts + done, "cut {cut}");
+    }
+}
+
 /// Issue 6 (a checkpoint resumed with another world size): `seek_epoch` starts an
 /// epoch afresh from any position, the samples a fresh stream yields from that epoch
 /// on; with another rank/world split, the ranks still cover the epoch disjointly.
@@ -521,6 +593,16 @@ fn truncated_shard_yields_prefix_then_continues() {
     );
     assert!(events[6].starts_with("error") && events[6].contains("train-000001.tar"));
     assert_eq!(events.last().unwrap(), "end 0 10");
+    // Resumed at any point, the damage included, the output is the uninterrupted one
+    // (the replay after a shard error reads every shard again: the damaged one yielded
+    // fewer samples than its manifest count, so a count cannot stand in for it).
+    for cut in 0..events.len() {
+        let mut s = stream(tmp.path(), c.clone());
+        let head = render(&mut s, cut);
+        let mut r = stream(tmp.path(), c.clone());
+        r.restore(&s.state()).unwrap();
+        assert_eq!([head, render(&mut r, 1000)].concat(), events, "cut {cut}");
+    }
     // A missing shard is reported too, and the stream goes on.
     std::fs::remove_file(&bad).unwrap();
     let mut s = stream(tmp.path(), c);

@@ -62,8 +62,14 @@
 //! serde-serialisable. [`Stream::restore`] replays the epoch from its start and drops
 //! that many events, which rebuilds the shuffle buffer exactly, so the resumed output
 //! equals the uninterrupted output. Cost: this rank's shards of the epoch are read
-//! again up to the saved position (I/O and tar parsing only, no decoding) — at most
-//! one epoch of one rank's data. The state refuses a different seed, rank, world
+//! again up to the saved position (I/O and tar parsing only, no decoding), but for the
+//! shards it had read through ([`StreamState::done`]: every sample yielded before the
+//! saved position, so the replay drops them whatever they hold): when their sample
+//! counts are known (a manifest) and the epoch had no shard error before the position,
+//! stand-ins of that many empty samples replace them, since the shuffle buffer's draws
+//! depend on the number of samples alone. So a resume reads about a shuffle buffer's
+//! worth of shards again (see *Resume with another world size* for how much), not up
+//! to an epoch of one rank's data. The state refuses a different seed, rank, world
 //! size, mode, buffer or shard list (changing `epochs` is allowed). Shards are known
 //! by their names relative to the directory they all share, so the same shards moved
 //! elsewhere (a per-job scratch copy, another mount point, an http mirror) resume.
@@ -273,6 +279,11 @@ pub struct Stream {
     done: usize,
     /// Shards this epoch leaves out ([`Stream::rejoin`]).
     excluded: Option<Arc<[usize]>>,
+    /// While replaying to a restored position: plan positions below this are stand-ins
+    /// counted from the manifest, not read (see [`Stream::restore`]).
+    phantom_below: usize,
+    /// The stand-in shard being replayed: (next sample index, sample count).
+    phantom: Option<(u64, u64)>,
     read: u64,
     samples: u64,
     events: u64,
@@ -382,6 +393,8 @@ impl Stream {
             pending: Vec::new(),
             done: 0,
             excluded: None,
+            phantom_below: 0,
+            phantom: None,
             read: 0,
             samples: 0,
             events: 0,
@@ -459,6 +472,17 @@ impl Stream {
         }
         self.start_epoch(state.epoch, state.excluded.clone());
         self.skip = state.events;
+        // The shards the saved stream had read through yielded all their samples before
+        // the saved position, so the replay drops them whatever they hold: when their
+        // sample counts are known and the epoch had no shard error so far (each then
+        // yielded its count), stand-ins of that many empty samples take their place, and
+        // only the shards after them are read again. The shuffle buffer's draws depend
+        // on the number of samples alone, so the replay ends in the same state.
+        let known = |p: &usize| self.list.shards()[*p].nsamples.is_some();
+        let done = (state.done as usize).min(self.plan.shards.len());
+        if state.events == state.samples && self.plan.shards[..done].iter().all(known) {
+            self.phantom_below = done;
+        }
         self.finished = self.past_last_epoch();
         Ok(())
     }
@@ -606,6 +630,8 @@ impl Stream {
         self.pending.clear();
         self.pending.resize(self.plan.shards.len(), 0);
         self.done = 0;
+        self.phantom_below = 0;
+        self.phantom = None;
         self.next_shard = 0;
         self.current = None;
         self.input_done = false;
@@ -620,7 +646,23 @@ impl Stream {
         loop {
             if self.plan.sample_limit.is_some_and(|l| self.read >= l) {
                 self.current = None;
+                self.phantom = None;
                 return Pull::Exhausted;
+            }
+            if let Some((index, n)) = self.phantom {
+                if index < n {
+                    self.phantom = Some((index + 1, n));
+                    self.read += 1;
+                    let stand_in = RawSample {
+                        key: String::new(),
+                        members: Vec::new(),
+                        shard: String::new(),
+                        index_in_shard: index,
+                    };
+                    return Pull::Sample(self.next_shard - 1, stand_in);
+                }
+                self.phantom = None;
+                continue;
             }
             if let Some(cur) = self.current.as_mut() {
                 match cur.next() {
@@ -643,6 +685,12 @@ impl Stream {
                 return Pull::Exhausted;
             };
             self.next_shard += 1;
+            if self.next_shard <= self.phantom_below
+                && let Some(n) = self.list.shards()[i].nsamples
+            {
+                self.phantom = Some((0, n));
+                continue;
+            }
             let url = self.list.shards()[i].url.clone();
             match self.opener.open(&url) {
                 Ok(r) => self.current = Some(ShardSamples::new(&url, r)),
@@ -654,7 +702,7 @@ impl Stream {
     /// Moves `done` past the plan positions at the front that are read through with
     /// every sample yielded.
     fn advance_done(&mut self) {
-        let over = self.next_shard - usize::from(self.current.is_some());
+        let over = self.next_shard - usize::from(self.current.is_some() || self.phantom.is_some());
         while self.done < over && self.pending[self.done] == 0 {
             self.done += 1;
         }
