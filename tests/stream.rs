@@ -257,20 +257,39 @@ fn restore_does_not_read_again_the_shards_read_through() {
         let pattern = format!("{dir}/train-{{000000..000011}}.tar");
         let opener = Arc::new(CountingOpener(Default::default()));
         let mut r = Stream::new(list(&pattern), c.clone(), opener.clone()).unwrap();
-        let mut s = Stream::new(list(&pattern), c.clone(), Arc::new(DefaultOpener::default()))
-            .unwrap();
+        let mut s = Stream::new(
+            list(&pattern),
+            c.clone(),
+            Arc::new(DefaultOpener::default()),
+        )
+        .unwrap();
         let head = render(&mut s, cut);
-        assert_eq!(s.state().done, state.done, "the same stream, but for the counts");
+        assert_eq!(
+            s.state().done,
+            state.done,
+            "the same stream, but for the counts"
+        );
         r.restore(&s.state()).unwrap();
-        assert!(opener.0.lock().unwrap().is_empty(), "restore itself reads nothing");
+        assert!(
+            opener.0.lock().unwrap().is_empty(),
+            "restore itself reads nothing"
+        );
         let tail = render(&mut r, 10_000);
         let again = render(
-            &mut Stream::new(list(&pattern), c.clone(), Arc::new(DefaultOpener::default()))
-                .unwrap(),
+            &mut Stream::new(
+                list(&pattern),
+                c.clone(),
+                Arc::new(DefaultOpener::default()),
+            )
+            .unwrap(),
             10_000,
         );
         assert_eq!([head, tail].concat(), again, "cut {cut} (no counts)");
-        assert_eq!(opener.0.lock().unwrap().len(), with_counts + done, "cut {cut}");
+        assert_eq!(
+            opener.0.lock().unwrap().len(),
+            with_counts + done,
+            "cut {cut}"
+        );
     }
 }
 

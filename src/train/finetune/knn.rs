@@ -399,6 +399,18 @@ pub fn knn(
     device: Option<&str>,
 ) -> Result<KnnResult> {
     let (pg, device) = group_and_device(device, None)?;
+    if let Some(pg) = &pg {
+        // Ranks with another k (the merge of their candidates would not match) or
+        // other shards (some read twice, some never) fail at once.
+        let identity = crate::train::run::data_identity;
+        let settings = serde_json::json!({
+            "k": k,
+            "temperature": temperature,
+            "train_data": identity(train.0, train.1),
+            "val_data": identity(val.0, val.1),
+        });
+        crate::train::run::check_same_settings(pg, "knn", &settings)?;
+    }
     let backbone = backbone_of(source, weights, device)?;
     let (acc1, acc5, train_images, val_images, classes) = knn_of(
         &backbone.1,

@@ -943,6 +943,13 @@ pub fn eval_checkpoint(
     show: bool,
 ) -> Result<EvalReport> {
     let (pg, device) = group_and_device(device, None)?;
+    if let Some(pg) = &pg {
+        // Ranks over other shards would count some images twice and others never.
+        let settings = serde_json::json!({
+            "data": crate::train::run::data_identity(data, opts),
+        });
+        crate::train::run::check_same_settings(pg, "eval", &settings)?;
+    }
     let rank = pg.as_ref().map_or(0, |p| p.rank);
     let (net, state, dir) = model::load(checkpoint, device)?;
     let result = evaluate_dist(
@@ -1015,6 +1022,19 @@ pub fn linear_probe(
 ) -> Result<LinearResult> {
     use tch::nn::{Module, OptimizerConfig};
     let (pg, device) = group_and_device(device, None)?;
+    if let Some(pg) = &pg {
+        // Every rank fits the same probe on all the features: the same data, epochs,
+        // lr and seed, or the ranks' probes (and what rank 0 reports) would differ.
+        let identity = crate::train::run::data_identity;
+        let settings = serde_json::json!({
+            "epochs": epochs,
+            "lr": lr,
+            "seed": seed,
+            "train_data": identity(train.0, train.1),
+            "val_data": identity(val.0, val.1),
+        });
+        crate::train::run::check_same_settings(pg, "linear", &settings)?;
+    }
     let backbone = backbone_of(source, weights, device)?;
     let (tf, tl, vf, vl, classes) = super::knn::train_val_features(
         &backbone.1,
@@ -1693,6 +1713,33 @@ mod tests {
         };
         let dir = PathBuf::from(dir);
         let data = dir.join("data");
+        if std::env::var_os("CONMIM_KNN_CHILD_OTHER_K").is_some() {
+            // Rank 1 asks for another k than rank 0, over the same run.
+            let d = data.to_str().unwrap();
+            let k = if std::env::var("RANK").as_deref() == Ok("1") {
+                5
+            } else {
+                20
+            };
+            let (t, v) = (split("train"), split("val"));
+            let pre = dir.join("pre");
+            let r = super::super::knn::knn(
+                &pre,
+                Weights::Teacher,
+                (d, &t),
+                (d, &v),
+                k,
+                0.07,
+                4,
+                1,
+                Some("cpu"),
+            );
+            println!(
+                "KNN_ERR {}",
+                r.err().map_or("none".into(), |e| format!("{e:#}"))
+            );
+            return;
+        }
         pretrain_micro(&data, &dir.join("pre"));
         let k = knn_of_run(&dir.join("pre"), &data);
         println!("KNN_OK {}", serde_json::to_string(&k).unwrap());
@@ -1782,6 +1829,22 @@ mod tests {
             (lp["acc1"].as_f64(), lp["train_acc1"].as_f64()),
             (Some(one.acc1), Some(one.train_acc1)),
             "{lp} vs {one:?}"
+        );
+
+        // Ranks that ask for another k would merge candidate lists of other lengths:
+        // both fail at once instead, rank 1 naming the setting.
+        let o =
+            crate::train::testing::torchrun(2, "train::finetune::run::tests::knn_torchrun_child")
+                .env("CONMIM_KNN_CHILD_DIR", dir.path())
+                .env("CONMIM_KNN_CHILD_OTHER_K", "1")
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .output()
+                .unwrap();
+        let text = crate::train::testing::output_text(&o);
+        assert!(
+            text.contains("conmim knn: rank 1 runs with other settings than rank 0 (k: rank 0 20, this rank 5)")
+                && text.contains("conmim knn: the settings of rank 1 differ from rank 0's"),
+            "{text}"
         );
     }
 
