@@ -112,8 +112,9 @@ if ! venv_ok; then
             log "installing tools/requirements.txt without torch (CONMIM_SKIP_TORCH=1)"
         fi
         t0=$SECONDS
+        # --no-cache-dir: pip's cache would keep a second copy of the ~3 GB of wheels.
         "$CONMIM_PYTHON" -m pip install --disable-pip-version-check --no-input --progress-bar off \
-            -r "$tmp_req"
+            --no-cache-dir -r "$tmp_req"
         echo "$req_hash $want" >"$stamp"
         log "pip done in $((SECONDS - t0))s"
     fi
