@@ -26,6 +26,12 @@ summary() {
     printf '    %s\n' "${timings[@]}"
 }
 
+# A first build needs about 2 GB under target/ (and the venv 5 GB): say so up front
+# when the disk is short, since running out shows only as a linker crash.
+free_kb=$(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((4 * 1024 * 1024)) ]; then
+    echo "==> warning: only $((free_kb / 1024)) MB free on this disk; a first build needs ~2 GB in target/ (and ~5 GB for the venv)" >&2
+fi
 phase setup bash tools/setup.sh
 # shellcheck source=tools/env.sh
 source tools/env.sh
