@@ -232,6 +232,29 @@ fn index_edits_are_problems() {
     );
 }
 
+/// Issue 2: `verify` streams an index written in shard order a shard at a time; one
+/// in another order (hand-edited, or from another tool) is still checked in full.
+#[test]
+fn issue2_index_out_of_shard_order_still_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, summary) = build(tmp.path());
+    let mut edited = rows(&out, "train");
+    assert!(manifest(&out, "train").shardlist.len() > 1);
+    edited.reverse();
+    write_index(&out.join(index_name("train")), &edited).unwrap();
+    let r = check(&out, "train", false);
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.samples, summary.samples);
+    assert_eq!(r.indexed, summary.samples);
+
+    // And a wrong row is still found in that order.
+    edited[3].length += 1;
+    write_index(&out.join(index_name("train")), &edited).unwrap();
+    let r = check(&out, "train", false);
+    assert_eq!(r.problems.len(), 1, "{r}");
+    assert_eq!(r.problems[0].key.as_deref(), Some(edited[3].key.as_str()));
+}
+
 #[test]
 fn info_reports_what_was_written() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //! contract `schemas/index.arrow.json` pins down.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{
@@ -13,7 +13,7 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -272,63 +272,107 @@ fn opt<T>(a: &impl Array, i: usize, v: impl FnOnce() -> T) -> Option<T> {
 /// Rows per batch when streaming an index.
 pub const READ_BATCH: usize = 8192;
 
-/// Streams an index in batches of rows, so a large index never has to fit in memory.
-pub fn for_each_batch(path: &Path, mut f: impl FnMut(Vec<IndexRow>) -> Result<()>) -> Result<()> {
-    let err = |m: String| Error::Index {
-        path: path.to_owned(),
-        message: m,
-    };
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| err(e.to_string()))?
-        .with_batch_size(READ_BATCH)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    for b in reader {
-        let b = b.map_err(|e| err(e.to_string()))?;
-        let key = col::<StringArray>(&b, "key", path)?;
-        let shard = col::<UInt32Array>(&b, "shard", path)?;
-        let offset = col::<UInt64Array>(&b, "offset", path)?;
-        let length = col::<UInt64Array>(&b, "length", path)?;
-        let label = col::<Int64Array>(&b, "label", path)?;
-        let width = col::<UInt32Array>(&b, "width", path)?;
-        let height = col::<UInt32Array>(&b, "height", path)?;
-        let format = col::<StringArray>(&b, "format", path)?;
-        let image_bytes = col::<UInt64Array>(&b, "image_bytes", path)?;
-        let sha = col::<StringArray>(&b, "sha256", path)?;
-        let source = col::<StringArray>(&b, "source", path)?;
-        let members = col::<StringArray>(&b, "members", path)?;
-        let caption = col::<StringArray>(&b, "caption", path)?;
-        let target = col::<StringArray>(&b, "target", path)?;
-        let image_id = col::<Int64Array>(&b, "image_id", path)?;
-        let num_ann = col::<UInt32Array>(&b, "num_annotations", path)?;
-        let has_ann = col::<BooleanArray>(&b, "has_annotations", path)?;
-        let reenc = col::<BooleanArray>(&b, "reencoded", path)?;
-        let mut rows = Vec::with_capacity(b.num_rows());
-        for i in 0..b.num_rows() {
-            // No `..Default::default()`: a new IndexRow field must be handled here.
-            rows.push(IndexRow {
-                key: key.value(i).to_owned(),
-                shard: shard.value(i),
-                offset: offset.value(i),
-                length: length.value(i),
-                label: opt(label, i, || label.value(i)),
-                width: width.value(i),
-                height: height.value(i),
-                format: format.value(i).to_owned(),
-                image_bytes: image_bytes.value(i),
-                sha256: sha.value(i).to_owned(),
-                source: source.value(i).to_owned(),
-                members: members.value(i).to_owned(),
-                caption: opt(caption, i, || caption.value(i).to_owned()),
-                target: opt(target, i, || target.value(i).to_owned()),
-                image_id: opt(image_id, i, || image_id.value(i)),
-                num_annotations: opt(num_ann, i, || num_ann.value(i)),
-                has_annotations: opt(has_ann, i, || has_ann.value(i)),
-                reencoded: reenc.value(i),
-            });
+/// An index read in batches of [`READ_BATCH`] rows, so a large index never has to fit
+/// in memory. Stops after the first error.
+pub struct IndexBatches {
+    path: PathBuf,
+    reader: Option<ParquetRecordBatchReader>,
+}
+
+impl IndexBatches {
+    /// Opens the index at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |m: String| Error::Index {
+            path: path.to_owned(),
+            message: m,
+        };
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| err(e.to_string()))?
+            .with_batch_size(READ_BATCH)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        Ok(IndexBatches {
+            path: path.to_owned(),
+            reader: Some(reader),
+        })
+    }
+
+    /// The index file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Iterator for IndexBatches {
+    type Item = Result<Vec<IndexRow>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = self.reader.as_mut()?.next()?;
+        let rows = b
+            .map_err(|e| Error::Index {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+            .and_then(|b| batch_rows(&b, &self.path));
+        if rows.is_err() {
+            self.reader = None;
         }
-        f(rows)?;
+        Some(rows)
+    }
+}
+
+/// The rows of one record batch.
+fn batch_rows(b: &RecordBatch, path: &Path) -> Result<Vec<IndexRow>> {
+    let key = col::<StringArray>(b, "key", path)?;
+    let shard = col::<UInt32Array>(b, "shard", path)?;
+    let offset = col::<UInt64Array>(b, "offset", path)?;
+    let length = col::<UInt64Array>(b, "length", path)?;
+    let label = col::<Int64Array>(b, "label", path)?;
+    let width = col::<UInt32Array>(b, "width", path)?;
+    let height = col::<UInt32Array>(b, "height", path)?;
+    let format = col::<StringArray>(b, "format", path)?;
+    let image_bytes = col::<UInt64Array>(b, "image_bytes", path)?;
+    let sha = col::<StringArray>(b, "sha256", path)?;
+    let source = col::<StringArray>(b, "source", path)?;
+    let members = col::<StringArray>(b, "members", path)?;
+    let caption = col::<StringArray>(b, "caption", path)?;
+    let target = col::<StringArray>(b, "target", path)?;
+    let image_id = col::<Int64Array>(b, "image_id", path)?;
+    let num_ann = col::<UInt32Array>(b, "num_annotations", path)?;
+    let has_ann = col::<BooleanArray>(b, "has_annotations", path)?;
+    let reenc = col::<BooleanArray>(b, "reencoded", path)?;
+    let mut rows = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        // No `..Default::default()`: a new IndexRow field must be handled here.
+        rows.push(IndexRow {
+            key: key.value(i).to_owned(),
+            shard: shard.value(i),
+            offset: offset.value(i),
+            length: length.value(i),
+            label: opt(label, i, || label.value(i)),
+            width: width.value(i),
+            height: height.value(i),
+            format: format.value(i).to_owned(),
+            image_bytes: image_bytes.value(i),
+            sha256: sha.value(i).to_owned(),
+            source: source.value(i).to_owned(),
+            members: members.value(i).to_owned(),
+            caption: opt(caption, i, || caption.value(i).to_owned()),
+            target: opt(target, i, || target.value(i).to_owned()),
+            image_id: opt(image_id, i, || image_id.value(i)),
+            num_annotations: opt(num_ann, i, || num_ann.value(i)),
+            has_annotations: opt(has_ann, i, || has_ann.value(i)),
+            reencoded: reenc.value(i),
+        });
+    }
+    Ok(rows)
+}
+
+/// Streams an index in batches of rows (see [`IndexBatches`]).
+pub fn for_each_batch(path: &Path, mut f: impl FnMut(Vec<IndexRow>) -> Result<()>) -> Result<()> {
+    for rows in IndexBatches::open(path)? {
+        f(rows?)?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `conmim-shard info`: what a dataset holds, from its manifest and index alone (no
 //! shard is read).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::human_bytes;
 use crate::error::Result;
-use crate::format::index::{IndexRow, read_index};
+use crate::format::index::{IndexRow, for_each_batch};
 use crate::format::manifest::Manifest;
 use crate::format::{self, read_json};
 
@@ -35,17 +35,44 @@ impl Dist {
     /// The distribution of `values` (`None` when empty). NaNs are ignored.
     pub fn of(mut values: Vec<f64>) -> Option<Dist> {
         values.retain(|v| !v.is_nan());
-        if values.is_empty() {
+        values.sort_by(f64::total_cmp);
+        let sum = values.iter().sum::<f64>();
+        Self::ranked(values.len() as u64, sum, |rank| values[rank as usize - 1])
+    }
+
+    /// The distribution of whole numbers, exactly (the sum does not round).
+    pub fn of_ints(mut values: Vec<u64>) -> Option<Dist> {
+        values.sort_unstable();
+        let sum = values.iter().map(|&v| v as u128).sum::<u128>();
+        Self::ranked(values.len() as u64, sum as f64, |rank| {
+            values[rank as usize - 1] as f64
+        })
+    }
+
+    /// The distribution of values given as `(value, how many times)`, in any order: the
+    /// same as [`Dist::of`] on the repeated values, in memory for the distinct ones
+    /// only. NaNs are ignored.
+    pub fn of_counts(mut counts: Vec<(f64, u64)>) -> Option<Dist> {
+        counts.retain(|(v, c)| !v.is_nan() && *c > 0);
+        counts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut upto = Vec::with_capacity(counts.len()); // values up to and including i
+        let (mut n, mut sum) = (0u64, 0.0);
+        for &(v, c) in &counts {
+            n += c;
+            sum += v * c as f64;
+            upto.push(n);
+        }
+        Self::ranked(n, sum, |rank| counts[upto.partition_point(|&u| u < rank)].0)
+    }
+
+    /// Percentiles by nearest rank from the `rank`th smallest value (1-based) of `n`.
+    fn ranked(n: u64, sum: f64, at: impl Fn(u64) -> f64) -> Option<Dist> {
+        if n == 0 {
             return None;
         }
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        let pct = |p: f64| {
-            let rank = ((p / 100.0) * n as f64).ceil() as usize;
-            values[rank.clamp(1, n) - 1]
-        };
+        let pct = |p: f64| at((((p / 100.0) * n as f64).ceil() as u64).clamp(1, n));
         Some(Dist {
-            min: values[0],
+            min: at(1),
             p1: pct(1.0),
             p5: pct(5.0),
             p25: pct(25.0),
@@ -53,8 +80,8 @@ impl Dist {
             p75: pct(75.0),
             p95: pct(95.0),
             p99: pct(99.0),
-            max: values[n - 1],
-            mean: values.iter().sum::<f64>() / n as f64,
+            max: at(n),
+            mean: sum / n as f64,
         })
     }
 
@@ -175,85 +202,115 @@ pub struct DatasetSummary {
     pub coco: Option<CocoSummary>,
 }
 
-/// Summarises dataset `split` in `dir` from its manifest and index.
+/// Summarises dataset `split` in `dir` from its manifest and index. The index is
+/// streamed: what stays in memory is 8 bytes per sample (the image sizes, for exact
+/// percentiles) plus a count per distinct image size, class and format.
 pub fn info(dir: &Path, split: &str) -> Result<DatasetSummary> {
     let manifest: Manifest = read_json(&dir.join(format::manifest_name(split)))?;
-    let rows = read_index(&dir.join(format::index_name(split)))?;
-    Ok(summarize(dir, split, &manifest, &rows))
+    let mut tally = Tally::default();
+    for_each_batch(&dir.join(format::index_name(split)), |rows| {
+        rows.iter().for_each(|r| tally.add(r));
+        Ok(())
+    })?;
+    Ok(tally.finish(dir, split, &manifest))
 }
 
 /// [`info`] on already loaded parts.
 pub fn summarize(dir: &Path, split: &str, m: &Manifest, rows: &[IndexRow]) -> DatasetSummary {
-    let c = &m.conmim;
-    let mut formats = BTreeMap::new();
-    let (mut reencoded, mut captions, mut targets) = (0, 0, 0);
-    let mut coco = CocoSummary {
-        with_annotations: 0,
-        without_annotations: 0,
-        annotations: 0,
-    };
-    let mut any_coco = false;
-    let n = rows.len();
-    let (mut w, mut h, mut px, mut by, mut asp) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for r in rows {
-        *formats.entry(r.format.clone()).or_insert(0u64) += 1;
-        reencoded += r.reencoded as u64;
-        captions += r.caption.is_some() as u64;
-        targets += r.target.is_some() as u64;
-        if let Some(has) = r.has_annotations {
-            any_coco = true;
-            if has {
-                coco.with_annotations += 1;
-            } else {
-                coco.without_annotations += 1;
+    let mut tally = Tally::default();
+    rows.iter().for_each(|r| tally.add(r));
+    tally.finish(dir, split, m)
+}
+
+/// What [`info`] keeps of the index rows seen so far.
+#[derive(Default)]
+struct Tally {
+    samples: u64,
+    formats: BTreeMap<String, u64>,
+    reencoded: u64,
+    captions: u64,
+    targets: u64,
+    /// Annotation counts, once any row has them.
+    coco: Option<CocoSummary>,
+    /// Samples per (width, height).
+    dims: HashMap<(u32, u32), u64>,
+    image_bytes: Vec<u64>,
+    /// Samples per label.
+    labels: BTreeMap<i64, u64>,
+}
+
+impl Tally {
+    fn add(&mut self, r: &IndexRow) {
+        self.samples += 1;
+        match self.formats.get_mut(&r.format) {
+            Some(n) => *n += 1,
+            None => {
+                self.formats.insert(r.format.clone(), 1);
             }
         }
-        if let Some(k) = r.num_annotations {
-            any_coco = true;
-            coco.annotations += k as u64;
+        self.reencoded += r.reencoded as u64;
+        self.captions += r.caption.is_some() as u64;
+        self.targets += r.target.is_some() as u64;
+        if r.has_annotations.is_some() || r.num_annotations.is_some() {
+            let coco = self.coco.get_or_insert(CocoSummary {
+                with_annotations: 0,
+                without_annotations: 0,
+                annotations: 0,
+            });
+            match r.has_annotations {
+                Some(true) => coco.with_annotations += 1,
+                Some(false) => coco.without_annotations += 1,
+                None => {}
+            }
+            coco.annotations += r.num_annotations.unwrap_or(0) as u64;
         }
-        w.push(r.width as f64);
-        h.push(r.height as f64);
-        px.push(r.width as f64 * r.height as f64);
-        by.push(r.image_bytes as f64);
-        if r.height > 0 {
-            asp.push(r.width as f64 / r.height as f64);
+        *self.dims.entry((r.width, r.height)).or_insert(0) += 1;
+        self.image_bytes.push(r.image_bytes);
+        if let Some(l) = r.label {
+            *self.labels.entry(l).or_insert(0) += 1;
         }
     }
-    DatasetSummary {
-        dataset: dir.to_owned(),
-        split: split.to_owned(),
-        kind: c.dataset.clone(),
-        tool: c.tool.clone(),
-        schema_version: c.schema_version,
-        samples: n as u64,
-        shard_samples: m.shardlist.iter().map(|s| s.nsamples).sum(),
-        shards: m.shardlist.len() as u64,
-        total_bytes: m.shardlist.iter().map(|s| s.filesize).sum(),
-        image_bytes: rows.iter().map(|r| r.image_bytes).sum(),
-        rejected: c.num_rejected,
-        rejected_by_reason: c.rejected_by_reason.clone(),
-        formats,
-        classes: class_summary(m, rows),
-        width: Dist::of(w),
-        height: Dist::of(h),
-        pixels: Dist::of(px),
-        image_bytes_dist: Dist::of(by),
-        aspect: Dist::of(asp),
-        reencoded,
-        captions,
-        targets,
-        coco: any_coco.then_some(coco),
+
+    fn finish(self, dir: &Path, split: &str, m: &Manifest) -> DatasetSummary {
+        let c = &m.conmim;
+        let dist = |f: &dyn Fn(u32, u32) -> Option<f64>| {
+            Dist::of_counts(
+                self.dims
+                    .iter()
+                    .filter_map(|(&(w, h), &n)| Some((f(w, h)?, n)))
+                    .collect(),
+            )
+        };
+        DatasetSummary {
+            dataset: dir.to_owned(),
+            split: split.to_owned(),
+            kind: c.dataset.clone(),
+            tool: c.tool.clone(),
+            schema_version: c.schema_version,
+            samples: self.samples,
+            shard_samples: m.shardlist.iter().map(|s| s.nsamples).sum(),
+            shards: m.shardlist.len() as u64,
+            total_bytes: m.shardlist.iter().map(|s| s.filesize).sum(),
+            image_bytes: self.image_bytes.iter().sum(),
+            rejected: c.num_rejected,
+            rejected_by_reason: c.rejected_by_reason.clone(),
+            classes: class_summary(m, self.labels, self.samples),
+            width: dist(&|w, _| Some(w as f64)),
+            height: dist(&|_, h| Some(h as f64)),
+            pixels: dist(&|w, h| Some(w as f64 * h as f64)),
+            aspect: dist(&|w, h| (h > 0).then(|| w as f64 / h as f64)),
+            image_bytes_dist: Dist::of_ints(self.image_bytes),
+            formats: self.formats,
+            reencoded: self.reencoded,
+            captions: self.captions,
+            targets: self.targets,
+            coco: self.coco,
+        }
     }
 }
 
-fn class_summary(m: &Manifest, rows: &[IndexRow]) -> Option<ClassSummary> {
+/// The class histogram from the samples per label.
+fn class_summary(m: &Manifest, labels: BTreeMap<i64, u64>, samples: u64) -> Option<ClassSummary> {
     let table: BTreeMap<i64, String> = m
         .conmim
         .classes
@@ -261,12 +318,9 @@ fn class_summary(m: &Manifest, rows: &[IndexRow]) -> Option<ClassSummary> {
         .flatten()
         .map(|c| (c.index, c.name.clone()))
         .collect();
+    let labelled = labels.values().sum::<u64>();
     let mut counts: BTreeMap<i64, u64> = table.keys().map(|&k| (k, 0)).collect();
-    let mut labelled = 0u64;
-    for l in rows.iter().filter_map(|r| r.label) {
-        *counts.entry(l).or_insert(0) += 1;
-        labelled += 1;
-    }
+    counts.extend(labels);
     if counts.is_empty() {
         return None;
     }
@@ -288,7 +342,7 @@ fn class_summary(m: &Manifest, rows: &[IndexRow]) -> Option<ClassSummary> {
         classes_with_samples: counts.values().filter(|&&c| c > 0).count() as u64,
         empty_classes: counts.values().filter(|&&c| c == 0).count() as u64,
         labelled,
-        unlabelled: rows.len() as u64 - labelled,
+        unlabelled: samples - labelled,
         unknown_labels: if table.is_empty() {
             Vec::new()
         } else {
@@ -452,6 +506,29 @@ mod tests {
         let one = Dist::of(vec![7.0]).unwrap();
         assert_eq!((one.min, one.p50, one.max), (7.0, 7.0, 7.0));
         assert!(Dist::of(Vec::new()).is_none());
+    }
+
+    /// `info` keeps counts per distinct value (and the image sizes as integers) instead
+    /// of every row's values; the distributions must not change.
+    #[test]
+    fn counted_and_integer_distributions_equal_the_plain_one() {
+        let values: Vec<u64> = (0..1000u64)
+            .map(|i| (i * 7919) % 13 * 100 + i % 3)
+            .collect();
+        let plain = Dist::of(values.iter().map(|&v| v as f64).collect()).unwrap();
+        assert_eq!(Dist::of_ints(values.clone()).unwrap(), plain);
+        let mut counts: HashMap<u64, u64> = HashMap::new();
+        for &v in &values {
+            *counts.entry(v).or_default() += 1;
+        }
+        let counted = Dist::of_counts(counts.into_iter().map(|(v, n)| (v as f64, n)).collect());
+        assert_eq!(counted.unwrap(), plain);
+        assert_eq!(
+            Dist::of_counts(vec![(2.0, 1), (f64::NAN, 4), (1.0, 3), (9.0, 0)]).unwrap(),
+            Dist::of(vec![1.0, 1.0, 1.0, 2.0]).unwrap()
+        );
+        assert!(Dist::of_counts(Vec::new()).is_none());
+        assert!(Dist::of_ints(Vec::new()).is_none());
     }
 
     #[test]

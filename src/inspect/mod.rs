@@ -33,6 +33,22 @@ pub(crate) fn bytes_bar(show: bool, total: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// A progress bar counting index rows (hidden unless `show`).
+pub(crate) fn rows_bar(show: bool, total: u64, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ETA {eta}",
+        )
+        .expect("template"),
+    );
+    pb.set_prefix(what.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
 /// A rayon pool with `threads` workers (0 = all cores).
 pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
     let n = if threads == 0 {

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{bytes_bar, human_bytes, is_image_ext, parse_cls, thread_pool};
+use super::{bytes_bar, human_bytes, is_image_ext, parse_cls, rows_bar, thread_pool};
 use crate::error::{Error, Result};
-use crate::format::index::{IndexRow, read_index};
+use crate::format::index::{IndexBatches, IndexRow, for_each_batch};
 use crate::format::manifest::{Manifest, ShardEntry, WIDS_KIND};
 use crate::format::reject::read_rejects;
 use crate::format::tar::{Member, ScannedSample, md5_file, scan_shard};
@@ -219,7 +219,6 @@ pub fn verify(dir: &Path, split: &str, opts: &VerifyOptions) -> Result<VerifyRep
     let index_file = format::index_name(split);
     let rejected_file = format::rejected_name(split);
     let manifest: Manifest = read_json(&dir.join(&manifest_file))?;
-    let rows = read_index(&dir.join(&index_file))?;
     let mut problems = Vec::new();
 
     // Rejected list (optional, but its sources account for unindexed tar samples).
@@ -254,20 +253,21 @@ pub fn verify(dir: &Path, split: &str, opts: &VerifyOptions) -> Result<VerifyRep
         ));
     }
 
-    manifest_problems(&manifest, &manifest_file, rows.len() as u64, &mut problems);
-    index_problems(&manifest, &rows, &index_file, &mut problems);
-
-    // Rows per shard, sorted by offset.
+    // Dataset-level checks, streaming the index once.
+    let index_path = dir.join(&index_file);
     let nshards = manifest.shardlist.len();
-    let mut per_shard: Vec<Vec<&IndexRow>> = vec![Vec::new(); nshards];
-    for r in &rows {
-        if let Some(v) = per_shard.get_mut(r.shard as usize) {
-            v.push(r);
-        }
+    let mut keys = KeyCheck::new(nshards, manifest.conmim.num_samples);
+    let pb = rows_bar(opts.progress, manifest.conmim.num_samples, "index");
+    for rows in IndexBatches::open(&index_path)? {
+        let rows = rows?;
+        rows.iter().for_each(|r| keys.add(r));
+        pb.inc(rows.len() as u64);
     }
-    for v in &mut per_shard {
-        v.sort_by_key(|r| r.offset);
-    }
+    pb.finish_and_clear();
+    let indexed = keys.rows;
+    let in_shard_order = keys.in_shard_order;
+    manifest_problems(&manifest, &manifest_file, indexed, &mut problems);
+    keys.finish(&index_path, &index_file, &mut problems)?;
 
     let limits = manifest
         .conmim
@@ -285,26 +285,55 @@ pub fn verify(dir: &Path, split: &str, opts: &VerifyOptions) -> Result<VerifyRep
     let pb = bytes_bar(opts.progress, total, "verify");
     let done = AtomicU64::new(0);
     let pool = thread_pool(opts.threads)?;
-    let outcomes: Vec<ShardOutcome> = pool.install(|| {
-        manifest
-            .shardlist
-            .par_iter()
-            .zip(per_shard.par_iter())
-            .map(|(entry, rows)| {
-                let out = check_shard(&ctx, entry, rows);
-                pb.inc(entry.filesize);
-                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                pb.set_message(format!("{n}/{nshards} shards"));
-                out
+    // Then each shard against its rows: streamed a shard at a time when the index is in
+    // shard order, as conmim-shard writes it; else gathered in memory first.
+    let groups: Box<dyn Iterator<Item = Result<(usize, Vec<IndexRow>)>> + Send> = if in_shard_order
+    {
+        Box::new(ShardGroups::new(IndexBatches::open(&index_path)?, nshards))
+    } else {
+        let mut per_shard: Vec<Vec<IndexRow>> = vec![Vec::new(); nshards];
+        for_each_batch(&index_path, |rows| {
+            for r in rows {
+                if let Some(v) = per_shard.get_mut(r.shard as usize) {
+                    v.push(r);
+                }
+            }
+            Ok(())
+        })?;
+        Box::new(per_shard.into_iter().enumerate().map(Ok))
+    };
+    let failed = std::sync::Mutex::new(None);
+    let mut outcomes: Vec<(usize, ShardOutcome)> = pool.install(|| {
+        groups
+            .par_bridge()
+            .filter_map(|group| match group {
+                Ok((i, mut rows)) => {
+                    rows.sort_by_key(|r| r.offset);
+                    let entry = &manifest.shardlist[i];
+                    let out = check_shard(&ctx, entry, &rows);
+                    pb.inc(entry.filesize);
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    pb.set_message(format!("{n}/{nshards} shards"));
+                    Some((i, out))
+                }
+                Err(e) => {
+                    failed.lock().unwrap().get_or_insert(e);
+                    None
+                }
             })
             .collect()
     });
+    if let Some(e) = failed.into_inner().unwrap() {
+        pb.finish_and_clear();
+        return Err(e);
+    }
+    outcomes.sort_by_key(|(i, _)| *i);
     pb.finish_and_clear();
 
     let mut samples = 0;
     let mut rejected_in_shards = 0;
     let mut bytes = 0;
-    for o in outcomes {
+    for (_, o) in outcomes {
         samples += o.samples;
         rejected_in_shards += o.rejected;
         bytes += o.bytes;
@@ -315,7 +344,7 @@ pub fn verify(dir: &Path, split: &str, opts: &VerifyOptions) -> Result<VerifyRep
         split: split.to_owned(),
         shards: nshards as u64,
         samples,
-        indexed: rows.len() as u64,
+        indexed,
         rejected_in_shards,
         bytes,
         decoded: opts.decode,
@@ -372,56 +401,203 @@ fn manifest_problems(m: &Manifest, file: &str, index_rows: u64, out: &mut Vec<Pr
     }
 }
 
-/// Index rows pointing outside the shard list; duplicate keys.
-fn index_problems(m: &Manifest, rows: &[IndexRow], file: &str, out: &mut Vec<Problem>) {
-    let n = m.shardlist.len();
-    let mut outside: Vec<(u32, u64, &str)> = Vec::new(); // shard, rows, first key
-    for r in rows.iter().filter(|r| r.shard as usize >= n) {
-        match outside.iter_mut().find(|o| o.0 == r.shard) {
-            Some(o) => o.1 += 1,
-            None => outside.push((r.shard, 1, &r.key)),
+/// Index rows pointing outside the shard list; duplicate keys. Fed one row at a time,
+/// it keeps 24 bytes per row (a hash of the key and the shard), not the keys.
+struct KeyCheck {
+    shards: usize,
+    rows: u64,
+    /// Whether the rows inside the shard list come in shard order.
+    in_shard_order: bool,
+    last_shard: u32,
+    /// Per shard number outside the list: rows, first key.
+    outside: Vec<(u32, u64, String)>,
+    /// Each row's key hash and shard; sorted at the end, equal hashes are duplicates.
+    hashes: Vec<(KeyHash, u32)>,
+}
+
+/// A 128-bit hash standing for a key: two different keys of a dataset share one with a
+/// chance of about n^2 / 2^129 (1e-25 for 15 million keys).
+type KeyHash = [u64; 2];
+
+fn key_hash(key: &str) -> KeyHash {
+    let h = xxhash_rust::xxh3::xxh3_128(key.as_bytes());
+    [(h >> 64) as u64, h as u64]
+}
+
+impl KeyCheck {
+    /// For an index of about `rows` rows.
+    fn new(shards: usize, rows: u64) -> Self {
+        let mut hashes = Vec::new();
+        // Address space only, until written; a manifest with a wrong count costs nothing.
+        let _ = hashes.try_reserve_exact(rows as usize);
+        KeyCheck {
+            shards,
+            rows: 0,
+            in_shard_order: true,
+            last_shard: 0,
+            outside: Vec::new(),
+            hashes,
         }
     }
-    for (shard, count, key) in outside.into_iter().take(MAX_DATASET_PROBLEMS) {
-        out.push(Problem::new(
-            file,
-            Some(key),
-            format!(
-                "{count} index row(s) reference shard {shard}, but the manifest lists only {n} shards"
-            ),
-        ));
-    }
-    let mut seen: HashMap<&str, u32> = HashMap::with_capacity(rows.len());
-    let mut dups = 0usize;
-    for r in rows {
-        if let Some(first) = seen.insert(&r.key, r.shard) {
-            if dups < MAX_DATASET_PROBLEMS {
-                out.push(Problem::new(
-                    file,
-                    Some(&r.key),
-                    format!(
-                        "key appears more than once in the index (shards {first} and {})",
-                        r.shard
-                    ),
-                ));
+
+    fn add(&mut self, r: &IndexRow) {
+        self.rows += 1;
+        if r.shard as usize >= self.shards {
+            match self.outside.iter_mut().find(|o| o.0 == r.shard) {
+                Some(o) => o.1 += 1,
+                None => self.outside.push((r.shard, 1, r.key.clone())),
             }
-            dups += 1;
+        } else {
+            self.in_shard_order &= r.shard >= self.last_shard;
+            self.last_shard = r.shard;
+        }
+        self.hashes.push((key_hash(&r.key), r.shard));
+    }
+
+    /// Reports what was found. Names duplicate keys by reading the index at `index`
+    /// once more, which happens only when there are any.
+    fn finish(self, index: &Path, file: &str, out: &mut Vec<Problem>) -> Result<()> {
+        let n = self.shards;
+        for (shard, count, key) in self.outside.into_iter().take(MAX_DATASET_PROBLEMS) {
+            out.push(Problem::new(
+                file,
+                Some(&key),
+                format!(
+                    "{count} index row(s) reference shard {shard}, but the manifest lists only {n} shards"
+                ),
+            ));
+        }
+        let mut hashes = self.hashes;
+        hashes.sort_unstable();
+        let mut dups = 0usize;
+        let mut shown: Vec<(KeyHash, u32, u32)> = Vec::new(); // key, first shard, other
+        for same in hashes.chunk_by(|a, b| a.0 == b.0) {
+            for &(h, shard) in &same[1..] {
+                if shown.len() < MAX_DATASET_PROBLEMS {
+                    shown.push((h, same[0].1, shard));
+                }
+                dups += 1;
+            }
+        }
+        drop(hashes);
+        if shown.is_empty() {
+            return Ok(());
+        }
+        let wanted: HashSet<KeyHash> = shown.iter().map(|d| d.0).collect();
+        let mut keys: HashMap<KeyHash, String> = HashMap::new();
+        for_each_batch(index, |rows| {
+            for r in rows {
+                let h = key_hash(&r.key);
+                if wanted.contains(&h) {
+                    keys.entry(h).or_insert(r.key);
+                }
+            }
+            Ok(())
+        })?;
+        for (h, first, shard) in shown {
+            out.push(Problem::new(
+                file,
+                keys.get(&h).map(String::as_str),
+                format!("key appears more than once in the index (shards {first} and {shard})"),
+            ));
+        }
+        if dups > MAX_DATASET_PROBLEMS {
+            out.push(Problem::new(
+                file,
+                None,
+                format!(
+                    "... and {} more duplicate keys",
+                    dups - MAX_DATASET_PROBLEMS
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The rows of an index in shard order, grouped by shard: `(shard, rows)` for every
+/// shard of the list in turn, empty for a shard without rows. Rows outside the list
+/// are left out (the [`KeyCheck`] reports them).
+struct ShardGroups {
+    batches: IndexBatches,
+    shards: usize,
+    /// The shard whose group comes next.
+    next: usize,
+    group: Vec<IndexRow>,
+    pending: std::vec::IntoIter<IndexRow>,
+    /// A row read that opens a later shard's group.
+    held: Option<IndexRow>,
+    failed: bool,
+}
+
+impl ShardGroups {
+    fn new(batches: IndexBatches, shards: usize) -> Self {
+        ShardGroups {
+            batches,
+            shards,
+            next: 0,
+            group: Vec::new(),
+            pending: Vec::new().into_iter(),
+            held: None,
+            failed: false,
         }
     }
-    if dups > MAX_DATASET_PROBLEMS {
-        out.push(Problem::new(
-            file,
-            None,
-            format!(
-                "... and {} more duplicate keys",
-                dups - MAX_DATASET_PROBLEMS
-            ),
-        ));
+}
+
+impl Iterator for ShardGroups {
+    type Item = Result<(usize, Vec<IndexRow>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.next >= self.shards {
+            return None;
+        }
+        loop {
+            let r = match self.held.take().or_else(|| self.pending.next()) {
+                Some(r) => r,
+                None => match self.batches.next() {
+                    Some(Ok(rows)) => {
+                        self.pending = rows.into_iter();
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                    // The end: this group, then the empty ones of the shards left.
+                    None => break,
+                },
+            };
+            let shard = r.shard as usize;
+            if shard >= self.shards {
+                continue;
+            }
+            if shard < self.next {
+                // The first pass found them in order: the file changed in between.
+                self.failed = true;
+                return Some(Err(Error::Index {
+                    path: self.batches.path().to_owned(),
+                    message: format!(
+                        "row `{}` of shard {shard} comes after shard {}'s rows; was the index \
+                         rewritten during the check?",
+                        r.key, self.next
+                    ),
+                }));
+            }
+            if shard == self.next {
+                self.group.push(r);
+            } else {
+                self.held = Some(r);
+                break;
+            }
+        }
+        let i = self.next;
+        self.next += 1;
+        Some(Ok((i, std::mem::take(&mut self.group))))
     }
 }
 
 /// Checks one shard file against its manifest entry and index rows.
-fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOutcome {
+fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[IndexRow]) -> ShardOutcome {
     let mut sink = Sink::new(&entry.url);
     let mut outcome = ShardOutcome {
         samples: 0,
@@ -479,7 +655,7 @@ fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOu
         |s| {
             outcome.samples += 1;
             while next < rows.len() && rows[next].offset < s.offset {
-                let r = rows[next];
+                let r = &rows[next];
                 sink.push(
                     Some(&r.key),
                     format!("no sample starts at index offset {}", r.offset),
@@ -487,7 +663,7 @@ fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOu
                 next += 1;
             }
             if next < rows.len() && rows[next].offset == s.offset {
-                check_sample(ctx, rows[next], &s, &mut sink);
+                check_sample(ctx, &rows[next], &s, &mut sink);
                 next += 1;
             } else if listed(&s.key) {
                 outcome.rejected += 1;
@@ -555,7 +731,7 @@ fn check_shard(ctx: &Ctx<'_>, entry: &ShardEntry, rows: &[&IndexRow]) -> ShardOu
 
 /// Checks `rows` by reading each one's byte range directly (after the tar stream broke
 /// down). Returns how many samples could be read.
-fn check_rows_at_offsets(ctx: &Ctx<'_>, path: &Path, rows: &[&IndexRow], sink: &mut Sink) -> u64 {
+fn check_rows_at_offsets(ctx: &Ctx<'_>, path: &Path, rows: &[IndexRow], sink: &mut Sink) -> u64 {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) => {
@@ -814,5 +990,84 @@ mod tests {
         assert!(text.contains("x.tar: p19"));
         assert!(!text.contains("x.tar: p20"));
         assert!(text.contains("and 10 more"));
+    }
+
+    fn row(key: String, shard: u32, offset: u64) -> IndexRow {
+        IndexRow {
+            key,
+            shard,
+            offset,
+            ..Default::default()
+        }
+    }
+
+    /// Issue 2 (verify a 15M-sample index without holding it): the groups come a shard
+    /// at a time across batch boundaries, every shard of the list once (empty ones too),
+    /// every row inside the list once, in its shard's group.
+    #[test]
+    fn issue2_verify_streams_the_index_a_shard_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.index.parquet");
+        // 7 shards; shard 2 and 6 have no rows; 3 spans two read batches; one row
+        // points outside the list.
+        let sizes = [5usize, 3, 0, crate::format::index::READ_BATCH + 10, 1, 2, 0];
+        let mut rows = Vec::new();
+        for (s, &n) in sizes.iter().enumerate() {
+            for k in 0..n {
+                rows.push(row(format!("{s}/{k}"), s as u32, (n - k) as u64));
+            }
+            if s == 4 {
+                rows.push(row("outside".into(), 9, 0));
+            }
+        }
+        crate::format::index::write_index(&path, &rows).unwrap();
+
+        let mut keys = KeyCheck::new(sizes.len(), 0);
+        for b in IndexBatches::open(&path).unwrap() {
+            b.unwrap().iter().for_each(|r| keys.add(r));
+        }
+        assert!(keys.in_shard_order);
+        assert_eq!(keys.rows, rows.len() as u64);
+
+        let groups: Vec<(usize, Vec<IndexRow>)> =
+            ShardGroups::new(IndexBatches::open(&path).unwrap(), sizes.len())
+                .map(Result::unwrap)
+                .collect();
+        assert_eq!(
+            groups.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (0..sizes.len()).collect::<Vec<_>>()
+        );
+        for (s, group) in &groups {
+            let expected: Vec<&IndexRow> = rows.iter().filter(|r| r.shard as usize == *s).collect();
+            assert_eq!(group.iter().collect::<Vec<_>>(), expected, "shard {s}");
+        }
+    }
+
+    #[test]
+    fn key_check_finds_duplicates_outside_rows_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.index.parquet");
+        let rows = [
+            row("a".into(), 0, 0),
+            row("b".into(), 1, 0),
+            row("a".into(), 1, 5),
+            row("c".into(), 7, 0),
+            row("d".into(), 0, 9),
+            row("a".into(), 1, 7),
+        ];
+        crate::format::index::write_index(&path, &rows).unwrap();
+        let mut k = KeyCheck::new(2, 1 << 60);
+        rows.iter().for_each(|r| k.add(r));
+        assert!(!k.in_shard_order, "shard 0 after shard 1");
+        let mut out = Vec::new();
+        k.finish(&path, "t.index.parquet", &mut out).unwrap();
+        let text: Vec<String> = out.iter().map(|p| p.to_string()).collect();
+        assert_eq!(out.len(), 3, "{text:#?}");
+        assert_eq!(out[0].key.as_deref(), Some("c"), "{text:#?}");
+        assert!(out[0].message.contains("shard 7"), "{text:#?}");
+        for p in &out[1..] {
+            assert_eq!(p.key.as_deref(), Some("a"), "{text:#?}");
+            assert!(p.message.contains("shards 0 and 1"), "{text:#?}");
+        }
     }
 }
