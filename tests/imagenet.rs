@@ -429,6 +429,37 @@ fn issue2_duplicate_keys_are_rejected_not_overwritten() {
     assert_eq!(s.samples, 6);
 }
 
+/// A file whose name is not valid UTF-8 cannot have a UTF-8 key or source: it is
+/// rejected as `bad_name`, with a detail that says to rename it (it used to show up as
+/// `missing_file`, for a file that is there).
+#[cfg(unix)]
+#[test]
+fn issue2_non_utf8_file_name_is_a_bad_name_reject() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("in");
+    tiny_imagenet(&root, 2, 3);
+    let class = std::fs::read_dir(root.join("train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let good = class.read_dir().unwrap().next().unwrap().unwrap().path();
+    let bad = class.join(std::ffi::OsStr::from_bytes(b"caf\xe9.JPEG"));
+    std::fs::copy(&good, &bad).unwrap();
+    let out = tmp.path().join("out");
+    let s = shard_imagenet(&root, &small_config(&out, "train"));
+    assert_eq!(s.samples, 6);
+    let rejects = read_rejects(&out.join("train.rejected.jsonl")).unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(rejects[0].reason, "bad_name");
+    assert!(
+        rejects[0].source.ends_with("caf\u{FFFD}.JPEG"),
+        "{rejects:?}"
+    );
+    assert!(rejects[0].detail.contains("rename"), "{rejects:?}");
+}
+
 /// `--max-side N --quality Q`: large originals become JPEGs with max side N; small ones
 /// keep their original bytes.
 #[test]

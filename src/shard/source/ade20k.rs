@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     Entry, Item, LoadContext, Metadata, Sample, Source, Validation, image_row, load_image_file,
-    resolve_under, sorted_dir,
+    not_found, resolve_under, sorted_dir,
 };
 use crate::error::{Error, Result};
 use crate::format::reject::Reject;
@@ -122,17 +122,12 @@ fn read_under(
     let path = resolve_under(root, rel, follow_symlinks)
         .map_err(|(reason, detail)| Reject::new(rel, Some(key.to_owned()), reason, detail))?;
     std::fs::read(&path).map_err(|e| {
-        let reason = if e.kind() == std::io::ErrorKind::NotFound {
-            "missing_file"
+        let (reason, detail) = if e.kind() == std::io::ErrorKind::NotFound {
+            not_found(rel, &path)
         } else {
-            "unreadable"
+            ("unreadable".into(), format!("{}: {e}", path.display()))
         };
-        Reject::new(
-            rel,
-            Some(key.to_owned()),
-            reason,
-            format!("{}: {e}", path.display()),
-        )
+        Reject::new(rel, Some(key.to_owned()), reason, detail)
     })
 }
 

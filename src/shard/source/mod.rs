@@ -174,11 +174,29 @@ pub fn resolve_under(
                 real.display()
             ),
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((
-            "missing_file".into(),
-            format!("{}: not found", joined.display()),
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found(rel, &joined)),
         Err(e) => Err(("unreadable".into(), format!("{}: {e}", joined.display()))),
+    }
+}
+
+/// Reason and detail for input `rel` (at `path`) that does not exist. A walk gives a file
+/// name that is not valid UTF-8 with U+FFFD in its place ([`sorted_dir`]), and that name
+/// is then not found: such an input is `bad_name`, not `missing_file`.
+pub fn not_found(rel: &str, path: &Path) -> (String, String) {
+    if rel.contains(char::REPLACEMENT_CHARACTER) {
+        (
+            "bad_name".into(),
+            format!(
+                "{}: the file name is not valid UTF-8 (shown with U+FFFD); keys and index \
+                 paths are UTF-8 text, so rename the file",
+                path.display()
+            ),
+        )
+    } else {
+        (
+            "missing_file".into(),
+            format!("{}: not found", path.display()),
+        )
     }
 }
 
@@ -263,17 +281,12 @@ pub fn load_image_at(
     let path = resolve_under(root, rel, ctx.follow_symlinks)
         .map_err(|(reason, detail)| Reject::new(rel, Some(item.key.clone()), reason, detail))?;
     let bytes = std::fs::read(&path).map_err(|e| {
-        let reason = if e.kind() == std::io::ErrorKind::NotFound {
-            "missing_file"
+        let (reason, detail) = if e.kind() == std::io::ErrorKind::NotFound {
+            not_found(rel, &path)
         } else {
-            "unreadable"
+            ("unreadable".into(), format!("{}: {e}", path.display()))
         };
-        Reject::new(
-            rel,
-            Some(item.key.clone()),
-            reason,
-            format!("{}: {e}", path.display()),
-        )
+        Reject::new(rel, Some(item.key.clone()), reason, detail)
     })?;
     check_image(bytes, ctx).map_err(|p| {
         Reject::new(
@@ -312,7 +325,9 @@ pub fn image_row(item: &Item, img: &LoadedImage, members: &[(String, Vec<u8>)]) 
     }
 }
 
-/// Sorted names of the entries of `dir` (for deterministic walks).
+/// Sorted names of the entries of `dir` (for deterministic walks). A name that is not
+/// valid UTF-8 comes out lossy, with U+FFFD: opening it fails, and [`not_found`] turns
+/// that into a `bad_name` reject.
 pub fn sorted_dir(dir: &Path) -> std::io::Result<Vec<(String, std::fs::FileType)>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
