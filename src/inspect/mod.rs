@@ -18,32 +18,31 @@ use crate::error::{Error, Result};
 
 /// A progress bar counting bytes (hidden unless `show`).
 pub(crate) fn bytes_bar(show: bool, total: u64, what: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} \
-             ETA {eta} {msg}",
-        )
-        .expect("template"),
-    );
-    pb.set_prefix(what.to_owned());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
+    bar(
+        show,
+        total,
+        what,
+        "{prefix:>10} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} \
+         ETA {eta} {msg}",
+    )
 }
 
 /// A progress bar counting index rows (hidden unless `show`).
 pub(crate) fn rows_bar(show: bool, total: u64, what: &str) -> ProgressBar {
+    bar(
+        show,
+        total,
+        what,
+        "{prefix:>10} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ETA {eta}",
+    )
+}
+
+fn bar(show: bool, total: u64, what: &str, template: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ETA {eta}",
-        )
-        .expect("template"),
-    );
+    let pb = ProgressBar::new(total)
+        .with_style(ProgressStyle::with_template(template).expect("template"));
     pb.set_prefix(what.to_owned());
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
