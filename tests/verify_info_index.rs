@@ -449,6 +449,15 @@ fn index_existing_img2dataset_shards() {
         .expect("truncated rejected");
     assert!(!truncated.is_empty() && *truncated != "no_image_member");
     assert_eq!(by_source.get("00001.tar:000000001"), Some(&"duplicate_key"));
+    let dup = rejects
+        .iter()
+        .find(|r| r.reason == "duplicate_key")
+        .unwrap();
+    assert!(
+        dup.detail.ends_with("already indexed from 00000.tar"),
+        "the detail names the shard of the first occurrence: {}",
+        dup.detail
+    );
     assert_eq!(by_source.get("00002.tar"), Some(&"corrupt_shard"));
     assert_eq!(rejects.len(), 4);
     assert_eq!(s.rejected, 4);

@@ -35,13 +35,14 @@
 //! characters outside `[A-Za-z0-9_-]` (`dir.v2/000001`); the summary warns about them,
 //! since renaming would mean rewriting the shards.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::seen::SeenKeys;
 use super::source::{Validation, sha256_hex};
 use super::{ShardConfig, Summary};
 use crate::error::{Error, Result};
@@ -298,7 +299,7 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
     let mut shardlist: Vec<ShardEntry> = Vec::new();
     let mut rejects: Vec<Reject> = Vec::new();
     let mut warnings = Vec::new();
-    let mut seen: HashMap<u128, u32> = HashMap::new(); // key hash -> shard position
+    let mut seen = SeenKeys::new(); // key -> shard position of its first occurrence
     let (mut samples, mut image_bytes) = (0u64, 0u64);
     let mut unindexed_in_tars = 0u64;
     let mut odd_keys: (u64, Vec<String>) = (0, Vec::new());
@@ -331,8 +332,7 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
             let pos = shardlist.len() as u32;
             let mut kept = Vec::with_capacity(s.rows.len());
             for mut row in s.rows {
-                let h = xxhash_rust::xxh3::xxh3_128(row.key.as_bytes());
-                if let Some(&first) = seen.get(&h) {
+                if let Some(first) = seen.first_or_insert(&row.key, pos) {
                     let first_url = shardlist
                         .get(first as usize)
                         .map_or(c.url.as_str(), |e| e.url.as_str());
@@ -345,7 +345,6 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
                     ));
                     continue;
                 }
-                seen.insert(h, pos);
                 if !plain_key(&row.key) {
                     odd_keys.0 += 1;
                     if odd_keys.1.len() < 3 {

@@ -17,6 +17,7 @@
 pub mod existing;
 pub mod merge;
 pub mod plan;
+mod seen;
 pub mod source;
 
 use std::collections::BTreeMap;
