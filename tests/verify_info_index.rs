@@ -557,6 +557,43 @@ fn index_existing_pattern_and_other_out_dir() {
     assert!(err.contains("00003.tar"), "{err}");
 }
 
+/// Manifest urls are UTF-8 text: a shard whose path below `--out` is not valid UTF-8
+/// is an error naming it (before, its url was mangled with U+FFFD and the shard
+/// could not be opened by that name).
+#[test]
+fn issue2_index_refuses_shard_paths_that_are_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    write_img2dataset(&dir);
+    std::fs::remove_file(dir.join("00002.tar")).unwrap();
+    let bad = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9.tar"));
+    std::fs::copy(dir.join("00001.tar"), &bad).unwrap();
+    let err = index_existing(&dir, &dir, &IndexOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("caf\u{FFFD}.tar"), "{err}");
+    assert!(err.contains("UTF-8") && err.contains("rename"), "{err}");
+    assert!(!dir.join(manifest_name("train")).exists());
+    // Left out with --pattern, the other shards index.
+    let opts = IndexOptions {
+        pattern: Some("{00000..00001}.tar".into()),
+        ..Default::default()
+    };
+    assert_eq!(index_existing(&dir, &dir, &opts).unwrap().shards, 2);
+
+    // A folder on the way from --out to the shards.
+    let top = tmp.path().join("top");
+    let odd = top.join(std::ffi::OsStr::from_bytes(b"d\xff"));
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(dir.join("00000.tar"), odd.join("00000.tar")).unwrap();
+    let err = index_existing(&odd, &top, &IndexOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("d\u{FFFD}") && err.contains("UTF-8"), "{err}");
+    assert!(!top.join(manifest_name("train")).exists());
+}
+
 #[test]
 fn brace_patterns_expand() {
     let v = expand_braces("{000000..000146}.tar").unwrap();

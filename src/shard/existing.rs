@@ -471,10 +471,14 @@ fn candidates(dir: &Path, out: &Path, pattern: Option<&str>) -> Result<Vec<Candi
             let mut names = Vec::new();
             for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
                 let e = e.map_err(|e| Error::io(dir, e))?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".tar") && e.path().is_file() {
-                    names.push(name);
+                let file_name = e.file_name();
+                if !file_name.as_encoded_bytes().ends_with(b".tar") || !e.path().is_file() {
+                    continue;
                 }
+                let Some(name) = file_name.to_str() else {
+                    return Err(not_utf8(&e.path()));
+                };
+                names.push(name.to_owned());
             }
             names.sort();
             names
@@ -492,43 +496,64 @@ fn candidates(dir: &Path, out: &Path, pattern: Option<&str>) -> Result<Vec<Candi
             let size = std::fs::metadata(&path)
                 .map_err(|e| Error::io(&path, e))?
                 .len();
-            let url = shard_url(&real_dir, &real_out, &name).ok_or_else(|| {
-                Error::Config(format!(
+            let url = shard_url(&real_dir, &real_out, &name).map_err(|e| match e {
+                NoUrl::Outside => Error::Config(format!(
                     "shard {} is not inside the output directory {}: manifest urls are \
                      relative paths below the manifest's directory (no `..`, not absolute; \
                      schemas/manifest.schema.json), so --out must be the shard directory \
                      or a folder above it",
                     path.display(),
                     out.display()
-                ))
+                )),
+                NoUrl::NotUtf8(rel) => not_utf8(&real_out.join(rel)),
             })?;
             Ok(Candidate { path, url, size })
         })
         .collect()
 }
 
+/// A shard path that manifest urls cannot name: not valid UTF-8 (urls are text).
+fn not_utf8(path: &Path) -> Error {
+    Error::input(
+        path,
+        "the shard's path (below the output directory) is not valid UTF-8, and manifest \
+         urls are UTF-8 text; rename it (a shard can also be left out with --pattern)",
+    )
+}
+
+/// Why a shard has no url in the manifest.
+#[derive(Debug, PartialEq)]
+enum NoUrl {
+    /// No relative path leads only downwards from the output directory to it.
+    Outside,
+    /// The relative path (this one) is not valid UTF-8.
+    NotUtf8(PathBuf),
+}
+
 /// The url of shard `name` (relative to `real_dir`) in a manifest in `real_out`: a
-/// relative path going only downwards, or `None` when there is none.
-fn shard_url(real_dir: &Path, real_out: &Path, name: &str) -> Option<String> {
+/// relative path going only downwards, in UTF-8.
+fn shard_url(real_dir: &Path, real_out: &Path, name: &str) -> std::result::Result<String, NoUrl> {
     let clean = |p: &Path| {
         p.components().all(|c| matches!(c, Component::Normal(_))) && p.components().next().is_some()
     };
     if real_dir == real_out && clean(Path::new(name)) {
-        return Some(name.to_owned());
+        return Ok(name.to_owned());
     }
     let abs = real_dir.join(name);
     let abs = if clean(Path::new(name)) {
         abs
     } else {
-        abs.canonicalize().ok()?
+        abs.canonicalize().map_err(|_| NoUrl::Outside)?
     };
-    let rel = relative_path(real_out, &abs)?;
-    clean(&rel).then(|| {
-        rel.components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join("/")
-    })
+    let rel = relative_path(real_out, &abs).ok_or(NoUrl::Outside)?;
+    if !clean(&rel) {
+        return Err(NoUrl::Outside);
+    }
+    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
+    match parts {
+        Some(parts) => Ok(parts.join("/")),
+        None => Err(NoUrl::NotUtf8(rel)),
+    }
 }
 
 /// `to` relative to directory `from` (both absolute), when one exists.
@@ -713,17 +738,20 @@ mod tests {
     #[test]
     fn urls_only_lead_downwards() {
         let d = Path::new("/data/shards");
-        assert_eq!(shard_url(d, d, "00000.tar").as_deref(), Some("00000.tar"));
+        assert_eq!(shard_url(d, d, "00000.tar").as_deref(), Ok("00000.tar"));
         assert_eq!(
             shard_url(d, d, "sub/00000.tar").as_deref(),
-            Some("sub/00000.tar")
+            Ok("sub/00000.tar")
         );
         assert_eq!(
             shard_url(d, Path::new("/data"), "00000.tar").as_deref(),
-            Some("shards/00000.tar")
+            Ok("shards/00000.tar")
         );
-        assert_eq!(shard_url(d, Path::new("/data/index"), "00000.tar"), None);
-        assert_eq!(shard_url(d, d, "/abs/00000.tar"), None);
+        assert_eq!(
+            shard_url(d, Path::new("/data/index"), "00000.tar"),
+            Err(NoUrl::Outside)
+        );
+        assert_eq!(shard_url(d, d, "/abs/00000.tar"), Err(NoUrl::Outside));
     }
 
     #[test]
