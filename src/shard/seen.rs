@@ -2,12 +2,14 @@
 //!
 //! The index decides each row before it writes it, so it needs an online "seen this key
 //! before, and where?" over every key of the dataset. A hash map of 128-bit key hashes
-//! and shard positions costs about 70 bytes per key once its spare buckets are counted
-//! (1.1 GB at 15 million keys). [`SeenKeys`] keeps one sorted `u128` per key instead:
-//! the top 96 bits of the key's xxh3-128 hash, with the shard position of its first
-//! occurrence in the low 32 bits. New keys go into a small hash map first, which is
-//! merged into the sorted array (in place, from the back) when it reaches a sixteenth
-//! of it, so merging costs O(n) amortised per key and the map stays small.
+//! and shard positions peaked at 1.6 GB for 15 million keys (its spare buckets, and old
+//! and new tables side by side while it grows). [`SeenKeys`] keeps one sorted `u128`
+//! per key instead (271 MB peak for the same keys): the top 96 bits of the key's
+//! xxh3-128 hash, with the shard position of its first occurrence in the low 32 bits.
+//! New keys go into a small hash map first, which is merged into the sorted array (in
+//! place, from the back) when it reaches a sixteenth of it: the map stays small, and
+//! each entry is moved about 16 times in all. A lookup is a binary search (about 1 µs
+//! at 15 million keys, against the milliseconds it takes to scan a sample).
 //!
 //! Two different keys share 96 hash bits with a chance of about n² / 2⁹⁷: 1.4e-15 at
 //! 15 million keys.
