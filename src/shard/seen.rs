@@ -8,7 +8,7 @@
 //! xxh3-128 hash, with the shard position of its first occurrence in the low 32 bits.
 //! New keys go into a small hash map first, which is merged into the sorted array (in
 //! place, from the back) when it reaches a sixteenth of it: the map stays small, and
-//! each entry is moved about 16 times in all. A lookup is a binary search (about 1 µs
+//! each entry is moved about 16 times in all. A lookup is a binary search (under 1 µs
 //! at 15 million keys; hashing a sample's bytes alone takes tens of microseconds).
 //!
 //! Two different keys share 96 hash bits with a chance of about n² / 2⁹⁷: 1.4e-15 at
