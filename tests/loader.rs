@@ -6,9 +6,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use conmim::Error;
+use conmim::augment::color::color_jitter_no_hue;
+use conmim::augment::params::{ColorJitterParams, sample_rng};
 use conmim::augment::views::ViewMaker;
 use conmim::image::ImageLimits;
-use conmim::loader::{Batch, Loader, LoaderConfig, MaskConfig, MaskKind, Task, mask_rng};
+use conmim::loader::{
+    Batch, CLASSIFY_AUG_DOMAIN, Loader, LoaderConfig, MaskConfig, MaskKind, Task, mask_rng,
+};
+use conmim::seed::rank_seed;
 use conmim::stream::{SourceOptions, Stream, StreamConfig};
 use conmim::testkit::{self, JpegSpec};
 
@@ -158,6 +163,81 @@ fn each_sample_equals_the_single_sample_transforms() {
         }
     }
     assert_eq!(seen, 12);
+}
+
+/// Ranks draw their own crops, flips, colour ops and masks: sample `n` of rank 1 is
+/// not augmented like sample `n` of rank 0 (numbers count within a rank's output), and
+/// rank 0 draws exactly what a single process draws.
+#[test]
+fn issue6_each_rank_draws_its_own_views_and_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dataset(dir.path(), &[6, 6, 6, 6], &[]);
+    assert_eq!(
+        rank_seed(17, 0),
+        17,
+        "rank 0 keeps the single-process draws"
+    );
+    let n = (SIZE * SIZE * 3) as usize;
+    let mut vm = ViewMaker::new();
+    // rank -> number -> mask.
+    let mut per_rank: Vec<BTreeMap<u64, Vec<u8>>> = Vec::new();
+    for rank in 0..2 {
+        let mut cfg = config(2, 4, 1);
+        cfg.stream.rank = rank;
+        cfg.stream.world_size = 2;
+        let masker = cfg.mask.build(SIZE).unwrap();
+        let seed = rank_seed(17, rank);
+        let mut masks = BTreeMap::new();
+        for b in open(dir.path(), cfg) {
+            let b = b.unwrap();
+            for i in 0..b.len() {
+                let key = &b.keys()[i];
+                let number = b.numbers()[i];
+                let (mut weak, mut strong) = (vec![0u8; n], vec![0u8; n]);
+                vm.conmim_pair(
+                    &images[key],
+                    &ImageLimits::default(),
+                    seed,
+                    b.epoch(),
+                    number,
+                    SIZE,
+                    &mut weak,
+                    &mut strong,
+                )
+                .unwrap();
+                assert_eq!(
+                    &b.weak()[i * n..(i + 1) * n],
+                    &weak[..],
+                    "rank {rank} {key}"
+                );
+                assert_eq!(
+                    &b.strong()[i * n..(i + 1) * n],
+                    &strong[..],
+                    "rank {rank} {key}"
+                );
+                let mut mask = vec![0u8; 16];
+                masker.generate(&mut mask_rng(seed, b.epoch(), number), &mut mask);
+                assert_eq!(
+                    &b.mask()[i * 16..(i + 1) * 16],
+                    &mask[..],
+                    "rank {rank} {key}"
+                );
+                masks.insert(number, mask);
+            }
+        }
+        assert_eq!(masks.len(), 12, "rank {rank}: 2 shards of 6");
+        per_rank.push(masks);
+    }
+    let same = per_rank[0]
+        .iter()
+        .filter(|(number, m)| per_rank[1].get(number) == Some(m))
+        .count();
+    // 16 patches, 12 masked: C(16, 12) = 1820 masks, so two ranks agree by chance on
+    // about 12 / 1820 of their samples; with one shared draw they would agree on all.
+    assert!(
+        same <= 2,
+        "{same} of 12 samples have the same mask on both ranks"
+    );
 }
 
 #[test]
@@ -375,6 +455,115 @@ fn classification_tasks() {
             }
             assert_eq!(&b.weak[i * n..(i + 1) * n], &out[..], "{task:?} {key}");
         }
+    }
+}
+
+/// `color_jitter` without RandAugment: timm's `ColorJitter(c, c, c)` after the crop and
+/// flip, drawn from the sample's classification stream; with RandAugment it is not
+/// applied (timm's `create_transform` drops it).
+#[test]
+fn classify_train_color_jitter_applies_without_rand_augment_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dataset(dir.path(), &[6], &[]);
+    let n = (SIZE * SIZE * 3) as usize;
+    let run = |jitter: f64, rand_augment: &str| {
+        let mut cfg = config(2, 6, 1);
+        cfg.task = Task::ClassifyTrain;
+        cfg.color_jitter = jitter;
+        cfg.rand_augment = rand_augment.into();
+        collect(open(dir.path(), cfg)).remove(0)
+    };
+    let (plain, jittered) = (run(0.0, ""), run(0.4, ""));
+    assert_eq!(plain.keys, jittered.keys);
+    assert_ne!(plain.weak, jittered.weak, "the jitter changed nothing");
+    let mut vm = ViewMaker::new();
+    for (i, key) in jittered.keys.iter().enumerate() {
+        let number = jittered.numbers[i];
+        let mut want = vec![0u8; n];
+        vm.train_view(
+            &images[key],
+            &ImageLimits::default(),
+            17,
+            0,
+            number,
+            SIZE,
+            &mut want,
+        )
+        .unwrap();
+        assert_eq!(
+            &plain.weak[i * n..(i + 1) * n],
+            &want[..],
+            "{key}: crop + flip"
+        );
+        let mut rng = sample_rng(17 ^ CLASSIFY_AUG_DOMAIN, 0, number);
+        let p = ColorJitterParams::sample_no_hue(&mut rng, 0.4);
+        color_jitter_no_hue(&mut want, &p);
+        assert_eq!(
+            &jittered.weak[i * n..(i + 1) * n],
+            &want[..],
+            "{key}: jitter"
+        );
+    }
+    let policy = "rand-m9-mstd0.5-inc1";
+    assert_eq!(
+        run(0.4, policy).weak,
+        run(0.0, policy).weak,
+        "jitter under RandAugment"
+    );
+    // Not a knob of the other tasks.
+    let mut cfg = config(2, 6, 1);
+    cfg.color_jitter = 0.4;
+    let e = Loader::open(dir.path().to_str().unwrap(), &SourceOptions::default(), cfg)
+        .err()
+        .expect("color_jitter on a ConMIM loader");
+    assert!(e.to_string().contains("classify_train"), "{e}");
+}
+
+/// Issue 6: a run resumed on more ranks near the end of an epoch, where each new
+/// rank's share of what is left of it cannot fill one batch. `Loader::rejoined` drops
+/// that share and goes on with the next epoch; a plain loader ends with
+/// `EpochSmallerThanBatch` (which every `--resume auto` retry met again).
+#[test]
+fn issue6_a_rejoined_share_smaller_than_a_batch_moves_on_to_the_next_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[10; 8], &[]);
+    let spec = dir.path().to_str().unwrap();
+    // One process, batch 32, 3 epochs of 80: stop after 2 batches of epoch 0.
+    let mut one = config(1, 32, 3);
+    one.drop_last = true;
+    let mut l = open(dir.path(), one.clone());
+    let state = (0..2)
+        .map(|_| l.next().unwrap().unwrap().state())
+        .last()
+        .unwrap();
+    drop(l);
+    assert_eq!(state.stream.epoch, 0);
+    for rank in 0..2 {
+        let mut cfg = one.clone();
+        cfg.batch_size = 16;
+        cfg.stream.rank = rank;
+        cfg.stream.world_size = 2;
+        let rejoin = |cfg: &LoaderConfig| {
+            let mut s = Stream::open(spec, &SourceOptions::default(), cfg.stream.clone()).unwrap();
+            let r = s.rejoin(std::slice::from_ref(&state.stream)).unwrap();
+            (s, r)
+        };
+        let (stream, r) = rejoin(&cfg);
+        // 64 of 80 yielded: a couple of shards are left, one (10 samples) per new rank.
+        assert!(!r.next_epoch && (2..=3).contains(&r.shards_left), "{r:?}");
+        let batches = collect(Loader::rejoined(stream, cfg.clone()).unwrap());
+        // Epochs 1 and 2 whole: 4 shards of 10 per rank, 2 batches of 16 (8 dropped).
+        let epochs: Vec<u64> = batches.iter().map(|b| b.epoch).collect();
+        assert_eq!(epochs, [1, 1, 2, 2], "rank {rank}");
+        let (stream, _) = rejoin(&cfg);
+        let e = Loader::new(stream, cfg.clone())
+            .unwrap()
+            .find_map(|b| b.err())
+            .expect("a plain loader fails the short epoch");
+        assert!(
+            matches!(e, Error::EpochSmallerThanBatch { epoch: 0, .. }),
+            "{e}"
+        );
     }
 }
 

@@ -526,7 +526,14 @@ fn issue6_rejoin_keeps_the_ranks_equal() {
         let mut after = Vec::new();
         for r in 0..new_w {
             let mut s = stream(tmp.path(), c(r, new_w));
-            s.rejoin(&saved).unwrap();
+            let j = s.rejoin(&saved).unwrap();
+            // The log line counts the shards the new split leaves out as its remainder.
+            let k = j.shards_left % new_w;
+            assert_eq!(j.remainder_left_out, k, "{j:?}");
+            let line = j.describe(new_w);
+            let said = format!("{k} of them, which do not divide among the ranks, are left out");
+            assert_eq!(line.contains(&said), k > 0, "{line}");
+            assert_eq!(line.contains("nothing is skipped"), k == 0, "{line}");
             let k = epoch_keys(&mut s, 0, usize::MAX);
             counts.push(k.len());
             after.extend(k);

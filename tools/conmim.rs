@@ -529,8 +529,13 @@ struct PretrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Total optimiser steps of the run (the schedules' length).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "epochs")]
     steps: Option<u64>,
+    /// The run's length in epochs of the training data instead of steps: total steps =
+    /// round(E * samples / batch), samples from the dataset's manifest (so another
+    /// --batch keeps the recipe's epochs and warmup epochs).
+    #[arg(long)]
+    epochs: Option<f64>,
     /// Batch size.
     #[arg(long)]
     batch: Option<usize>,
@@ -602,6 +607,7 @@ fn pretrain_options(a: &PretrainArgs) -> Result<conmim::train::run::PretrainOpti
         http: a.source.http()?,
         out: a.out.clone(),
         steps: a.steps,
+        epochs: a.epochs,
         batch: a.batch,
         image_size: a.image_size,
         lr: a.lr,

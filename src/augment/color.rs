@@ -696,6 +696,22 @@ pub fn color_jitter(rgb: &mut [u8], p: &ColorJitterParams) {
     chain.flush();
 }
 
+/// `ColorJitter(b, c, s)` without hue (torchvision skips the hue op when its range is
+/// 0): brightness, contrast and saturation in `p.order`, the hue's slot skipped.
+/// Ignores `p.apply` and `p.hue`.
+pub fn color_jitter_no_hue(rgb: &mut [u8], p: &ColorJitterParams) {
+    let mut chain = Chain::new(rgb);
+    for &op in &p.order {
+        match op {
+            JITTER_BRIGHTNESS => chain.brightness(p.brightness),
+            JITTER_CONTRAST => chain.contrast(p.contrast),
+            JITTER_SATURATION => chain.saturation(p.saturation),
+            _ => {}
+        }
+    }
+    chain.flush();
+}
+
 /// The teacher view's strong ops on a `width` x `height` RGB image, in the spec's
 /// order: colour jitter (if `jitter.apply`), grayscale, Gaussian blur, solarize
 /// (threshold 128). `scratch` is only used by the blur and is reused across calls.
@@ -1347,6 +1363,32 @@ mod tests {
     fn random_image(seed: u64, n: usize) -> Vec<u8> {
         let mut rng = sample_rng(seed, 0, 0);
         (0..n * 3).map(|_| rng.next_u64() as u8).collect()
+    }
+
+    /// The fine-tuning jitter (no hue) is the three ops one after another, in the drawn
+    /// order, and never touches the hue.
+    #[test]
+    fn color_jitter_no_hue_is_the_three_ops_in_order() {
+        let img = edge_pixels(3);
+        for sample in 0..40 {
+            let p = ColorJitterParams::sample_no_hue(&mut sample_rng(9, 1, sample), 0.4);
+            assert!(p.apply && p.hue == 0.0);
+            for f in [p.brightness, p.contrast, p.saturation] {
+                assert!((0.6..1.4).contains(&f), "{f}");
+            }
+            let mut want = img.clone();
+            for &op in &p.order {
+                match op {
+                    JITTER_BRIGHTNESS => adjust_brightness(&mut want, p.brightness),
+                    JITTER_CONTRAST => adjust_contrast(&mut want, p.contrast),
+                    JITTER_SATURATION => adjust_saturation(&mut want, p.saturation),
+                    _ => {}
+                }
+            }
+            let mut got = img.clone();
+            color_jitter_no_hue(&mut got, &p);
+            assert_eq!(got, want, "sample {sample}, {p:?}");
+        }
     }
 
     /// Pixels that stress the hue and saturation paths: every gray, every max/min tie

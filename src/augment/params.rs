@@ -226,6 +226,26 @@ pub struct ColorJitterParams {
 }
 
 impl ColorJitterParams {
+    /// timm's fine-tuning `ColorJitter(s, s, s)` (`create_transform(color_jitter=s)`
+    /// without RandAugment): always applied, brightness, contrast and saturation
+    /// factors in `[max(0, 1 - s), 1 + s]`, the ops in a random order, and no hue
+    /// (torchvision skips a hue of 0; apply with [`crate::augment::color::color_jitter_no_hue`]).
+    /// Draws 6 values from `rng`: the permutation (3), then the three factors.
+    pub fn sample_no_hue(rng: &mut SplitMix64, strength: f64) -> ColorJitterParams {
+        let mut order = [0u8, 1, 2, 3];
+        rng.shuffle(&mut order);
+        let mut factor = || uniform(rng, (1.0 - strength).max(0.0), 1.0 + strength) as f32;
+        let (brightness, contrast, saturation) = (factor(), factor(), factor());
+        ColorJitterParams {
+            apply: true,
+            order,
+            brightness,
+            contrast,
+            saturation,
+            hue: 0.0,
+        }
+    }
+
     /// Parameters that leave an image unchanged.
     pub const IDENTITY: ColorJitterParams = ColorJitterParams {
         apply: false,

@@ -49,8 +49,9 @@ pub enum Task {
     /// ConMIM pretraining: the weak (student) and strong (teacher) views of one shared
     /// crop + flip, and a patch mask.
     ConMim,
-    /// Classification training: crop + flip only (the weak view; no strong view, no
-    /// mask). The fine-tuning augmentations (RandAugment, mixup, ...) are not here.
+    /// Classification training: crop + flip (the weak view; no strong view, no mask),
+    /// then the fine-tuning augmentations configured here: RandAugment or colour jitter,
+    /// and random erasing. Mixup / CutMix act on the GPU batch, in the trainer.
     ClassifyTrain,
     /// Evaluation: resize the shorter side to `eval_resize`, centre crop `image_size`.
     ClassifyEval,
@@ -167,6 +168,11 @@ pub struct LoaderConfig {
     /// [`Task::ClassifyTrain`]: a timm RandAugment policy applied after the crop and
     /// flip (e.g. `rand-m9-mstd0.5-inc1`, the fine-tuning recipe); empty = off.
     pub rand_augment: String,
+    /// [`Task::ClassifyTrain`] without `rand_augment`: timm's `ColorJitter(c, c, c)`
+    /// (brightness, contrast, saturation; no hue) after the crop and flip, on every
+    /// sample (0 = off). As timm's `create_transform`, it is not applied when
+    /// `rand_augment` is set.
+    pub color_jitter: f64,
     /// [`Task::ClassifyTrain`]: timm `RandomErasing(reprob, mode='pixel')` probability
     /// (0 = off). The erased box is filled with per-value `N(0, 1)` noise in normalised
     /// space, written as the u8 pixel that normalises to it (saturated at 0 / 255).
@@ -201,6 +207,7 @@ impl Default for LoaderConfig {
             mask: MaskConfig::default(),
             eval_resize: DEFAULT_EVAL_RESIZE,
             rand_augment: String::new(),
+            color_jitter: 0.0,
             reprob: 0.0,
             label_ext: DEFAULT_LABEL_EXT.to_owned(),
             limits: ImageLimits::default(),
@@ -265,12 +272,16 @@ impl LoaderConfig {
                 self.stall_timeout_s
             ));
         }
-        if !self.rand_augment.is_empty() || self.reprob != 0.0 {
+        if !self.rand_augment.is_empty() || self.reprob != 0.0 || self.color_jitter != 0.0 {
             if self.task != Task::ClassifyTrain {
                 return bad(format!(
-                    "rand_augment / reprob apply to the classify_train task only (task is {:?})",
+                    "rand_augment / color_jitter / reprob apply to the classify_train task \
+                     only (task is {:?})",
                     self.task
                 ));
+            }
+            if !(self.color_jitter.is_finite() && self.color_jitter >= 0.0) {
+                return bad(format!("color_jitter {} must be >= 0", self.color_jitter));
             }
             if !self.rand_augment.is_empty() {
                 self.rand_augment_config()?;
@@ -293,6 +304,15 @@ impl LoaderConfig {
     pub fn with_env_distribution(mut self) -> Result<Self> {
         self.stream = self.stream.with_env_distribution()?;
         Ok(self)
+    }
+
+    /// The colour jitter strength the classification training views get: `color_jitter`
+    /// when the task is [`Task::ClassifyTrain`], it is positive and `rand_augment` is off.
+    pub fn color_jitter_applied(&self) -> Option<f64> {
+        (self.task == Task::ClassifyTrain
+            && self.rand_augment.is_empty()
+            && self.color_jitter > 0.0)
+            .then_some(self.color_jitter)
     }
 
     /// The parsed [`Self::rand_augment`] policy (`None` when empty).
@@ -321,6 +341,11 @@ impl LoaderConfig {
             self.reprob,
             self.label_ext
         );
+        // Added after the others: only when on, so that older states still match.
+        let s = match self.color_jitter_applied() {
+            Some(c) => format!("{s}|cj{c}"),
+            None => s,
+        };
         // Never 0 (the "unknown" of states saved before the field existed).
         crate::seed::hash_str(0x4c4f_4144, &s).max(1)
     }

@@ -14,9 +14,10 @@
 //! * **Order and determinism.** The reader numbers every stream event with a sequence
 //!   number `seq`; workers take jobs in any order, and the collator consumes their
 //!   results strictly in `seq` order. A sample's random parameters come from
-//!   `(seed, epoch, number)` ([`crate::augment::params::sample_rng`] for the views,
-//!   [`mask_rng`] for the mask), so batches (pixels, masks, labels, keys) are the same
-//!   whatever the thread count.
+//!   `(seed, rank, epoch, number)` ([`crate::augment::params::sample_rng`] for the
+//!   views, [`mask_rng`] for the mask, both with [`rank_seed`]), so batches (pixels,
+//!   masks, labels, keys) are the same whatever the thread count, and ranks draw
+//!   independently of each other.
 //! * **Memory.** A worker takes a free slot (two views + mask) *before* taking a job,
 //!   so every job in flight holds a slot and the reorder window is bounded by the slot
 //!   count (`2 * threads + 2`); this also makes the ordering deadlock-free (the sample
@@ -71,7 +72,7 @@ use crate::augment::params::sample_rng;
 use crate::augment::views::ViewMaker;
 use crate::error::{Error, Result};
 use crate::mask::MaskGenerator;
-use crate::seed::SplitMix64;
+use crate::seed::{SplitMix64, rank_seed};
 use crate::stream::{Event, RawSample, SourceOptions, Stream, StreamState};
 use batch::BatchBuf;
 
@@ -325,12 +326,22 @@ impl Loader {
     pub fn open(spec: &str, opts: &SourceOptions, cfg: LoaderConfig) -> Result<Self> {
         cfg.validate()?;
         let stream = Stream::open(spec, opts, cfg.stream.clone())?;
-        Self::start(stream, cfg, None)
+        Self::start(stream, cfg, None, None)
     }
 
     /// Starts loading from `stream` (positioned at its start).
     pub fn new(stream: Stream, cfg: LoaderConfig) -> Result<Self> {
-        Self::start(stream, cfg, None)
+        Self::start(stream, cfg, None, None)
+    }
+
+    /// Starts loading from a `stream` just [rejoined](Stream::rejoin) (a run resumed on
+    /// another number of ranks). Its first epoch is what was left of the saved one, so
+    /// with `drop_last` a share too small for one batch is not an
+    /// [`Error::EpochSmallerThanBatch`]: it is dropped (counted in
+    /// [`LoaderStats::dropped`]) and the next epoch starts.
+    pub fn rejoined(stream: Stream, cfg: LoaderConfig) -> Result<Self> {
+        let epoch = stream.epoch();
+        Self::start(stream, cfg, None, Some(epoch))
     }
 
     /// Starts loading from `stream` at `state`, saved from a [`Batch`] of a loader with
@@ -346,10 +357,17 @@ impl Loader {
             ));
         }
         stream.restore(&state.stream)?;
-        Self::start(stream, cfg, Some(state.next_batch))
+        Self::start(stream, cfg, Some(state.next_batch), None)
     }
 
-    fn start(stream: Stream, cfg: LoaderConfig, next_batch: Option<u64>) -> Result<Self> {
+    /// `short_epoch_ok`: an epoch in which too few samples for one batch are dropped
+    /// rather than ending the stream ([`Loader::rejoined`]).
+    fn start(
+        stream: Stream,
+        cfg: LoaderConfig,
+        next_batch: Option<u64>,
+        short_epoch_ok: Option<u64>,
+    ) -> Result<Self> {
         cfg.validate()?;
         if stream.config() != &cfg.stream {
             return Err(Error::Config(
@@ -412,6 +430,7 @@ impl Loader {
         for i in 0..cfg.threads {
             let w = Worker {
                 randaug: cfg.rand_augment_config()?,
+                jitter: cfg.color_jitter_applied(),
                 erase: (cfg.reprob > 0.0).then(|| crate::augment::randaug::EraseConfig {
                     probability: cfg.reprob,
                     ..Default::default()
@@ -458,6 +477,7 @@ impl Loader {
             current: None,
             epoch,
             next_batch: next_batch.unwrap_or(0),
+            short_epoch_ok,
             settings: cfg.settings_fingerprint(),
         };
         joined.push(
@@ -657,6 +677,8 @@ struct Worker {
     cfg: LoaderConfig,
     /// [`Task::ClassifyTrain`] extras: RandAugment, random erasing, their scratch.
     randaug: Option<crate::augment::randaug::RandAugConfig>,
+    /// Colour jitter strength of the classification views (without RandAugment).
+    jitter: Option<f64>,
     erase: Option<crate::augment::randaug::EraseConfig>,
     aug_scratch: Vec<u8>,
     mask: Option<Arc<dyn MaskGenerator>>,
@@ -781,7 +803,7 @@ impl Worker {
             None if cfg.task.is_conmim() => -1,
             None => return Err(format!("no label member .{}", cfg.label_ext)),
         };
-        let seed = cfg.stream.seed;
+        let seed = rank_seed(cfg.stream.seed, cfg.stream.rank);
         let r = match cfg.task {
             Task::ConMim => self
                 .views
@@ -821,6 +843,12 @@ impl Worker {
                             side,
                             &mut self.aug_scratch,
                         );
+                    }
+                    if let Some(strength) = self.jitter {
+                        let p = crate::augment::params::ColorJitterParams::sample_no_hue(
+                            &mut rng, strength,
+                        );
+                        crate::augment::color::color_jitter_no_hue(&mut slot.weak, &p);
                     }
                     if let Some(er) = &self.erase
                         && let Some(b) = crate::augment::randaug::sample_erase(
@@ -892,6 +920,8 @@ struct Collator {
     current: Option<BatchBuf>,
     epoch: u64,
     next_batch: u64,
+    /// The epoch (the rest of a rejoined one) that may be too short for a batch.
+    short_epoch_ok: Option<u64>,
     /// [`LoaderConfig::settings_fingerprint`], stamped on every state.
     settings: u64,
 }
@@ -1019,7 +1049,11 @@ impl Collator {
                 }
                 Marker::EpochEnd => {
                     let partial = self.current.as_ref().map_or(0, |b| b.len);
-                    if self.drop_last && self.next_batch == 0 && partial < self.batch_size {
+                    if self.drop_last
+                        && self.next_batch == 0
+                        && partial < self.batch_size
+                        && self.short_epoch_ok != Some(epoch)
+                    {
                         // Not one batch in a whole epoch: every epoch would be dropped.
                         self.fail(Error::EpochSmallerThanBatch {
                             epoch,

@@ -85,9 +85,13 @@
 //! ([`StreamState::excluded`]), so the rejoined epoch resumes exactly in its turn and a
 //! further change of world size adds to them; the next epoch is an ordinary one. When
 //! fewer shards than ranks are left, the next epoch starts instead (the few left are
-//! that epoch's remainder, as with [`Remainder::Drop`]). Otherwise nothing is skipped;
-//! what is read twice are the samples the saved ranks had yielded from shards they had
-//! begun but not read through. A shuffle
+//! that epoch's remainder, as with [`Remainder::Drop`]). Otherwise nothing is skipped
+//! but what the epoch's rules leave out of any epoch: with [`Remainder::Drop`], the
+//! `left % world` shards that do not divide among the new ranks, and with
+//! `equalize_samples` what is above the smallest rank's share; a rank's share that
+//! cannot fill one batch is dropped by the loader ([`crate::loader::Loader::rejoined`])
+//! and the next epoch starts. What is read twice are the samples the saved ranks had
+//! yielded from shards they had begun but not read through. A shuffle
 //! buffer of `B` samples keeps a few samples of a shard for about `B ln B` more, so
 //! that is of the order of `B ln B` samples per saved rank (simulated with the default
 //! 2,048 and ImageNet's 1,281-sample shards: 14-22 thousand), against up to the whole
@@ -97,7 +101,8 @@
 //! A shard that cannot be opened or is damaged yields the samples complete before the
 //! damage, then one [`Event::ShardError`] (url + error), and the stream goes on with
 //! the next shard. An epoch that yields no sample at all ends the stream after its
-//! [`Event::EpochEnd`], so a dataset whose every shard fails cannot spin forever.
+//! [`Event::EpochEnd`], so a dataset whose every shard fails cannot spin forever (but
+//! for the rest of an epoch after [`Stream::rejoin`], which may leave a rank nothing).
 //! Nothing waits on another thread; only a `pipe:` command that never ends can block.
 
 mod http;
@@ -211,6 +216,9 @@ pub struct Rejoin {
     /// Too few shards were left of the saved epoch for the new ranks (fewer than the
     /// world size), so the stream starts the next epoch instead.
     pub next_epoch: bool,
+    /// Of `shards_left`, those that do not divide among the new ranks and are left out
+    /// of the epoch as its remainder ([`Remainder::Drop`]: `shards_left % world`).
+    pub remainder_left_out: usize,
 }
 
 impl Rejoin {
@@ -244,10 +252,17 @@ impl Rejoin {
             Some(n) => format!("about {n} samples"),
             None => "the samples".into(),
         };
+        let skipped = match self.remainder_left_out {
+            0 => "nothing is skipped".to_string(),
+            k => format!(
+                "{k} of them, which do not divide among the ranks, are left out of this \
+                 epoch as its remainder (remainder = drop)"
+            ),
+        };
         format!(
             "{head}, so the data goes on with the {} shards of epoch {} that the saved ranks \
              had not finished ({} were done), split anew; {reread} of shards the saved ranks \
-             had begun but not finished are read again, nothing is skipped",
+             had begun but not finished are read again; {skipped}",
             self.shards_left, self.epoch, self.shards_done
         )
     }
@@ -579,6 +594,10 @@ impl Stream {
             shards_left: left,
             reread,
             next_epoch: false,
+            remainder_left_out: match (self.cfg.mode, self.cfg.remainder) {
+                (Mode::Epoch, Remainder::Drop) => left % self.cfg.world_size.max(1),
+                _ => 0,
+            },
         };
         if self.cfg.mode == Mode::Resampled {
             out.reread = None;
@@ -588,6 +607,7 @@ impl Stream {
         } else if left < self.cfg.world_size {
             out.epoch = epoch + 1;
             out.next_epoch = true;
+            out.remainder_left_out = 0;
             self.seek_epoch(epoch + 1);
         } else {
             self.start_epoch(epoch, Some(excluded.into()));
@@ -768,8 +788,11 @@ impl Iterator for Stream {
                 }
                 None => {
                     let (epoch, samples) = (self.epoch, self.samples);
+                    // What is left of a rejoined epoch may be nothing for this rank
+                    // (equalised to an empty shard); that is no sign of a dead source.
+                    let rejoined = self.excluded.is_some();
                     self.start_epoch(epoch + 1, None);
-                    self.finished = samples == 0 || self.past_last_epoch();
+                    self.finished = (samples == 0 && !rejoined) || self.past_last_epoch();
                     return Some(Event::EpochEnd { epoch, samples });
                 }
             }

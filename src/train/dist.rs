@@ -734,7 +734,7 @@ pub fn open_loader_at(
                 .rejoin(&states)
                 .context("resuming the data of a run of another world size")?;
             (
-                Loader::new(stream, cfg).with_context(|| format!("opening {data}"))?,
+                Loader::rejoined(stream, cfg).with_context(|| format!("opening {data}"))?,
                 Some(rejoin),
             )
         }

@@ -30,8 +30,16 @@ pub struct PretrainConfig {
     pub head: HeadConfig,
     /// Samples per step.
     pub batch_size: usize,
-    /// Optimiser steps of the whole run (the schedules' length).
+    /// Optimiser steps of the whole run (the schedules' length). Derived from `epochs`
+    /// when that is set.
     pub total_steps: u64,
+    /// The run's length in epochs of the training data, instead of `total_steps`: when
+    /// set, the run fixes `total_steps = round(epochs * samples / batch_size)` from the
+    /// sample count in the dataset's manifest ([`Self::resolve_epochs`]), so another
+    /// batch size keeps the recipe (the lr scales, and the number of epochs and of
+    /// warmup epochs stays). `--steps` clears it.
+    #[serde(default)]
+    pub epochs: Option<f64>,
     /// Warmup steps; `None`: `warmup_fraction * total_steps`.
     pub warmup_steps: Option<u64>,
     pub warmup_fraction: f64,
@@ -66,6 +74,20 @@ pub struct PretrainConfig {
     /// statistics, as the official code. No effect in a single-process run.
     #[serde(default)]
     pub sync_bn: bool,
+    /// The teacher's backbone runs with drop path (stochastic depth at
+    /// `model.drop_path_rate`), as in the official code, whose teacher is a copy of the
+    /// student kept in training mode (the spec says so of its head). `false`: the
+    /// teacher runs without it. No effect when `model.drop_path_rate` is 0 (the B and L
+    /// presets).
+    #[serde(default = "default_teacher_drop_path")]
+    pub teacher_drop_path: bool,
+}
+
+/// [`PretrainConfig::teacher_drop_path`]'s default: the official code's behaviour.
+pub const DEFAULT_TEACHER_DROP_PATH: bool = true;
+
+fn default_teacher_drop_path() -> bool {
+    DEFAULT_TEACHER_DROP_PATH
 }
 
 /// The preset names.
@@ -90,6 +112,7 @@ impl PretrainConfig {
             model,
             batch_size: REFERENCE_BATCH,
             total_steps: 1000,
+            epochs: None,
             warmup_steps: None,
             warmup_fraction: 10.0 / epochs,
             lr,
@@ -105,6 +128,7 @@ impl PretrainConfig {
             shuffle_buffer: crate::stream::DEFAULT_SHUFFLE_BUFFER,
             max_errors: None,
             sync_bn: false,
+            teacher_drop_path: DEFAULT_TEACHER_DROP_PATH,
         })
     }
 
@@ -176,6 +200,11 @@ impl PretrainConfig {
         if self.total_steps == 0 {
             bail!("total_steps must be positive");
         }
+        if let Some(e) = self.epochs
+            && !(e.is_finite() && e > 0.0)
+        {
+            bail!("epochs {e} must be a positive number (or null: the run is total_steps long)");
+        }
         if !(0.0..=1.0).contains(&self.warmup_fraction) {
             bail!("warmup_fraction {} not in [0, 1]", self.warmup_fraction);
         }
@@ -197,6 +226,37 @@ impl PretrainConfig {
             bail!("model.use_mask_token must be true for pretraining");
         }
         Ok(())
+    }
+
+    /// With `epochs` set, fixes `total_steps` for a training set of `samples` (the
+    /// manifest's count of `data`; `None` when its shards do not give one):
+    /// `round(epochs * samples / batch_size)`, at least 1. Returns what it did, for the
+    /// log; `None` without `epochs`.
+    pub fn resolve_epochs(&mut self, samples: Option<u64>, data: &str) -> Result<Option<String>> {
+        let Some(epochs) = self.epochs else {
+            return Ok(None);
+        };
+        let Some(n) = samples.filter(|&n| n > 0) else {
+            bail!(
+                "epochs = {epochs} needs the number of training samples, and {data} does not \
+                 give it (a dataset directory or manifest of conmim-shard does; a list of \
+                 shard files does not): set the run's length in steps instead (--steps N, \
+                 or total_steps = N in the config)"
+            );
+        };
+        let steps = (epochs * n as f64 / self.batch_size as f64)
+            .round()
+            .max(1.0);
+        if steps > u64::MAX as f64 / 2.0 {
+            bail!("epochs = {epochs} of {n} samples is too many steps");
+        }
+        self.total_steps = steps as u64;
+        Ok(Some(format!(
+            "{epochs} epochs of {n} samples at batch {}: {} steps ({} of warmup)",
+            self.batch_size,
+            self.total_steps,
+            self.warmup()
+        )))
     }
 
     /// The peak learning rate for this batch size: `lr * batch_size / 2048`.
@@ -366,7 +426,7 @@ mod tests {
             .unwrap();
         let mut want = PretrainConfig::preset("small").unwrap();
         want.batch_size = 2048;
-        want.total_steps = 187_671;
+        want.epochs = Some(300.0);
         want.lr = 5e-4;
         want.min_lr = 1e-5;
         want.model.drop_path_rate = 0.1;
@@ -375,7 +435,48 @@ mod tests {
         // The file holds only overrides (a partial config), not a whole one.
         let v = PretrainConfig::read_overrides(&path).unwrap();
         assert!(v.get("head").is_none() && v.get("seed").is_none(), "{v}");
-        assert_eq!(v["total_steps"], 187_671);
+        assert_eq!(v["epochs"], 300);
+        // The paper's 300 epochs of ImageNet-1k at 2048: 187,671 steps, 10 of them warmup.
+        let mut cfg = got.clone();
+        let said = cfg
+            .resolve_epochs(Some(1_281_167), "in1k")
+            .unwrap()
+            .unwrap();
+        assert_eq!((cfg.total_steps, cfg.warmup()), (187_671, 6_256));
+        assert!(said.contains("187671 steps"), "{said}");
+        // Another batch keeps the epochs (and the warmup epochs): 8x the steps.
+        let mut cfg = got.clone();
+        cfg.batch_size = 256;
+        cfg.resolve_epochs(Some(1_281_167), "in1k").unwrap();
+        assert_eq!((cfg.total_steps, cfg.warmup()), (1_501_368, 50_046));
+    }
+
+    #[test]
+    fn epochs_need_a_sample_count_and_are_checked() {
+        let mut cfg = PretrainConfig::preset("small").unwrap();
+        // Without epochs, total_steps stands.
+        assert_eq!(cfg.resolve_epochs(None, "d").unwrap(), None);
+        assert_eq!(cfg.total_steps, 1000);
+        cfg.epochs = Some(2.5);
+        cfg.batch_size = 64;
+        let e = cfg
+            .resolve_epochs(None, "/data/train-{0..9}.tar")
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("/data/train-{0..9}.tar") && e.contains("--steps"),
+            "{e}"
+        );
+        cfg.resolve_epochs(Some(1000), "d").unwrap();
+        assert_eq!(cfg.total_steps, 39); // round(2.5 * 1000 / 64) = round(39.06)
+        // A tiny fraction still trains one step.
+        cfg.epochs = Some(1e-9);
+        cfg.resolve_epochs(Some(1000), "d").unwrap();
+        assert_eq!(cfg.total_steps, 1);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            cfg.epochs = Some(bad);
+            assert!(cfg.validate().is_err(), "epochs {bad}");
+        }
     }
 
     #[test]

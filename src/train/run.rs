@@ -66,6 +66,8 @@ pub struct PretrainOptions {
     pub http: HttpOptions,
     pub out: PathBuf,
     pub steps: Option<u64>,
+    /// The run's length in epochs (`epochs` of the config; `steps` wins).
+    pub epochs: Option<f64>,
     pub batch: Option<usize>,
     pub image_size: Option<i64>,
     pub lr: Option<f64>,
@@ -254,8 +256,12 @@ pub fn build_config(o: &PretrainOptions) -> Result<PretrainConfig> {
         all.push((format!("--set {s}"), parse_set(s)?));
     }
     let mut flags = serde_json::Map::new();
+    if let Some(e) = o.epochs {
+        flags.insert("epochs".into(), e.into());
+    }
     if let Some(s) = o.steps {
         flags.insert("total_steps".into(), s.into());
+        flags.insert("epochs".into(), serde_json::Value::Null);
     }
     if let Some(b) = o.batch {
         flags.insert("batch_size".into(), b.into());
@@ -573,7 +579,20 @@ pub(crate) fn data_identity(spec: &str, opts: &SourceOptions) -> serde_json::Val
 
 /// Runs `conmim pretrain`.
 pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
-    let cfg = build_config(o)?;
+    let mut cfg = build_config(o)?;
+    let opts = SourceOptions {
+        split: o.split.clone(),
+        allow_pipe: o.allow_pipe,
+        http: o.http,
+    };
+    let length = match cfg.epochs {
+        Some(_) => {
+            let list = crate::stream::ShardList::resolve(&o.data, &opts)
+                .with_context(|| format!("counting the training samples of {}", o.data))?;
+            cfg.resolve_epochs(list.total_samples(), &o.data)?
+        }
+        None => None,
+    };
     if let Some(m) = &o.knn {
         m.check(o)?;
     }
@@ -618,6 +637,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     // Rank 0 writes the run directory; other ranks log to a scratch directory that is
     // removed at the end.
     let main = trainer.rank() == 0;
+    if let (Some(l), true) = (&length, main) {
+        eprintln!("conmim pretrain: {l}");
+    }
     let log_guard = crate::train::dist::LogDir::for_rank(&o.out, trainer.rank(), "pretrain")?;
     let log_dir = log_guard.path();
     if let Some(p) = &resume_from {
@@ -646,11 +668,6 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let mut tb = EventWriter::create(&log_dir.join("tb"))?;
     tb.session_start(start_step)?;
     let total = cfg.total_steps;
-    let opts = SourceOptions {
-        split: o.split.clone(),
-        allow_pipe: o.allow_pipe,
-        http: o.http,
-    };
     let at = trainer.resume_at();
     let (mut loader, rejoin) = trainer.open_loader_at(&o.data, &opts, &at)?;
     if let (Some(r), true) = (rejoin, main) {
@@ -867,6 +884,7 @@ mod tests {
             http: Default::default(),
             out: out.to_path_buf(),
             steps: Some(6),
+            epochs: None,
             batch: Some(4),
             image_size: Some(32),
             lr: Some(1.0),
@@ -1577,7 +1595,7 @@ mod tests {
                  over the ranks differently, so the data goes on with the 2 shards of \
                  epoch 1 that the saved ranks had not finished (0 were done), split anew; \
                  about 4 samples of shards the saved ranks had begun but not finished are \
-                 read again, nothing is skipped"
+                 read again; nothing is skipped"
             ),
             "{text}"
         );
@@ -2065,6 +2083,44 @@ mod tests {
             pretrain(&o).expect_err("max_errors=0 must stop the run")
         );
         assert!(err.contains("s1_4"), "{err}");
+    }
+
+    /// `--epochs` (or `epochs` in a config) sets the run's length from the manifest's
+    /// sample count; `--steps` wins over a config's epochs; data without sample counts
+    /// is an error that says to give steps.
+    #[test]
+    fn issue4_epochs_set_the_run_length_from_the_manifest() {
+        let _rng = seeded(9);
+        let dir = with_dataset();
+        let data = dir.path().join("data");
+        // 12 samples, batch 4: 2 epochs are 6 steps.
+        let mut o = opts(&data, &dir.path().join("epochs"));
+        (o.steps, o.epochs, o.save_every) = (None, Some(2.0), 100);
+        let s = pretrain(&o).unwrap();
+        assert_eq!((s.steps, s.total_steps), (6, 6));
+        let cfg: PretrainConfig =
+            serde_json::from_slice(&std::fs::read(dir.path().join("epochs/config.json")).unwrap())
+                .unwrap();
+        assert_eq!((cfg.epochs, cfg.total_steps), (Some(2.0), 6));
+        // Flags over the config: --steps clears a config's epochs.
+        let mut o = opts(&data, &dir.path().join("unused"));
+        o.sets.push("epochs=2".into());
+        assert_eq!(build_config(&o).unwrap().epochs, None);
+        o.steps = None;
+        assert_eq!(build_config(&o).unwrap().epochs, Some(2.0));
+        // A list of shard files has no sample counts.
+        let mut o = opts(&data, &dir.path().join("list"));
+        (o.steps, o.epochs) = (None, Some(2.0));
+        o.data = format!("{}/train-{{000000..000001}}.tar", data.display());
+        let e = format!("{:#}", pretrain(&o).unwrap_err());
+        assert!(
+            e.contains("needs the number of training samples") && e.contains("--steps"),
+            "{e}"
+        );
+        assert!(
+            !dir.path().join("list").exists(),
+            "nothing written before the error"
+        );
     }
 
     #[test]

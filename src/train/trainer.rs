@@ -4,7 +4,7 @@
 //! teacher update after every optimiser step.
 //!
 //! Determinism: the init draws from libtorch's RNG seeded with `cfg.seed`; every step
-//! reseeds it with `(seed, step)` before the forward pass (drop path), so a run
+//! reseeds it with `(seed, rank, step)` before the forward pass (drop path), so a run
 //! resumed from a checkpoint continues bit for bit (on the CPU).
 //!
 //! Precision: on CUDA the forward passes run under bf16 autocast (as
@@ -18,8 +18,10 @@
 //! caller's `between` hook runs just before that sync, while the GPU works: the
 //! training loop uploads the next batch there ([`DeviceBatch::upload`]).
 //!
-//! The teacher's backbone runs without drop path; its head normalises with batch
-//! statistics (train mode), as the spec says.
+//! The teacher runs in training mode, as in the official code (a copy of the student
+//! never switched to eval): its head normalises with batch statistics, as the spec
+//! says, and its backbone drops paths at the student's rate (`teacher_drop_path`,
+//! default on; the draws come after the seeding above, so resume stays exact).
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -295,7 +297,7 @@ impl Trainer {
         let lr = self.lr.at(step);
         let momentum = self.momentum.at(step);
         // Per-rank draws (drop path); rank 0 = the single-process sequence.
-        let rank_seed = self.cfg.seed ^ (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let rank_seed = crate::seed::rank_seed(self.cfg.seed, self.rank());
         tch::manual_seed(seed_for(rank_seed, step));
         let xw = normalize_nhwc(&x.weak, IMAGENET_MEAN, IMAGENET_STD)?;
         let xs = normalize_nhwc(&x.strong, IMAGENET_MEAN, IMAGENET_STD)?;
@@ -304,7 +306,10 @@ impl Trainer {
         let sync = self.dist.as_ref().filter(|_| self.cfg.sync_bn);
         let (proj, target) = super::cuda::autocast_bf16(self.amp, || -> Result<_> {
             let target = tch::no_grad(|| -> Result<Tensor> {
-                let f = self.teacher.vit.forward_features(&xs, None, false)?;
+                let f = self
+                    .teacher
+                    .vit
+                    .forward_features(&xs, None, self.cfg.teacher_drop_path)?;
                 Ok(self
                     .teacher
                     .head
@@ -404,5 +409,32 @@ mod tests {
         let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
         println!("losses {losses:?}");
         assert!(last < first - 0.1, "loss did not fall: {first} -> {last}");
+    }
+
+    /// The teacher drops paths like the student (the official teacher stays in training
+    /// mode) unless `teacher_drop_path` is off; with a drop path rate of 0 the switch
+    /// changes nothing.
+    #[test]
+    fn teacher_drops_paths_unless_told_not_to() {
+        let _rng = seeded(4);
+        let batch = {
+            tch::manual_seed(11);
+            DeviceBatch::synthetic(4, 32, 16, 12, Device::Cpu).unwrap()
+        };
+        // The teacher's output of one step, as its (pre-update) target: the loss.
+        let loss = |rate: f64, teacher_dp: bool| {
+            let mut cfg = crate::train::train_data::micro_config(4, 10);
+            cfg.model.drop_path_rate = rate;
+            cfg.teacher_drop_path = teacher_dp;
+            let mut t = Trainer::new(cfg, Device::Cpu).unwrap();
+            t.train_step_device(&batch, || Ok(())).unwrap().loss
+        };
+        assert_eq!(loss(0.0, true), loss(0.0, false));
+        assert_eq!(loss(0.5, true), loss(0.5, true), "seeded: the same draws");
+        assert_ne!(loss(0.5, true), loss(0.5, false));
+        assert!(
+            PretrainConfig::preset("small").unwrap().teacher_drop_path,
+            "the default"
+        );
     }
 }

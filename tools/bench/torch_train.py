@@ -20,8 +20,9 @@ that is already on the device (no data loading, no decoding, no augmentation). P
     with a learned mask token replacing the masked patch embeddings (before CLS and
     position terms), drop path as the Rust presets (small 0.1, others 0; --drop-path);
     all tokens -> final norm -> projection head.
-  * teacher: same architecture, initialised as a copy of the student, no mask, no drop
-    path, torch.no_grad, on the strong view.
+  * teacher: same architecture, initialised as a copy of the student, no mask, drop
+    path as the student (the official teacher stays in training mode; --no-teacher-drop-path
+    as the Rust `teacher_drop_path = false`), torch.no_grad, on the strong view.
   * projection head (each net its own), on all B*(1+N) token rows, as src/train/head.rs
     and the spec: Linear(D,4096,no bias)-BN-ReLU-Linear(4096,4096,no bias)-BN-ReLU-
     Linear(4096,256,no bias)-BN(no affine), BN in train mode (batch statistics) for both.
@@ -217,6 +218,8 @@ def parse_args(argv):
     p.add_argument("--num-batches", type=int, default=4, help="distinct synthetic batches to cycle (1 = fixed batch)")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: preset lr * batch / 2048)")
     p.add_argument("--drop-path", type=float, default=None, help="student drop path (default: Rust preset)")
+    p.add_argument("--no-teacher-drop-path", dest="teacher_drop_path", action="store_false",
+                   help="teacher without drop path (default: as the student, as the official code)")
     p.add_argument("--no-sync", action="store_true", help="no per-step .item(); print the losses at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default=None,
@@ -250,11 +253,15 @@ def main(argv=None):
     min_lr = 1e-5 * args.batch / REFERENCE_BATCH if args.lr is None else args.lr * 0.02
 
     student = ConMIMNet(build_backbone(args, drop_path), args.variant).to(dev)
-    teacher = ConMIMNet(build_backbone(args, 0.0), args.variant).to(dev)
+    # The teacher as the official code builds it: the student's architecture (drop path
+    # included), kept in training mode (head BN with batch statistics, drop path on), as
+    # the Rust default (`teacher_drop_path`).
+    teacher_dp = drop_path if args.teacher_drop_path else 0.0
+    teacher = ConMIMNet(build_backbone(args, teacher_dp), args.variant).to(dev)
     teacher.load_state_dict(student.state_dict())  # params + BN buffers: a copy
     teacher.requires_grad_(False)
     student.train()
-    teacher.train()  # head BN with batch statistics; no dropout / drop path in the teacher anyway
+    teacher.train()
 
     named = [(k, v) for k, v in student.named_parameters() if v.requires_grad]
     decay = [v for k, v in named if not no_weight_decay(k.removeprefix("vit."), v)]
@@ -390,6 +397,7 @@ def main(argv=None):
         "compile_requested": args.compile,
         "compile_error": compile_error,
         "drop_path": drop_path,
+        "teacher_drop_path": teacher_dp,
         "peak_lr": peak_lr,
         "trainable_params": n_params,
     }

@@ -97,6 +97,8 @@ pub struct FinetuneConfig {
     pub mixup_switch_prob: f64,
     /// timm RandAugment policy string; empty = off.
     pub rand_augment: String,
+    /// Colour jitter (brightness, contrast, saturation) strength; applied only when
+    /// `rand_augment` is off, as timm's `create_transform` (so not by default).
     pub color_jitter: f64,
     /// Random erasing probability.
     pub reprob: f64,

@@ -203,6 +203,7 @@ pub fn train_loader_config(cfg: &FinetuneConfig) -> LoaderConfig {
         image_size: cfg.model.image_size as u32,
         task: Task::ClassifyTrain,
         rand_augment: cfg.rand_augment.clone(),
+        color_jitter: cfg.color_jitter,
         reprob: cfg.reprob,
         ..Default::default()
     }
@@ -470,6 +471,16 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let (pg, device) = group_and_device(o.device.as_deref(), Some(cfg.batch_size))?;
     let (rank, world) = pg.as_ref().map_or((0, 1), |p| (p.rank, p.world_size));
     let main = rank == 0;
+    let per_rank = cfg.batch_size / world;
+    if (cfg.mixup > 0.0 || cfg.cutmix > 0.0) && cfg.mixup_prob > 0.0 && per_rank % 2 == 1 {
+        bail!(
+            "--batch {} is {per_rank} samples per rank on {world} ranks, and with mixup / \
+             cutmix on every rank's batch must be even (timm mixes a batch with its flip): \
+             use a multiple of {}",
+            cfg.batch_size,
+            2 * world
+        );
+    }
     if let Some(pg) = &pg {
         // What every rank must agree on: the config but its loader thread count, and
         // when evaluations (collectives) run and the run stops.
@@ -722,7 +733,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         let b = batch.len();
         let s = batch.image_size() as i64;
         let lr = sched.at(step);
-        tch::manual_seed((crate::seed::SplitMix64::new(cfg.seed, step).next_u64() >> 1) as i64);
+        // Per-rank draws (drop path, mixup); rank 0 = the single-process sequence.
+        let seed = crate::seed::rank_seed(cfg.seed, rank);
+        tch::manual_seed((crate::seed::SplitMix64::new(seed, step).next_u64() >> 1) as i64);
         let host = Tensor::from_slice(batch.weak()).view([b as i64, s, s, 3]);
         let x = crate::train::cuda::upload(&host, device)?;
         let labels = Tensor::from_slice(batch.labels()).to_device(device);
@@ -734,7 +747,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             crate::train::input::IMAGENET_STD,
         )?;
         let targets = if mixing {
-            let p = mix.draw(&mut MixupConfig::rng_for_step(cfg.seed, step), (s, s));
+            let p = mix.draw(&mut MixupConfig::rng_for_step(seed, step), (s, s));
             mixup::apply(&mut x, &labels, &p, classes, cfg.label_smoothing)?
         } else {
             mixup::mixup_target(&labels, classes, 1.0, cfg.label_smoothing)
@@ -1250,6 +1263,7 @@ mod tests {
             http: Default::default(),
             out: out.to_path_buf(),
             steps: Some(2),
+            epochs: None,
             batch: Some(4),
             image_size: Some(32),
             lr: Some(1.0),
@@ -1547,6 +1561,9 @@ mod tests {
             o.epochs = Some(epochs.parse().unwrap());
             o.stop_after_epoch = Some(stop.parse().unwrap());
         }
+        if let Ok(b) = std::env::var("CONMIM_FT_CHILD_BATCH") {
+            o.batch = Some(b.parse().unwrap());
+        }
         let s = finetune(&o).unwrap();
         let r = s.last.unwrap();
         println!(
@@ -1655,6 +1672,23 @@ mod tests {
         let s = finetune(&o).unwrap();
         assert_eq!((s.epochs_done, s.resumed_at_step), (2, 3));
         assert_eq!((s.samples, s.last.unwrap().images), (24, 7));
+
+        // A global batch of 6 is 3 per rank: odd, so mixup cannot pair it with its flip;
+        // an error at the start that says what to use.
+        let out = dir.path().join("ft-odd");
+        let o =
+            crate::train::testing::torchrun(2, "train::finetune::run::tests::finetune_rank_child")
+                .env("CONMIM_FT_CHILD_OUT", &out)
+                .env("CONMIM_FT_CHILD_BATCH", "6")
+                .env("CONMIM_DIST_TIMEOUT_S", "120")
+                .output()
+                .unwrap();
+        let text = crate::train::testing::output_text(&o);
+        assert!(!o.status.success(), "{text}");
+        assert!(
+            text.contains("3 samples per rank on 2 ranks") && text.contains("multiple of 4"),
+            "{text}"
+        );
     }
 
     /// The train / val options of [`labelled`] data.
