@@ -70,7 +70,11 @@
 //! depend on the number of samples alone. So a resume reads about a shuffle buffer's
 //! worth of shards again (see *Resume with another world size* for how much), not up
 //! to an epoch of one rank's data. The state refuses a different seed, rank, world
-//! size, mode, buffer or shard list (changing `epochs` is allowed). Shards are known
+//! size, mode, buffer or shard list (changing `epochs` is allowed). The replay counts
+//! events, shard errors included, so exactness assumes the shards read the same on
+//! the replay: a shard that failed before the position (an http outage outlasting the
+//! retries) and opens on resume shifts what follows: a few samples are read twice
+//! or skipped. Shards are known
 //! by their names relative to the directory they all share, so the same shards moved
 //! elsewhere (a per-job scratch copy, another mount point, an http mirror) resume.
 //!

@@ -296,6 +296,32 @@ pub(crate) fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a resumed run changes of the checkpoint's config (`None`: nothing that
+/// matters): every differing key but the loader thread count, the error budget and the
+/// derived or informational `epochs` and `preset`. Changing the length or the lr is
+/// allowed (extending a run is common), but the schedules then follow this run's
+/// values from the step resumed, so say so.
+pub(crate) fn config_changes_note(
+    saved: &PretrainConfig,
+    now: &PretrainConfig,
+) -> Result<Option<String>> {
+    let strip = |c: &PretrainConfig| -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(c)?;
+        for k in ["data_threads", "max_errors", "epochs", "preset"] {
+            v[k] = serde_json::Value::Null;
+        }
+        Ok(v)
+    };
+    let differ = json_differences(&strip(saved)?, &strip(now)?, "checkpoint", "this run");
+    Ok((!differ.is_empty()).then(|| {
+        format!(
+            "this run's config differs from the checkpoint's ({}); the schedules and the \
+             step go on with this run's values",
+            differ.join("; ")
+        )
+    }))
+}
+
 /// The differences between two JSON values, one per leaf that differs, by dotted
 /// path: `model.depth: A 12, B 6` (`a_name` / `b_name` say whose values they are).
 pub(crate) fn json_differences(
@@ -652,6 +678,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
                 p.display(),
                 trainer.step()
             );
+            if let Some(note) = config_changes_note(&checkpoint::read_state(p)?.config, &cfg)? {
+                eprintln!("conmim pretrain: note: {note}");
+            }
         }
     }
     crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)
@@ -2083,6 +2112,23 @@ mod tests {
             pretrain(&o).expect_err("max_errors=0 must stop the run")
         );
         assert!(err.contains("s1_4"), "{err}");
+    }
+
+    /// Resuming with another length or lr is allowed but said; the thread count, the
+    /// error budget and how the length was given (epochs) are not worth a note.
+    #[test]
+    fn a_resume_with_another_config_says_what_changed() {
+        let saved = PretrainConfig::preset("small").unwrap();
+        let mut now = saved.clone();
+        (now.data_threads, now.max_errors, now.epochs) = (7, Some(3), Some(300.0));
+        assert_eq!(config_changes_note(&saved, &now).unwrap(), None);
+        (now.total_steps, now.lr) = (2000, 1e-3);
+        let note = config_changes_note(&saved, &now).unwrap().unwrap();
+        assert!(
+            note.contains("lr: checkpoint 0.0005, this run 0.001")
+                && note.contains("total_steps: checkpoint 1000, this run 2000"),
+            "{note}"
+        );
     }
 
     /// `--epochs` (or `epochs` in a config) sets the run's length from the manifest's
