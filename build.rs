@@ -51,10 +51,22 @@ fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
     println!("cargo::rustc-check-cfg=cfg(conmim_no_gloo)");
     // The gloo headers: Debian's libgloo-dev (tools/setup.sh installs it). Without them
     // the build still works, single-process only (`conmim::train::dist` then errors).
-    let gloo = ["/usr/include", "/usr/local/include"]
+    let dirs = ["/usr/include", "/usr/local/include"];
+    let found = dirs
         .iter()
-        .any(|d| std::path::Path::new(d).join("gloo/config.h").exists());
-    if !gloo {
+        .map(|d| std::path::Path::new(d).join("gloo/config.h"))
+        .find(|h| h.exists());
+    // Watched (only paths that exist: a missing one would rerun this script on every
+    // build), so that installing libgloo-dev later rebuilds with it: cargo reruns a
+    // script that prints rerun-if lines only when one of them changed.
+    match &found {
+        Some(h) => println!("cargo:rerun-if-changed={}", h.display()),
+        None => dirs
+            .iter()
+            .filter(|d| std::path::Path::new(d).is_dir())
+            .for_each(|d| println!("cargo:rerun-if-changed={d}")),
+    }
+    if found.is_none() {
         println!(
             "cargo:warning=gloo headers not found (install libgloo-dev): building without \
              the c10d shim; distributed training is unavailable in this build"

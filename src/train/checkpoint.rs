@@ -243,10 +243,13 @@ pub fn save(root: &Path, trainer: &Trainer, keep: usize) -> Result<PathBuf> {
         return Err(e.context(format!("writing checkpoint {}", tmp.display())));
     }
     publish(&tmp, &final_dir)?;
-    let all = list(root)?;
-    let keep = keep.max(1);
-    if all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
+    // Keep this one and the `keep - 1` before it. Checkpoints of later steps (a run
+    // resumed from an older checkpoint next to them; `conmim pretrain` refuses that)
+    // are not this run's to prune, and never this one.
+    let older: Vec<(u64, PathBuf)> = list(root)?.into_iter().filter(|(s, _)| *s < step).collect();
+    let keep_older = keep.max(1) - 1;
+    if older.len() > keep_older {
+        for (_, p) in &older[..older.len() - keep_older] {
             remove(p)?;
         }
     }

@@ -1297,6 +1297,17 @@ mod tests {
                     t.copy_(&Tensor::randn_like(&t));
                 }
             }
+            // One constant channel into the first BatchNorm (a zero row of the first
+            // Linear): its variance is 0, which must stay finite (BatchNorm's output
+            // there is its bias, its running variance decays towards 0).
+            let mut first: Vec<(String, Tensor)> = nets[0]
+                .0
+                .variables()
+                .into_iter()
+                .filter(|(n, t)| t.dim() == 2 && n.ends_with("weight"))
+                .collect();
+            first.sort_by(|a, b| a.0.cmp(&b.0));
+            let _ = first[0].1.get(0).fill_(0.0);
             let src = nets[0].0.variables();
             for (name, mut t) in nets[1].0.variables() {
                 t.copy_(&src[&name]);

@@ -95,7 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_stats(const Group& g,
     auto all = at::zeros({g.backend->getSize(), 2 * c + 1}, mean_r.options().dtype(at::kDouble));
     auto row = all[g.backend->getRank()];
     row.narrow(0, 0, c).copy_(mean_r);
-    row.narrow(0, c, c).copy_(invstd_r.to(at::kDouble).pow(-2));
+    // invstd is 0 for a constant channel (libtorch's InvStd with var = eps = 0): var 0.
+    const auto inv = invstd_r.to(at::kDouble);
+    row.narrow(0, c, c).copy_(at::where(inv == 0, at::zeros_like(inv), inv.pow(-2)));
     row.narrow(0, 2 * c, 1).fill_(static_cast<double>(x.size(0)));
     allreduce_sum(g, all);
     const auto n = all.narrow(1, 2 * c, 1);  // [world, 1]
@@ -366,12 +368,16 @@ int conmim_reducer_new(void* pg, const at::Tensor* const* params, size_t n, doub
     std::vector<bool> sparse(n, false);
     auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(
         ps, {static_cast<size_t>(first), static_cast<size_t>(cap)}, sparse);
+    (void)limits;
     std::reverse(buckets.begin(), buckets.end());
-    std::vector<int64_t> caps(limits.rbegin(), limits.rend());
+    // The last argument is the list of limits for *rebuilding* the buckets after the
+    // first iteration (DDP's `bucket_cap_mb_list`); empty, as DDP passes it by default,
+    // the rebuild uses `first` for the first bucket ready and `cap` for the others.
     auto r = new c10d::Reducer(ps, buckets, g.pg, sparse, cap, find_unused != 0,
                                /*gradient_as_bucket_view=*/false, {}, first,
                                /*skip_all_reduce_unused_params=*/false,
-                               /*use_python_reducer=*/false, caps);
+                               /*use_python_reducer=*/false,
+                               /*bucket_bytes_cap_list=*/{});
     *out = r;
     CONMIM_CATCH
 }

@@ -234,6 +234,23 @@ pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Resu
             dropped.push(format!(
                 "{name} (1 tensor): timm rebuilds the same index as a non-persistent buffer"
             ));
+        } else if let Some(block) = name
+            .strip_prefix("blocks.")
+            .and_then(|r| r.strip_suffix(".attn.relative_position_index"))
+        {
+            // A per-block bias (`model.rel_pos_bias = "PerBlock"`): the tables keep
+            // their names; timm rebuilds each index as a non-persistent buffer.
+            let want = Tensor::from_slice(&relative_position_index(cfg.grid()));
+            if !t.view(-1).to_kind(Kind::Int64).equal(&want) {
+                bail!("{name}: not BEiT's index for a {0}x{0} grid", cfg.grid());
+            }
+            if block == "0" {
+                dropped.push(format!(
+                    "blocks.*.attn.relative_position_index ({} tensors): timm rebuilds the \
+                     same index as a non-persistent buffer",
+                    cfg.depth
+                ));
+            }
         } else if name == "rel_pos_bias.relative_position_bias_table" {
             if cfg.variant != Variant::Beit {
                 bail!("{name} in a timm-style backbone");
@@ -479,6 +496,13 @@ mod tests {
     fn variants() -> Vec<(&'static str, Config)> {
         vec![
             ("beit", micro(Variant::Beit)),
+            (
+                "beit+per-block-bias",
+                Config {
+                    rel_pos_bias: crate::train::vit::RelPosBias::PerBlock,
+                    ..micro(Variant::Beit)
+                },
+            ),
             ("timm", micro(Variant::Timm)),
             (
                 "timm+layer-scale",

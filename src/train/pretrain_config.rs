@@ -225,6 +225,22 @@ impl PretrainConfig {
         if !self.model.use_mask_token {
             bail!("model.use_mask_token must be true for pretraining");
         }
+        // Parameters the pretraining forward never uses: no gradient ever reaches them,
+        // which under torchrun stalls the gradient all-reduce (DDP without
+        // find_unused_parameters). Fine-tuning builds its own classifier.
+        if self.model.num_classes != 0 {
+            bail!(
+                "model.num_classes must be 0 for pretraining (got {}): the classifier head \
+                 is unused there; `conmim finetune` adds its own",
+                self.model.num_classes
+            );
+        }
+        if self.model.global_pool != super::vit::GlobalPool::Token {
+            bail!(
+                "model.global_pool must be \"token\" for pretraining: mean pooling's fc_norm \
+                 is unused there (`conmim finetune` pools its own way)"
+            );
+        }
         Ok(())
     }
 
@@ -449,6 +465,16 @@ mod tests {
         cfg.batch_size = 256;
         cfg.resolve_epochs(Some(1_281_167), "in1k").unwrap();
         assert_eq!((cfg.total_steps, cfg.warmup()), (1_501_368, 50_046));
+    }
+
+    #[test]
+    fn unused_classifier_parts_are_refused() {
+        let mut c = PretrainConfig::preset("tiny").unwrap();
+        c.model.num_classes = 10;
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("num_classes"));
+        let mut c = PretrainConfig::preset("tiny").unwrap();
+        c.model.global_pool = super::super::vit::GlobalPool::Mean;
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("global_pool"));
     }
 
     #[test]

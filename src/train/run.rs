@@ -296,6 +296,32 @@ pub(crate) fn check_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--resume PATH` into a run directory whose checkpoints go further than `PATH` (a
+/// roll-back after a loss spike, say) is an error: the resumed run would write its
+/// checkpoints among the abandoned ones, and `--resume auto` would later take up the
+/// abandoned run again.
+fn refuse_newer_checkpoints(ck_root: &Path, from: &Path) -> Result<()> {
+    let step = checkpoint::read_state(from)?.step;
+    let newer: Vec<String> = checkpoint::list(ck_root)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    if !newer.is_empty() {
+        bail!(
+            "--resume {} is at step {step}, but {} holds later checkpoints ({}): a run \
+             resumed from it would write its own among them, and --resume auto would later \
+             go back to them. Move them out of {} (or delete them), or resume into another \
+             --out",
+            from.display(),
+            ck_root.display(),
+            newer.join(", "),
+            ck_root.display()
+        );
+    }
+    Ok(())
+}
+
 /// What a resumed run changes of the checkpoint's config (`None`: nothing that
 /// matters): every differing key but the loader thread count, the error budget and the
 /// derived or informational `epochs` and `preset`. Changing the length or the lr is
@@ -453,14 +479,50 @@ pub(crate) fn report_recovery(cmd: &str, root: &Path, rank: usize) -> Result<()>
     Ok(())
 }
 
-/// Keeps only metric lines with `step < before`.
-fn truncate_metrics(path: &Path, before: u64) -> Result<()> {
+/// Keeps the metric lines a checkpoint of step `at` covers: the step lines before it
+/// (0-based step indices) and the k-NN lines up to it (logged after `at` steps).
+fn truncate_metrics(path: &Path, at: u64) -> Result<()> {
     truncate_metrics_by(path, |v| {
         v.get("step")
             .and_then(|s| s.as_u64())
-            .is_some_and(|s| s < before)
+            .is_some_and(|s| s < at || (s == at && v.get("knn_acc1").is_some()))
     })
 }
+
+/// A resumed run's TensorBoard session starts at step `at`, which makes TensorBoard
+/// drop every point at `at` or later from the earlier event files, the evaluation
+/// logged after `at` steps included. Writes those points again into the new file:
+/// for each metrics line of step `at` that has every key of `keys`, the scalars
+/// `(key, tag)`.
+pub(crate) fn replay_scalars_at(
+    metrics: &Path,
+    tb: &mut EventWriter,
+    at: u64,
+    keys: &[(&str, &str)],
+) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(metrics) else {
+        return Ok(());
+    };
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if v.get("step").and_then(|s| s.as_u64()) != Some(at) {
+            continue;
+        }
+        let values: Option<Vec<(&str, f64)>> = keys
+            .iter()
+            .map(|(k, tag)| v.get(*k).and_then(|x| x.as_f64()).map(|x| (*tag, x)))
+            .collect();
+        if let Some(values) = values {
+            tb.add_scalars(at, &values)?;
+        }
+    }
+    Ok(())
+}
+
+/// The k-NN monitor's metrics keys and TensorBoard tags.
+const KNN_SCALARS: [(&str, &str); 2] = [("knn_acc1", "knn/acc1"), ("knn_acc5", "knn/acc5")];
 
 /// Keeps only the metric lines (JSON objects) for which `keep` holds; a missing file
 /// is left missing.
@@ -518,9 +580,10 @@ const KNN_BATCH: usize = 256;
 
 /// torchrun's environment when the run trains through a process group
 /// ([`DistEnv::wants_group`]: WORLD_SIZE > 1, or any world size under torchrun; then
-/// `batch`, the global batch if any, must divide by WORLD_SIZE), and the device: `--device`,
-/// else the rank's `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA
-/// device becomes the current one (as `torch.cuda.set_device`).
+/// `batch`, the global batch if any, must divide by WORLD_SIZE), and the device: `--device`
+/// (a bare `cuda` under torchrun: the rank's `LOCAL_RANK` GPU), else the rank's
+/// `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA device becomes the
+/// current one (as `torch.cuda.set_device`).
 pub(crate) fn dist_and_device(
     device: Option<&str>,
     batch: Option<usize>,
@@ -530,6 +593,10 @@ pub(crate) fn dist_and_device(
         .filter(|e| e.wants_group());
     let device = match (device, &dist_env) {
         (None, Some(e)) => e.device(),
+        // Under torchrun a bare `cuda` is this rank's GPU (LOCAL_RANK), not GPU 0 for
+        // every rank of the node.
+        (Some("cuda"), Some(e)) => parse_device(Some(&format!("cuda:{}", e.local_rank)))
+            .with_context(|| format!("--device cuda on local rank {}", e.local_rank))?,
         _ => parse_device(device)?,
     };
     if let (Some(e), Some(batch)) = (&dist_env, batch)
@@ -648,6 +715,9 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         ),
         (_, found) => found,
     };
+    if let (Resume::Path(p), Some(_)) = (&o.resume, &resume_from) {
+        refuse_newer_checkpoints(&ck_root, p)?;
+    }
     let mut trainer = Trainer::new(cfg.clone(), device)?;
     if let Some(pg) = pg {
         if pg.rank == 0 {
@@ -696,6 +766,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     let start_step = trainer.step();
     let mut tb = EventWriter::create(&log_dir.join("tb"))?;
     tb.session_start(start_step)?;
+    replay_scalars_at(&metrics_path, &mut tb, start_step, &KNN_SCALARS)?;
     let total = cfg.total_steps;
     let at = trainer.resume_at();
     let (mut loader, rejoin) = trainer.open_loader_at(&o.data, &opts, &at)?;
@@ -734,12 +805,12 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     };
     // SIGTERM / SIGINT from here on: stop after the step in progress, with a checkpoint.
     let signals = super::signals::StopGuard::arm()?;
+    trainer.stop_poll = Some(super::signals::stop_requested);
     let mut stopped_by: Option<String> = None;
     while trainer.step() < total {
         let (batch, mut wait) = next.take().expect("prefetched batch");
         let more = trainer.step() + 1 < total;
         let step_now = trainer.step();
-        trainer.stop_vote = signals.received().is_some();
         let stats = trainer
             .train_step_device(&batch, || {
                 if more {
@@ -809,7 +880,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
                         "{}",
                         serde_json::json!({"step": step, "knn_acc1": a1, "knn_acc5": a5})
                     )?;
-                    tb.add_scalars(step, &[("knn/acc1", a1), ("knn/acc5", a5)])?;
+                    tb.add_scalars(step, &[(KNN_SCALARS[0].1, a1), (KNN_SCALARS[1].1, a5)])?;
                     pb.println(format!("step {step}: k-NN top-1 {a1:.2}% top-5 {a5:.2}%"));
                     metrics.flush()?;
                 }
@@ -2112,6 +2183,47 @@ mod tests {
             pretrain(&o).expect_err("max_errors=0 must stop the run")
         );
         assert!(err.contains("s1_4"), "{err}");
+    }
+
+    /// `--resume PATH` from an older checkpoint of a run directory that holds later ones
+    /// (a roll-back) is refused before anything is written: the resumed run would prune
+    /// or mix with them, and `--resume auto` would later go back to them. With them
+    /// moved away it resumes.
+    #[test]
+    fn issue4_resume_from_an_older_checkpoint_next_to_later_ones_is_refused() {
+        let _rng = seeded(9);
+        let dir = with_dataset();
+        let data = dir.path().join("data");
+        let out = dir.path().join("run");
+        let mut o = opts(&data, &out);
+        o.keep = 3;
+        pretrain(&o).unwrap();
+        let ck = checkpoint::dir_of(&out);
+        let steps = |ck: &Path| -> Vec<u64> {
+            checkpoint::list(ck)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        };
+        assert_eq!(steps(&ck), [2, 4, 6]);
+        o.resume = Resume::Path(ck.join("step-00000002"));
+        let e = format!("{:#}", pretrain(&o).unwrap_err());
+        assert!(
+            e.contains("is at step 2")
+                && e.contains("later checkpoints")
+                && e.contains("step-00000006"),
+            "{e}"
+        );
+        assert_eq!(steps(&ck), [2, 4, 6], "nothing touched");
+        let aside = dir.path().join("abandoned");
+        std::fs::create_dir(&aside).unwrap();
+        for s in ["step-00000004", "step-00000006"] {
+            std::fs::rename(ck.join(s), aside.join(s)).unwrap();
+        }
+        let s = pretrain(&o).unwrap();
+        assert_eq!((s.start_step, s.steps), (2, 4));
+        assert_eq!(steps(&ck), [2, 4, 6]);
     }
 
     /// Resuming with another length or lr is allowed but said; the thread count, the

@@ -52,8 +52,9 @@ fn install() -> std::io::Result<Handlers> {
     Ok(h)
 }
 
+static HANDLERS: OnceLock<std::result::Result<Handlers, String>> = OnceLock::new();
+
 fn handlers() -> Result<&'static Handlers> {
-    static HANDLERS: OnceLock<std::result::Result<Handlers, String>> = OnceLock::new();
     HANDLERS
         .get_or_init(|| install().map_err(|e| e.to_string()))
         .as_ref()
@@ -83,6 +84,14 @@ impl StopGuard {
     pub fn received(&self) -> Option<&'static str> {
         name(self.h.received.load(Ordering::SeqCst))
     }
+}
+
+/// Whether a stop was asked for while a guard is armed: [`StopGuard::received`]
+/// without the guard, for a loop that polls at its own moment (the trainer, just
+/// before the step's sync, so a signal during a step stops after that step).
+pub fn stop_requested() -> bool {
+    matches!(HANDLERS.get(), Some(Ok(h))
+        if h.armed.load(Ordering::SeqCst) > 0 && h.received.load(Ordering::SeqCst) != 0)
 }
 
 impl Drop for StopGuard {

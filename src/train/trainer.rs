@@ -104,6 +104,10 @@ pub struct Trainer {
     /// [`super::signals`]); the vote travels with the step's metric all-reduce, so all
     /// ranks learn it at the same step ([`StepStats::stop`]).
     pub stop_vote: bool,
+    /// Polled for the same vote just before each step's sync (e.g.
+    /// [`super::signals::stop_requested`]), so a signal that arrives during a step
+    /// stops the run after that step.
+    pub stop_poll: Option<fn() -> bool>,
 }
 
 fn seed_for(seed: u64, step: u64) -> i64 {
@@ -135,6 +139,7 @@ impl Trainer {
         }
         Ok(Trainer {
             stop_vote: false,
+            stop_poll: None,
             dist: None,
             reducer: None,
             rank_loader_states: Vec::new(),
@@ -339,7 +344,10 @@ impl Trainer {
             .iter()
             .map(|t| t.to_kind(Kind::Double).reshape([1]))
             .collect();
-        let vote = Tensor::from_slice(&[if self.stop_vote { 1.0f64 } else { 0.0 }]);
+        // Read now, after the backward pass is queued: a signal during this step
+        // stops after it.
+        let stop = self.stop_vote || self.stop_poll.is_some_and(|f| f());
+        let vote = Tensor::from_slice(&[if stop { 1.0f64 } else { 0.0 }]);
         let mut all = Tensor::cat(&[Tensor::cat(&parts, 0).to_device(Device::Cpu), vote], 0);
         if let Some(pg) = &self.dist {
             // Mean loss / masked / accuracy over ranks (the norm is already global); a

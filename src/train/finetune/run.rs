@@ -464,6 +464,13 @@ fn resume(
     Ok(r)
 }
 
+/// The evaluation's metrics keys and TensorBoard tags.
+const VAL_SCALARS: [(&str, &str); 3] = [
+    ("acc1", "val/acc1"),
+    ("acc5", "val/acc5"),
+    ("val_loss", "val/loss"),
+];
+
 /// Runs `conmim finetune`.
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     let cfg = build_config(o)?;
@@ -673,6 +680,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         .with_context(|| format!("opening {}", metrics_path.display()))?;
     let mut tb = EventWriter::create(&log_dir.join("tb"))?;
     tb.session_start(start_step)?;
+    crate::train::run::replay_scalars_at(&metrics_path, &mut tb, start_step, &VAL_SCALARS)?;
     let ck = crate::train::checkpoint::dir_of(log_dir);
     let mut lc = train_loader_config(&cfg);
     if world > 1 {
@@ -850,9 +858,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 tb.add_scalars(
                     step + 1,
                     &[
-                        ("val/acc1", r.acc1),
-                        ("val/acc5", r.acc5),
-                        ("val/loss", r.loss),
+                        (VAL_SCALARS[0].1, r.acc1),
+                        (VAL_SCALARS[1].1, r.acc5),
+                        (VAL_SCALARS[2].1, r.loss),
                     ],
                 )?;
                 pb.println(format!(
@@ -1241,7 +1249,12 @@ mod tests {
     }
 
     fn pretrain_micro(data: &Path, out: &Path) {
-        let o = PretrainOptions {
+        pretrain(&pretrain_micro_opts(data, out)).unwrap();
+    }
+
+    /// 2 steps of a micro ViT with the k-NN monitor at its step-2 checkpoint.
+    fn pretrain_micro_opts(data: &Path, out: &Path) -> PretrainOptions {
+        PretrainOptions {
             preset: "tiny".into(),
             config_file: None,
             sets: [
@@ -1284,8 +1297,7 @@ mod tests {
                 temperature: 0.07,
             }),
             faults: crate::train::run::Faults::default(),
-        };
-        pretrain(&o).unwrap();
+        }
     }
 
     /// The body of `issue5_sigterm_stops_finetune_with_a_resumable_checkpoint`'s child
@@ -1672,6 +1684,34 @@ mod tests {
         let s = finetune(&o).unwrap();
         assert_eq!((s.epochs_done, s.resumed_at_step), (2, 3));
         assert_eq!((s.samples, s.last.unwrap().images), (24, 7));
+        // The first epoch's evaluation (logged at step 3) is in the resumed TensorBoard
+        // session too, which starts at step 3 and so hides the earlier file's point.
+        let first_eval: serde_json::Value = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v.get("acc1").is_some())
+            .unwrap();
+        assert_eq!(first_eval["step"], 3);
+        let resumed = crate::train::tensorboard::read::event_files(&out.join("tb"))
+            .iter()
+            .map(|p| crate::train::tensorboard::read::events(p))
+            .find(|ev| ev[1].session_status.is_some() && ev[1].step == 3)
+            .expect("the resumed session");
+        let val: Vec<(u64, f32)> = resumed[2..]
+            .iter()
+            .flat_map(|e| {
+                e.scalars
+                    .iter()
+                    .filter(|(t, _)| t == "val/acc1")
+                    .map(move |(_, v)| (e.step, *v))
+            })
+            .collect();
+        assert_eq!(
+            val[0],
+            (3, first_eval["acc1"].as_f64().unwrap() as f32),
+            "{val:?}"
+        );
 
         // A global batch of 6 is 3 per rank: odd, so mixup cannot pair it with its flip;
         // an error at the start that says what to use.
@@ -1947,6 +1987,31 @@ mod tests {
             .find(|v| v.get("knn_acc1").is_some())
             .expect("a k-NN line");
         assert_eq!(knn_line["step"], 2);
+        // `--resume auto` on the finished run keeps that line, and writes the point again
+        // into its TensorBoard session, which starts at step 2 (TensorBoard drops the
+        // earlier files' points from there on).
+        let mut again = pretrain_micro_opts(&data, &pre);
+        again.resume = Resume::Auto;
+        pretrain(&again).unwrap();
+        let m2 = std::fs::read_to_string(pre.join("metrics.jsonl")).unwrap();
+        assert_eq!(m2, m, "the resume kept every line");
+        let files = crate::train::tensorboard::read::event_files(&pre.join("tb"));
+        assert_eq!(files.len(), 2, "{files:?}");
+        let resumed = files
+            .iter()
+            .map(|p| crate::train::tensorboard::read::events(p))
+            .find(|ev| ev[1].session_status.is_some() && ev[1].step == 2)
+            .expect("the resumed session");
+        let knn_tb: Vec<(u64, f32)> = resumed[2..]
+            .iter()
+            .flat_map(|e| {
+                e.scalars
+                    .iter()
+                    .filter(|(t, _)| t == "knn/acc1")
+                    .map(move |(_, v)| (e.step, *v))
+            })
+            .collect();
+        assert_eq!(knn_tb, [(2, knn_line["knn_acc1"].as_f64().unwrap() as f32)]);
 
         let out = dir.path().join("ft");
         let s = finetune(&ft_opts(&data, &out, Some(pre.clone()))).unwrap();
