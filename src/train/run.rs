@@ -454,6 +454,93 @@ pub(crate) fn check_same_settings(
 }
 
 /// Runs [`checkpoint::recover`] on `root` and says on stderr (rank 0) what it did.
+/// An exclusive lock on a run directory (`OUT/.lock`), held for the whole run by the
+/// process that writes the directory (rank 0). A second run on the same directory (a
+/// job requeued while the first still runs, a command started twice) fails at once,
+/// instead of deleting the first one's unfinished checkpoint as debris and writing its
+/// checkpoints and metrics among the first one's. The OS releases the lock when the
+/// process ends, however it ends (`kill -9` included).
+#[derive(Debug)]
+pub(crate) struct RunLock {
+    _file: std::fs::File,
+}
+
+/// The name of [`RunLock`]'s file in a run directory.
+pub(crate) const LOCK_FILE: &str = ".lock";
+
+/// Takes [`RunLock`] on `out` (which must exist) on rank 0 of `pg` (the only process
+/// without a group); under torchrun every rank learns whether rank 0 got it, before
+/// any rank touches the directory (a collective).
+pub(crate) fn lock_run_dir(
+    cmd: &str,
+    out: &Path,
+    pg: Option<&ProcessGroup>,
+) -> Result<Option<RunLock>> {
+    let rank = pg.map_or(0, |p| p.rank);
+    let mine = (rank == 0).then(|| try_lock_run_dir(cmd, out));
+    if let Some(pg) = pg {
+        let failed = matches!(mine, Some(Err(_)));
+        let mut t = tch::Tensor::from_slice(&[if failed { 1.0f64 } else { 0.0 }]);
+        pg.all_reduce_mean(&mut t)
+            .context("agreeing on the run directory's lock")?;
+        if rank != 0 && t.double_value(&[0]) > 0.0 {
+            bail!(
+                "rank 0 could not lock the run directory {} (another run is writing it; see \
+                 rank 0's error)",
+                out.display()
+            );
+        }
+    }
+    mine.transpose()
+}
+
+fn try_lock_run_dir(cmd: &str, out: &Path) -> Result<RunLock> {
+    use std::io::{Read, Seek, Write};
+    let path = out.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the error of the next one.
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let who = format!(
+                "conmim {cmd}, pid {} on {}",
+                std::process::id(),
+                host.trim()
+            );
+            let _ = file.set_len(0);
+            let _ = file.rewind();
+            let _ = file.write_all(who.as_bytes());
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "{} is being written by another run ({}): wait for it to end or stop it, or \
+                 pass another --out",
+                out.display(),
+                if holder.is_empty() {
+                    "unknown process"
+                } else {
+                    holder.trim()
+                }
+            );
+        }
+        // A filesystem without locks (some network mounts): go on, but say so.
+        Err(std::fs::TryLockError::Error(e)) => eprintln!(
+            "conmim {cmd}: note: cannot lock {} ({e}); make sure no other run writes {}",
+            path.display(),
+            out.display()
+        ),
+    }
+    Ok(RunLock { _file: file })
+}
+
 pub(crate) fn report_recovery(cmd: &str, root: &Path, rank: usize) -> Result<()> {
     let r = checkpoint::recover(root).with_context(|| {
         format!(
@@ -694,6 +781,7 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
         check_same_settings(pg, "pretrain", &collective_settings(&cfg, o)?)?;
     }
     check_writable(&o.out)?;
+    let _lock = lock_run_dir("pretrain", &o.out, pg.as_ref())?;
     let ck_root = checkpoint::dir_of(&o.out);
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
     // the same checkpoints).
@@ -2224,6 +2312,36 @@ mod tests {
         let s = pretrain(&o).unwrap();
         assert_eq!((s.start_step, s.steps), (2, 4));
         assert_eq!(steps(&ck), [2, 4, 6]);
+    }
+
+    /// One run writes a run directory at a time: a second run on it (a requeued job
+    /// while the first still runs) fails before touching it, naming the holder; once
+    /// the first ends (its lock goes with its process), the directory is free again.
+    #[test]
+    fn a_run_directory_is_written_by_one_run_at_a_time() {
+        let _rng = seeded(9);
+        let dir = with_dataset();
+        let data = dir.path().join("data");
+        let out = dir.path().join("run");
+        std::fs::create_dir_all(checkpoint::dir_of(&out)).unwrap();
+        // An unfinished save of the first run, which a second run must not clean up.
+        let debris = checkpoint::dir_of(&out).join(".tmp-step-00000002-1");
+        std::fs::create_dir(&debris).unwrap();
+        let first = lock_run_dir("pretrain", &out, None).unwrap();
+        let e = format!("{:#}", pretrain(&opts(&data, &out)).unwrap_err());
+        assert!(
+            e.contains("is being written by another run")
+                && e.contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        assert!(
+            debris.exists(),
+            "the second run touched the first one's files"
+        );
+        drop(first);
+        let s = pretrain(&opts(&data, &out)).unwrap();
+        assert_eq!(s.steps, 6);
+        assert!(!debris.exists(), "recovered once the directory was free");
     }
 
     /// Resuming with another length or lr is allowed but said; the thread count, the

@@ -548,6 +548,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     if main {
         check_writable(&o.out)?;
     }
+    let _lock = crate::train::run::lock_run_dir("finetune", &o.out, pg.as_ref())?;
     let ck_root = crate::train::checkpoint::dir_of(&o.out);
     // What a run killed mid-save left (every rank: it is idempotent, and each must see
     // the same checkpoints).
