@@ -240,6 +240,17 @@ fn ade20k_label_maps_must_be_8bit_class_pngs() {
         got["annotations/validation/ADE_val_00000003.png"],
         "bad_annotation"
     );
+    // The label map's reject names its image too: every file is accounted for.
+    let r = out
+        .rejects
+        .iter()
+        .find(|r| r.source == "annotations/validation/ADE_val_00000002.png")
+        .unwrap();
+    assert!(
+        r.detail.contains("images/validation/ADE_val_00000002.jpg"),
+        "{}",
+        r.detail
+    );
     let mut members: Vec<(&str, &str)> = out
         .rows
         .iter()

@@ -339,20 +339,44 @@ fn unsafe_missing_and_bad_rows_are_rejected() {
     t.push_str("\tno path\t1\n");
     t.push_str("too\tfew\n");
     t.push_str("broken.jpg\tbroken\t1\n");
+    // Two inputs of one key: a missing file does not take the key from a good one
+    // (issue 2: nothing valid is lost), while two good ones are a duplicate.
+    t.push_str("gone/twin.jpg\tmissing twin\t1\n");
+    t.push_str("ok/twin.jpg\tgood twin\t2\n");
+    t.push_str("ok/dup.jpg\tfirst good\t1\n");
+    t.push_str("ok2/dup.jpg\tsecond good\t1\n");
+    std::fs::write(root.join("ok/twin.jpg"), jpeg(&JpegSpec::rgb(20, 22, 97))).unwrap();
+    std::fs::write(root.join("ok/dup.jpg"), jpeg(&JpegSpec::rgb(20, 22, 96))).unwrap();
+    std::fs::create_dir_all(root.join("ok2")).unwrap();
+    std::fs::write(root.join("ok2/dup.jpg"), jpeg(&JpegSpec::rgb(20, 22, 95))).unwrap();
     let list = tmp.path().join("list.tsv");
     std::fs::write(&list, t).unwrap();
 
     let out = tmp.path().join("out");
     let s = run_files(FilesSpec::new(&list, &root), &config(&out, None));
-    assert_eq!(s.inputs, 14);
-    assert_eq!(s.samples, 6);
-    assert_eq!(s.rejected, 8);
+    assert_eq!(s.inputs, 18);
+    assert_eq!(s.samples, 8);
+    assert_eq!(s.rejected, 10);
     assert!(s.check_rejects(0.01).is_err());
     let ds = read_dataset(&out, "train");
-    assert_eq!(ds.manifest.conmim.num_inputs, 14);
+    assert_eq!(ds.manifest.conmim.num_inputs, 18);
     let count = |reason: &str| ds.rejects.iter().filter(|r| r.reason == reason).count();
     assert_eq!(count("unsafe_path"), 2, "{:#?}", ds.rejects);
-    assert_eq!(count("missing_file"), 1);
+    assert_eq!(count("missing_file"), 2);
+    let twin = ds
+        .rows
+        .iter()
+        .find(|r| r.key == "twin")
+        .expect("the good twin is a sample");
+    assert_eq!(twin.source, "ok/twin.jpg");
+    let dup: Vec<_> = ds
+        .rejects
+        .iter()
+        .filter(|r| r.reason == "duplicate_key")
+        .collect();
+    assert_eq!(dup.len(), 1, "{dup:#?}");
+    assert_eq!(dup[0].source, "ok2/dup.jpg");
+    assert!(dup[0].detail.contains("ok/dup.jpg"), "{}", dup[0].detail);
     assert_eq!(count("bad_row"), 4);
     let image_reject = ds
         .rejects
@@ -390,7 +414,6 @@ fn unsafe_missing_and_bad_rows_are_rejected() {
         .expect("inside file kept");
     assert_eq!(kept.source, "ok/outside.jpg");
     assert_eq!(ds.samples["outside"].member("jpg").unwrap().data, inside);
-    assert_eq!(count("duplicate_key"), 0);
 }
 
 #[test]

@@ -251,6 +251,21 @@ fn issue2_resume_after_crash_equals_uninterrupted_run() {
     }
     assert_same_files(&reference, &out);
     assert!(!out.join(".train.work").exists());
+
+    // Killed after publishing the manifest, before removing the work directory: a
+    // resume finds the dataset complete and removes what was left.
+    std::fs::create_dir_all(out.join(".train.work/left")).unwrap();
+    let st = args(&out).arg("--resume").output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        !out.join(".train.work").exists(),
+        "the leftover work directory stays"
+    );
+    assert_same_files(&reference, &out);
 }
 
 /// The three val layouts give the same labels.

@@ -630,6 +630,60 @@ fn a_stalled_source_ends_the_stream_with_an_error() {
     );
 }
 
+/// Local files, each opened after `delay` (a slow mount or link).
+struct SlowOpener {
+    delay: std::time::Duration,
+}
+
+impl conmim::stream::Opener for SlowOpener {
+    fn open(&self, url: &str) -> conmim::Result<Box<dyn std::io::Read + Send>> {
+        std::thread::sleep(self.delay);
+        conmim::stream::FileOpener.open(url)
+    }
+}
+
+/// Reading that yields nothing yet (filling the shuffle buffer, a resume replaying its
+/// epoch) is progress, not a stall: here the first sample needs 8 shard opens of
+/// 0.1 s each, longer than the 0.3 s stall timeout.
+#[test]
+fn reading_before_the_first_sample_is_not_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    dataset(dir.path(), &[1; 12], &[]);
+    let urls: Vec<String> = (0..12)
+        .map(|i| {
+            dir.path()
+                .join(format!("train-{i:06}.tar"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut cfg = config(2, 4, 1);
+    cfg.stall_timeout_s = 0.3;
+    cfg.stream.shuffle_buffer = 8;
+    let open = || {
+        let list = conmim::stream::ShardList::from_urls(urls.clone(), false).unwrap();
+        let opener = std::sync::Arc::new(SlowOpener {
+            delay: std::time::Duration::from_millis(100),
+        });
+        Stream::new(list, cfg.stream.clone(), opener).unwrap()
+    };
+    let batches = collect(Loader::new(open(), cfg.clone()).unwrap());
+    assert_eq!(batches.iter().map(|b| b.keys.len()).sum::<usize>(), 12);
+    // A source that reads nothing at all still stalls.
+    let mut never = cfg.clone();
+    never.stall_timeout_s = 0.3;
+    let opener = std::sync::Arc::new(SlowOpener {
+        delay: std::time::Duration::from_secs(30),
+    });
+    let list = conmim::stream::ShardList::from_urls(urls.clone(), false).unwrap();
+    let mut l = Loader::new(
+        Stream::new(list, never.stream.clone(), opener).unwrap(),
+        never,
+    )
+    .unwrap();
+    assert!(matches!(l.next(), Some(Err(Error::Stalled { .. }))));
+}
+
 #[test]
 fn a_panicking_worker_ends_the_stream_with_an_error() {
     let dir = tempfile::tempdir().unwrap();

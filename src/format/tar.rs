@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 /// Size of a tar block.
 pub const BLOCK: u64 = 512;
+/// The most a member's buffer takes before its bytes arrive (it grows with them): a
+/// header's size field alone never decides an allocation.
+pub const PREALLOC_MAX: u64 = 1 << 20;
 /// The two zero blocks that end an archive.
 pub const END_OF_ARCHIVE: u64 = 2 * BLOCK;
 
@@ -254,12 +257,19 @@ pub fn scan_shard(
         })?;
         let header_offset = next_start;
         let size = entry.size();
-        let end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
-        next_start = end;
         let name = entry
             .path()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // A size field beyond any member (a crafted or garbled header) is damage to
+        // report with the shard, not an allocation or an overflow.
+        let end = (size <= crate::stream::MAX_MEMBER_BYTES)
+            .then(|| entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK)
+            .ok_or_else(|| Error::CorruptShard {
+                shard: shard.clone(),
+                message: format!("member {name} claims {size} bytes"),
+            })?;
+        next_start = end;
         let kind = entry.header().entry_type();
         if !kind.is_file() {
             if !kind.is_dir() {
@@ -277,7 +287,7 @@ pub fn scan_shard(
             });
             continue;
         };
-        let mut data = Vec::with_capacity(size as usize);
+        let mut data = Vec::with_capacity(size.min(PREALLOC_MAX) as usize);
         entry
             .read_to_end(&mut data)
             .map_err(|e| Error::CorruptShard {
@@ -339,6 +349,34 @@ pub fn md5_file(path: &Path) -> Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member whose size field claims 1 TiB (GNU base-256, valid checksum) is a
+    /// corrupt shard named in the error, not an allocation of 1 TiB.
+    #[test]
+    fn a_crafted_huge_size_is_a_corrupt_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-000000.tar");
+        let mut w = ShardWriter::create(&path).unwrap();
+        w.append("k1", &[("jpg".into(), vec![1; 10])]).unwrap();
+        w.finish().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let h = &mut bytes[..512];
+        let mut size = [0u8; 12];
+        size[0] = 0x80;
+        size[4..].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        h[124..136].copy_from_slice(&size);
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let e = scan_shard(&path, |_| Ok(()), |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t-000000.tar") && e.contains("1099511627776"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn writes_and_scans_back_with_offsets() {

@@ -205,6 +205,18 @@ pub enum ImageProblem {
     /// A side is below `min_side`.
     #[error("image too small: {width}x{height} has a side below the minimum")]
     TooSmall { width: u32, height: u32 },
+    /// Re-encoding to the maximum side would leave a side below `min_side` (a long
+    /// panorama, say). Code `too_small`, like [`ImageProblem::TooSmall`].
+    #[error(
+        "image too small once re-encoded: {from_width}x{from_height} fits the maximum side \
+         as {width}x{height}, which has a side below the minimum"
+    )]
+    TooSmallReencoded {
+        from_width: u32,
+        from_height: u32,
+        width: u32,
+        height: u32,
+    },
     /// The format was recognised but its header is unusable (or declares a zero dimension).
     #[error("bad image header: {0}")]
     BadHeader(String),
@@ -236,7 +248,7 @@ impl ImageProblem {
             ImageProblem::NotAnImage => "not_image",
             ImageProblem::Truncated(_) => "truncated",
             ImageProblem::TooLarge { .. } => "too_large",
-            ImageProblem::TooSmall { .. } => "too_small",
+            ImageProblem::TooSmall { .. } | ImageProblem::TooSmallReencoded { .. } => "too_small",
             ImageProblem::BadHeader(_) => "bad_header",
             ImageProblem::Decode(_) => "decode_error",
             ImageProblem::Encode(_) => "encode_error",

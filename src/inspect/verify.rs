@@ -791,7 +791,11 @@ fn sample_at(buf: &[u8], offset: u64) -> std::result::Result<ScannedSample, Stri
             .unwrap_or_default();
         let (key, ext) =
             split_member_name(&name).ok_or_else(|| format!("member `{name}` has no extension"))?;
-        let mut data = Vec::with_capacity(entry.size() as usize);
+        if entry.size() > crate::stream::MAX_MEMBER_BYTES {
+            return Err(format!("member `{name}` claims {} bytes", entry.size()));
+        }
+        let mut data =
+            Vec::with_capacity(entry.size().min(crate::format::tar::PREALLOC_MAX) as usize);
         entry
             .read_to_end(&mut data)
             .map_err(|e| format!("member `{name}`: {e}"))?;

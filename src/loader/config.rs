@@ -27,9 +27,11 @@ pub const DEFAULT_BLOCK_MIN_PATCHES: usize = 16;
 pub const DEFAULT_BLOCK_MIN_ASPECT: f64 = 0.3;
 /// Finished batches queued for the consumer (plus one being filled).
 pub const DEFAULT_PREFETCH: usize = 2;
-/// Seconds without any finished sample after which the stream ends with
-/// [`Error::Stalled`]. Generous: a cold http shard or a slow disk must not trip it.
+/// Seconds without any finished sample (or reading, see the loader's docs) after which
+/// the stream ends with [`Error::Stalled`]. Generous: a cold http shard or a slow disk must not trip it.
 pub const DEFAULT_STALL_TIMEOUT_S: f64 = 300.0;
+/// The longest stall timeout accepted (a year: "never", in practice).
+pub const MAX_STALL_TIMEOUT_S: f64 = 365.0 * 86_400.0;
 /// Shorter side before the centre crop in [`Task::ClassifyEval`] (for 224 crops).
 pub const DEFAULT_EVAL_RESIZE: u32 = 256;
 /// Extension of the label member (`.cls`, an ASCII integer).
@@ -266,9 +268,13 @@ impl LoaderConfig {
         if self.prefetch == 0 {
             return bad("prefetch must be at least 1".into());
         }
-        if !(self.stall_timeout_s.is_finite() && self.stall_timeout_s > 0.0) {
+        if !(self.stall_timeout_s.is_finite()
+            && self.stall_timeout_s > 0.0
+            && self.stall_timeout_s <= MAX_STALL_TIMEOUT_S)
+        {
             return bad(format!(
-                "stall timeout must be positive, got {}",
+                "stall timeout must be positive and at most {MAX_STALL_TIMEOUT_S} s (a year), \
+                 got {}",
                 self.stall_timeout_s
             ));
         }
@@ -409,6 +415,8 @@ mod tests {
         assert!(with(|c| c.mask.ratio = 1.5).is_err());
         assert!(with(|c| c.prefetch = 0).is_err());
         assert!(with(|c| c.stall_timeout_s = 0.0).is_err());
+        assert!(with(|c| c.stall_timeout_s = 1e20).is_err());
+        assert!(with(|c| c.stall_timeout_s = MAX_STALL_TIMEOUT_S).is_ok());
         assert!(
             with(|c| {
                 c.task = Task::ClassifyEval;

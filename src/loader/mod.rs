@@ -34,8 +34,9 @@
 //!   shard and key ([`ErrorLog`]); more than `max_errors` end the stream with
 //!   [`Error::TooManyErrors`]. Shard errors (unreachable, truncated: the samples before
 //!   the damage are kept) are logged and the stream moves on. A panicking thread ends
-//!   the stream with [`Error::ThreadPanicked`]; no finished sample for
-//!   `stall_timeout_s` seconds ends it with [`Error::Stalled`]. Nothing hangs: dropping
+//!   the stream with [`Error::ThreadPanicked`]; no finished sample and no reading
+//!   (a resumed epoch's replay and the shuffle buffer's fill read without yielding)
+//!   for `stall_timeout_s` seconds ends it with [`Error::Stalled`]. Nothing hangs: dropping
 //!   the [`Loader`] stops and joins every thread except a reader blocked in I/O,
 //!   which is detached and exits at its next step.
 //! * **Epochs.** Batches never mix epochs. An epoch's last partial batch is dropped
@@ -64,8 +65,8 @@ pub use config::{
     DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_MIN_ASPECT, DEFAULT_BLOCK_MIN_PATCHES, DEFAULT_BLOCK_PATCHES,
     DEFAULT_EVAL_RESIZE, DEFAULT_IMAGE_SIZE, DEFAULT_LABEL_EXT, DEFAULT_MASK_CELL,
     DEFAULT_MASK_RATIO, DEFAULT_PATCH_SIZE, DEFAULT_PREFETCH, DEFAULT_STALL_TIMEOUT_S, IMAGE_EXTS,
-    LoaderConfig, MAX_ERROR_RECORDS, MaskConfig, MaskKind, Task, default_threads,
-    default_threads_per_process,
+    LoaderConfig, MAX_ERROR_RECORDS, MAX_STALL_TIMEOUT_S, MaskConfig, MaskKind, Task,
+    default_threads, default_threads_per_process,
 };
 
 use crate::augment::params::sample_rng;
@@ -415,6 +416,7 @@ impl Loader {
 
         let mut joined = Vec::new();
         let epoch = stream.epoch();
+        let reading = stream.progress();
         let reader = {
             let (stop, counters, done_tx, last_shard) = (
                 stop.clone(),
@@ -478,6 +480,7 @@ impl Loader {
             epoch,
             next_batch: next_batch.unwrap_or(0),
             short_epoch_ok,
+            reading,
             settings: cfg.settings_fingerprint(),
         };
         joined.push(
@@ -922,6 +925,9 @@ struct Collator {
     next_batch: u64,
     /// The epoch (the rest of a rejoined one) that may be too short for a batch.
     short_epoch_ok: Option<u64>,
+    /// [`Stream::progress`]: the reader's reading, which counts as progress while no
+    /// sample comes out (a resumed epoch's replay, the shuffle buffer's first fill).
+    reading: Arc<AtomicU64>,
     /// [`LoaderConfig::settings_fingerprint`], stamped on every state.
     settings: u64,
 }
@@ -938,6 +944,7 @@ const POLL: Duration = Duration::from_millis(100);
 impl Collator {
     fn run(mut self) {
         let mut progress = Instant::now();
+        let mut read = self.reading.load(Ordering::Relaxed);
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return;
@@ -967,6 +974,12 @@ impl Collator {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    let now_read = self.reading.load(Ordering::Relaxed);
+                    if now_read != read {
+                        // The reader works on (replaying, filling the buffer).
+                        read = now_read;
+                        progress = Instant::now();
+                    }
                     if progress.elapsed() >= self.stall {
                         let shard = self
                             .last_shard

@@ -509,7 +509,14 @@ fn candidates(dir: &Path, out: &Path, pattern: Option<&str>) -> Result<Vec<Candi
             })?;
             Ok(Candidate { path, url, size })
         })
-        .collect()
+        .collect::<Result<Vec<Candidate>>>()
+        .map(|all| {
+            // One shard named twice (`{a,./a}.tar`, `sub/../a.tar`): once, by its url.
+            let mut seen = std::collections::HashSet::new();
+            all.into_iter()
+                .filter(|c| seen.insert(c.url.clone()))
+                .collect()
+        })
 }
 
 /// A shard path that manifest urls cannot name: not valid UTF-8 (urls are text).

@@ -298,7 +298,16 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     if manifest_path.exists() {
         let m: Manifest = format::read_json(&manifest_path)?;
         if cfg.resume && m.conmim.params == params {
-            // Already complete: report it again.
+            // Already complete: report it again. A run killed after publishing the
+            // manifest but before removing its work directory left that behind.
+            let mut warnings = vec!["dataset was already complete; nothing written".to_owned()];
+            if work.exists() {
+                std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+                warnings.push(format!(
+                    "removed the work directory {} that a killed run left behind",
+                    work.display()
+                ));
+            }
             return Ok(Summary {
                 out: cfg.out.clone(),
                 name,
@@ -311,7 +320,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                 bytes: m.conmim.total_bytes,
                 image_bytes: 0,
                 elapsed: started.elapsed(),
-                warnings: vec!["dataset was already complete; nothing written".into()],
+                warnings,
             });
         }
         return Err(Error::Resume {
@@ -478,6 +487,9 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         let plan_ref = &plan_info;
         let pool = &pool;
         let load = &load;
+        // Whether an input would be stored: decides which of several inputs of one key
+        // keeps it (see `plan::replay`).
+        let loads = |item: &Item| source.load(item, &ctx).is_ok();
         s.spawn(move || {
             let mut batch: Vec<(u64, Item)> = Vec::with_capacity(chunk);
             let flush = |batch: &mut Vec<(u64, Item)>| {
@@ -486,7 +498,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                 batch.clear();
                 out
             };
-            for next in plan::replay(work_buf, cfg.seed, plan_ref, start) {
+            for next in plan::replay(work_buf, cfg.seed, plan_ref, start, &loads) {
                 match next {
                     Ok(x) => batch.push(x),
                     Err(e) => {

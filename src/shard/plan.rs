@@ -158,8 +158,8 @@ pub fn build(
     Ok(info)
 }
 
-/// Loads bucket `b` in its final order, duplicates marked.
-pub fn load_bucket(work: &Path, seed: u64, b: u64) -> Result<Vec<Item>> {
+/// Bucket `b`'s items in enumeration order.
+fn read_bucket(work: &Path, b: u64) -> Result<Vec<Item>> {
     let p = bucket_path(work, b);
     let f = File::open(&p).map_err(|e| Error::io(&p, e))?;
     let mut items = Vec::new();
@@ -171,27 +171,51 @@ pub fn load_bucket(work: &Path, seed: u64, b: u64) -> Result<Vec<Item>> {
         })?;
         items.push(item);
     }
-    // Items were written in enumeration order; the first of equal keys wins.
-    let mut first: HashMap<String, String> = HashMap::with_capacity(items.len());
-    for item in items.iter_mut() {
-        match first.get(&item.key) {
-            Some(src) => item.duplicate_of = Some(src.clone()),
-            None => {
-                first.insert(item.key.clone(), item.source.clone());
+    Ok(items)
+}
+
+/// Marks duplicates among `items` (bucket `b`, in enumeration order; every input of a
+/// key hashes to the same bucket), then puts them in their final order. Of the inputs
+/// that share a key, the first that `loads` (the source would store it) keeps the key
+/// and the later ones are `duplicate_of` it; those before it report their own
+/// failure, and so do all of them when none loads. So an input that is rejected
+/// anyway (a missing or truncated file) never takes the key from a good one. Only
+/// keys with several inputs are tried, so `loads` runs for the rare duplicates alone;
+/// it depends on the inputs only, which keeps the plan deterministic and resumable.
+fn finish_bucket(
+    mut items: Vec<Item>,
+    seed: u64,
+    b: u64,
+    loads: &dyn Fn(&Item) -> bool,
+) -> Vec<Item> {
+    let mut by_key: HashMap<&str, Vec<usize>> = HashMap::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        by_key.entry(item.key.as_str()).or_default().push(i);
+    }
+    // Groups in enumeration order of their first input (HashMap order must not leak).
+    let mut groups: Vec<Vec<usize>> = by_key.into_values().filter(|g| g.len() > 1).collect();
+    groups.sort_unstable_by_key(|g| g[0]);
+    for g in groups {
+        // None loads: each reports why it cannot be stored.
+        if let Some(w) = g.iter().position(|&i| loads(&items[i])) {
+            let winner = items[g[w]].source.clone();
+            for &i in &g[w + 1..] {
+                items[i].duplicate_of = Some(winner.clone());
             }
         }
     }
     SplitMix64::new(seed, b).shuffle(&mut items);
-    Ok(items)
+    items
 }
 
 /// Replays the plan from global position `start`: `(position, item)` in order.
-pub fn replay(
+pub fn replay<'a>(
     work: PathBuf,
     seed: u64,
     info: &PlanInfo,
     start: u64,
-) -> impl Iterator<Item = Result<(u64, Item)>> {
+    loads: &'a dyn Fn(&Item) -> bool,
+) -> impl Iterator<Item = Result<(u64, Item)>> + 'a {
     let buckets = info.buckets;
     let mut b = 0u64;
     let mut pos = 0u64;
@@ -209,15 +233,15 @@ pub fn replay(
             if b >= buckets {
                 return None;
             }
-            // Skip whole buckets before `start` without parsing them twice.
-            match load_bucket(&work, seed, b) {
+            // Skip whole buckets before `start` (without trying their duplicates).
+            match read_bucket(&work, b) {
                 Ok(items) => {
                     b += 1;
                     if pos + (items.len() as u64) <= start {
                         pos += items.len() as u64;
                         continue;
                     }
-                    current = items.into_iter();
+                    current = finish_bucket(items, seed, b - 1, loads).into_iter();
                 }
                 Err(e) => {
                     b = buckets;

@@ -309,6 +309,9 @@ pub struct Stream {
     skip: u64,
     finished: bool,
     errors: Vec<(String, Error)>,
+    /// Samples read and shards opened so far, for a watchdog in another thread
+    /// ([`Stream::progress`]).
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Each shard's name for the fingerprint: its URL less the longest prefix, ending in
@@ -418,6 +421,7 @@ impl Stream {
             samples: 0,
             events: 0,
             skip: 0,
+            progress: Arc::default(),
             finished: false,
             errors: Vec::new(),
             cfg,
@@ -666,7 +670,17 @@ impl Stream {
         self.skip = 0;
     }
 
+    /// A counter of the stream's reading (samples read, stand-ins counted, shards
+    /// opened), shared with another thread: it moves while the stream works without
+    /// yielding anything yet (filling the shuffle buffer, replaying the epoch up to a
+    /// restored position), so a watchdog can tell that from a stall.
+    pub fn progress(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.progress)
+    }
+
     fn pull(&mut self) -> Pull {
+        self.progress
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             if self.plan.sample_limit.is_some_and(|l| self.read >= l) {
                 self.current = None;
@@ -717,7 +731,10 @@ impl Stream {
             }
             let url = self.list.shards()[i].url.clone();
             match self.opener.open(&url) {
-                Ok(r) => self.current = Some(ShardSamples::new(&url, r)),
+                Ok(r) => {
+                    let n = self.list.shards()[i].nsamples;
+                    self.current = Some(ShardSamples::new(&url, r).expecting(n));
+                }
                 Err(e) => return Pull::Error(url, e),
             }
         }

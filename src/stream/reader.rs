@@ -144,7 +144,12 @@ impl<R: Read> TarReader<R> {
             };
             let header_name = header_name(&h);
             let typ = h[156];
-            let padded = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+            // A size near u64::MAX (base-256 or PAX) cannot be padded: damage, not a
+            // panic (the limits below would reject it anyway).
+            let padded = size
+                .div_ceil(BLOCK as u64)
+                .checked_mul(BLOCK as u64)
+                .ok_or_else(|| format!("header at byte {start}: size {size} is not a tar size"))?;
             match typ {
                 b'L' | b'x' | b'g' => {
                     if size > MAX_META_BYTES {
@@ -359,6 +364,7 @@ pub struct ShardSamples {
     skipped: u64,
     error: Option<Error>,
     done: bool,
+    expected: Option<u64>,
 }
 
 impl ShardSamples {
@@ -372,7 +378,17 @@ impl ShardSamples {
             skipped: 0,
             error: None,
             done: false,
+            expected: None,
         }
+    }
+
+    /// Expects `n` samples (the manifest's count; `None`: unknown): a shard that ends
+    /// cleanly with fewer (a tail of zeros, which reads as the end of the archive, or a
+    /// manifest of other shards) reports that as damage after its last sample, instead
+    /// of ending short in silence.
+    pub fn expecting(mut self, n: Option<u64>) -> Self {
+        self.expected = n;
+        self
     }
 
     /// The shard's URL.
@@ -423,6 +439,23 @@ impl Iterator for ShardSamples {
                 }
                 Ok(None) => {
                     self.done = true;
+                    if let Some(n) = self.expected.filter(|&n| self.next_index < n) {
+                        let short = Error::CorruptShard {
+                            shard: self.shard.clone(),
+                            message: format!(
+                                "the archive ends after {} of the {n} samples the manifest \
+                                 lists (a zero-filled tail, or a manifest of other shards)",
+                                self.next_index
+                            ),
+                        };
+                        return match self.pending.take() {
+                            Some(last) => {
+                                self.error = Some(short);
+                                Some(Ok(last))
+                            }
+                            None => Some(Err(short)),
+                        };
+                    }
                     return self.pending.take().map(Ok);
                 }
                 Err(damage) => {
@@ -509,5 +542,44 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert!(got[0].is_err());
         assert!(samples(vec![7u8; 4096])[0].is_err());
+    }
+
+    /// A shard that ends cleanly short of the manifest's count (its tail zeroed: two
+    /// zero blocks read as the end of the archive) yields what it has, then damage.
+    #[test]
+    fn a_shard_shorter_than_its_manifest_count_is_damage() {
+        let bytes = archive(&[("a.x", b"1"), ("b.x", b"2"), ("c.x", b"3")]);
+        let mut zeroed = bytes.clone();
+        zeroed[2 * 2 * BLOCK..].fill(0); // c's header and data onwards
+        let read = |b: Vec<u8>, n: Option<u64>| -> Vec<Result<RawSample>> {
+            ShardSamples::new("s", Box::new(io::Cursor::new(b)))
+                .expecting(n)
+                .collect()
+        };
+        let got = read(zeroed.clone(), Some(3));
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].as_ref().unwrap().key, "b");
+        let e = got[2].as_ref().unwrap_err().to_string();
+        assert!(e.contains("after 2 of the 3 samples"), "{e}");
+        // Unknown counts, or the right count: a clean end.
+        assert!(read(zeroed, None).iter().all(|r| r.is_ok()));
+        assert!(read(bytes, Some(3)).iter().all(|r| r.is_ok()));
+    }
+
+    /// A size field of `u64::MAX` (GNU base-256, valid checksum) is damage reported
+    /// with the shard, not an arithmetic overflow.
+    #[test]
+    fn an_absurd_size_is_damage() {
+        let mut bytes = archive(&[("a.x", b"1")]);
+        let h = &mut bytes[..BLOCK];
+        h[124..136].copy_from_slice(&[
+            0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let got = samples(bytes);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_err(), "{:?}", got[0].as_ref().map(|s| &s.key));
     }
 }

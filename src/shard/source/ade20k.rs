@@ -266,10 +266,26 @@ impl Source for Ade20k {
             reencode: None,
             ..ctx.clone()
         };
-        let img = load_image_file(&self.root, item, &plain)?;
+        // A pair is stored or rejected together; the reject names the other file too,
+        // so that every file of both folders is accounted for.
+        let img = load_image_file(&self.root, item, &plain).map_err(|mut r| {
+            r.detail = format!(
+                "{} (its label map `{ann_rel}` is left out with it)",
+                r.detail
+            );
+            r
+        })?;
 
-        let label = read_under(&self.root, &ann_rel, &item.key, ctx.follow_symlinks)?;
+        let label =
+            read_under(&self.root, &ann_rel, &item.key, ctx.follow_symlinks).map_err(|mut r| {
+                r.detail = format!(
+                    "{} (its image `{}` is left out with it)",
+                    r.detail, item.source
+                );
+                r
+            })?;
         let ann_reject = |reason: &str, detail: String| {
+            let detail = format!("{detail} (its image `{}` is left out with it)", item.source);
             Reject::new(&ann_rel, Some(item.key.clone()), reason, detail)
         };
         let checked = match ctx.validation {

@@ -175,6 +175,14 @@ fn split_dir(split: &str) -> String {
 
 /// The key of a COCO file name: the name without its last extension, sanitised
 /// (`000000000009.jpg` -> `000000000009`).
+/// `p` without empty and `.` components (`./a//b.jpg` -> `a/b.jpg`).
+fn lexical_normal(p: &str) -> String {
+    p.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn key_of(file_name: &str) -> String {
     let base_start = file_name.rfind('/').map_or(0, |i| i + 1);
     let stem = match file_name[base_start..].rfind('.') {
@@ -403,13 +411,17 @@ impl Source for Coco {
 
     fn enumerate(&self, emit: &mut dyn FnMut(Entry) -> Result<()>) -> Result<()> {
         let split = &self.split;
-        let mut listed: BTreeSet<&str> = BTreeSet::new();
+        let mut listed: BTreeSet<String> = BTreeSet::new();
         let mut emitted_ids = BTreeSet::new();
         let mut ordinal = 0u64;
         for im in &self.images {
-            let rel = format!("{split}/{}", im.file_name);
-            let key = key_of(&im.file_name);
-            listed.insert(im.file_name.as_str());
+            // `./x.jpg` and `a//x.jpg` name the walked `x.jpg` / `a/x.jpg`: compare (and
+            // store) the lexically normal form, so a listed file is not also reported
+            // as unlisted (`..` stays, and is refused when the file is opened).
+            let name = lexical_normal(&im.file_name);
+            let rel = format!("{split}/{name}");
+            let key = key_of(&name);
+            listed.insert(name);
             if self.duplicate_image_ids.contains(&im.id) && !emitted_ids.insert(im.id) {
                 emit(Entry::Reject(Reject::new(
                     rel,
@@ -433,7 +445,7 @@ impl Source for Coco {
         let mut files = Vec::new();
         walk(&dir, "", &mut files).map_err(|e| Error::io(&dir, e))?;
         for f in files {
-            if listed.contains(f.as_str()) {
+            if listed.contains(&f) {
                 continue;
             }
             emit(Entry::Reject(Reject::new(
@@ -508,6 +520,19 @@ impl Source for Coco {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listed_names_compare_in_lexical_normal_form() {
+        use super::lexical_normal;
+        assert_eq!(lexical_normal("./x.jpg"), "x.jpg");
+        assert_eq!(lexical_normal("a//./b.jpg"), "a/b.jpg");
+        assert_eq!(lexical_normal("a/b.jpg"), "a/b.jpg");
+        assert_eq!(
+            lexical_normal("../x.jpg"),
+            "../x.jpg",
+            "`..` is refused on opening"
+        );
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Coco> {

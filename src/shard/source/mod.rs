@@ -246,8 +246,19 @@ pub fn check_image(
         Validation::Decode => image::decode_check(&bytes, &ctx.limits)?,
     };
     if let Some(re) = ctx.reencode
-        && let Some((new, info)) = image::reencode(&bytes, &ctx.limits, re.max_side, re.quality)?
+        && let Some((new, new_info)) =
+            image::reencode(&bytes, &ctx.limits, re.max_side, re.quality)?
     {
+        // What is stored must meet the limits too (`verify` checks it against them).
+        if new_info.width < ctx.limits.min_side || new_info.height < ctx.limits.min_side {
+            return Err(image::ImageProblem::TooSmallReencoded {
+                from_width: info.width,
+                from_height: info.height,
+                width: new_info.width,
+                height: new_info.height,
+            });
+        }
+        let info = new_info;
         return Ok(LoadedImage {
             bytes: new,
             info,
@@ -341,6 +352,35 @@ pub fn sorted_dir(dir: &Path) -> std::io::Result<Vec<(String, std::fs::FileType)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--max-side` must not store what `--min-side` refuses: a 400x40 panorama fits a
+    /// maximum side of 100 as 100x10, below a minimum side of 32, so it is rejected as
+    /// too small (once re-encoded), and stored when it stays within the limits.
+    #[test]
+    fn reencoding_below_the_minimum_side_is_too_small() {
+        let bytes = crate::testkit::jpeg(&crate::testkit::JpegSpec::rgb(400, 40, 1));
+        let ctx = |min_side: u32| LoadContext {
+            validation: Validation::Header,
+            limits: ImageLimits {
+                min_side,
+                ..ImageLimits::default()
+            },
+            reencode: Some(Reencode {
+                max_side: 100,
+                quality: 90,
+            }),
+            follow_symlinks: false,
+        };
+        let e = check_image(bytes.clone(), &ctx(32)).unwrap_err();
+        assert_eq!(e.code(), "too_small");
+        assert!(
+            e.to_string().contains("400x40") && e.to_string().contains("100x10"),
+            "{e}"
+        );
+        let ok = check_image(bytes, &ctx(8)).unwrap();
+        assert!(ok.reencoded);
+        assert_eq!((ok.info.width, ok.info.height), (100, 10));
+    }
 
     #[test]
     fn resolve_refuses_escapes() {
