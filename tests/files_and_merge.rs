@@ -416,6 +416,71 @@ fn unsafe_missing_and_bad_rows_are_rejected() {
     assert_eq!(ds.samples["outside"].member("jpg").unwrap().data, inside);
 }
 
+/// A source whose reading panics on one input (a decoder bug met on one odd file).
+struct PanicsOn<S> {
+    inner: S,
+    key: String,
+}
+
+impl<S: Source> Source for PanicsOn<S> {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn params(&self) -> serde_json::Value {
+        self.inner.params()
+    }
+    fn size_hint(&self) -> conmim::Result<u64> {
+        self.inner.size_hint()
+    }
+    fn enumerate(&self, emit: &mut dyn FnMut(Entry) -> conmim::Result<()>) -> conmim::Result<()> {
+        self.inner.enumerate(emit)
+    }
+    fn load(
+        &self,
+        item: &conmim::shard::source::Item,
+        ctx: &conmim::shard::source::LoadContext,
+    ) -> Result<conmim::shard::source::Sample, Reject> {
+        if item.key == self.key {
+            panic!("decoder bug on {}", item.source);
+        }
+        self.inner.load(item, ctx)
+    }
+    fn metadata(&self) -> conmim::shard::source::Metadata {
+        self.inner.metadata()
+    }
+}
+
+/// A panic while reading one input rejects that input, naming it, and the run goes on
+/// (before, it ended the whole run, and `--resume` met the same file again).
+#[test]
+fn a_panic_reading_one_input_rejects_it_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let imgs = make_images(&root, 6);
+    let list = tmp.path().join("list.tsv");
+    tsv_list(&list, &imgs);
+    let mut spec = FilesSpec::new(&list, &root);
+    spec.id_col = Some("id".into());
+    let bad = imgs[2].id.clone();
+    let src = PanicsOn {
+        inner: Files::new(spec).unwrap(),
+        key: bad.clone(),
+    };
+    let out = tmp.path().join("out");
+    let s = shard::run(&src, &config(&out, None)).unwrap();
+    assert_eq!((s.samples, s.rejected), (5, 1));
+    let ds = read_dataset(&out, "train");
+    let r = &ds.rejects[0];
+    assert_eq!(
+        (r.reason.as_str(), r.key.as_deref()),
+        ("decode_error", Some(bad.as_str()))
+    );
+    assert!(
+        r.source == imgs[2].rel && r.detail.contains("panicked"),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn enumerate_streams_a_200k_row_list() {
     const N: u64 = 200_000;

@@ -285,6 +285,28 @@ fn bar(progress: bool, len: Option<u64>, what: &str) -> ProgressBar {
     pb
 }
 
+/// `source.load`, with a panic in it (a decoder bug met on one odd file) turned into
+/// that input's `decode_error` reject naming it, instead of the end of the whole run
+/// (which `--resume` would meet again at the same file).
+fn load_guarded(
+    source: &dyn Source,
+    item: &Item,
+    ctx: &LoadContext,
+) -> std::result::Result<Sample, Reject> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| source.load(item, ctx)))
+        .unwrap_or_else(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            Err(item.reject(
+                "decode_error",
+                format!("reading this input panicked (a decoder bug?): {msg}"),
+            ))
+        })
+}
+
 /// Builds (or resumes) a dataset from `source`.
 pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     cfg.validate()?;
@@ -465,7 +487,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                 format!("key `{}` already used by {first}", item.key),
             ));
         }
-        source.load(item, &ctx)
+        load_guarded(source, item, &ctx)
     };
     let scoped = std::thread::scope(|s| -> Result<()> {
         for _ in 0..threads {
@@ -489,7 +511,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
         let load = &load;
         // Whether an input would be stored: decides which of several inputs of one key
         // keeps it (see `plan::replay`).
-        let loads = |item: &Item| source.load(item, &ctx).is_ok();
+        let loads = |item: &Item| load_guarded(source, item, &ctx).is_ok();
         s.spawn(move || {
             let mut batch: Vec<(u64, Item)> = Vec::with_capacity(chunk);
             let flush = |batch: &mut Vec<(u64, Item)>| {

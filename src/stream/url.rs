@@ -79,15 +79,36 @@ fn refuse_pipes(shards: &[ShardSpec], allow_pipe: bool) -> Result<()> {
 /// Largest manifest read over http (a manifest of a million shards is ~100 MB).
 const MAX_REMOTE_MANIFEST: u64 = 1 << 30;
 
-/// `entry` of a manifest at URL `manifest` (`https://host/dir/x.manifest.json`): a
-/// URL or an absolute path as is, a relative path joined to the manifest's URL
-/// directory (`https://host/dir/entry`).
-fn join_url(manifest: &str, entry: &str) -> String {
-    if is_url(entry) || Path::new(entry).is_absolute() {
-        return entry.to_owned();
+/// `manifest` (a URL) without its query string or fragment.
+fn url_path_part(manifest: &str) -> &str {
+    manifest.split(['?', '#']).next().unwrap_or(manifest)
+}
+
+/// `entry` of a manifest at URL `manifest` (`https://host/dir/x.manifest.json`, a
+/// query string allowed): an http(s) URL as is, an absolute path on the manifest's
+/// server (`/data/a.tar` -> `https://host/data/a.tar`), a relative path joined to the
+/// manifest's URL directory (`https://host/dir/entry`). A manifest fetched over http
+/// is not trusted to name local files or commands: any other scheme (`file://`,
+/// `pipe:`, ...) is an error naming the entry.
+fn join_url(manifest: &str, entry: &str) -> Result<String> {
+    if entry.starts_with("http://") || entry.starts_with("https://") {
+        return Ok(entry.to_owned());
     }
-    let dir = manifest.rsplit_once('/').map_or(manifest, |(d, _)| d);
-    format!("{dir}/{}", entry.trim_start_matches("./"))
+    if is_url(entry) {
+        return Err(Error::Config(format!(
+            "the manifest {manifest} names the shard `{entry}`: a manifest fetched over \
+             http(s) may only name shards over http(s) (not local files or commands)"
+        )));
+    }
+    let base = url_path_part(manifest);
+    if let Some(path) = entry.strip_prefix('/') {
+        // scheme://host[:port] of the manifest.
+        let after = base.find("://").map_or(0, |i| i + 3);
+        let origin = base[after..].find('/').map_or(base, |i| &base[..after + i]);
+        return Ok(format!("{origin}/{path}"));
+    }
+    let dir = base.rsplit_once('/').map_or(base, |(d, _)| d);
+    Ok(format!("{dir}/{}", entry.trim_start_matches("./")))
 }
 
 /// `entry` made relative to `dir` unless it is a URL or an absolute path.
@@ -141,7 +162,7 @@ impl ShardList {
             let manifest = format!("{spec}{}", crate::format::manifest_name(&opts.split));
             return Self::from_remote_manifest(&manifest, opts);
         }
-        if http && spec.ends_with(".manifest.json") {
+        if http && url_path_part(spec).ends_with(".manifest.json") {
             return Self::from_remote_manifest(spec, opts);
         }
         if spec.contains("://") {
@@ -218,7 +239,20 @@ impl ShardList {
             path: PathBuf::from(url),
             source: e,
         })?;
-        Self::of_manifest(&manifest, |u| join_url(url, u), opts.allow_pipe)
+        let located: Vec<String> = manifest
+            .shardlist
+            .iter()
+            .map(|e| join_url(url, &e.url))
+            .collect::<Result<_>>()?;
+        let shards = located
+            .into_iter()
+            .zip(&manifest.shardlist)
+            .map(|(url, e)| ShardSpec {
+                url,
+                nsamples: Some(e.nsamples),
+            })
+            .collect();
+        Ok(ShardList { shards })
     }
 
     /// The shards named in a list file.
@@ -394,5 +428,36 @@ impl Opener for DefaultOpener {
             return Err(Error::Config(format!("shard `{url}`: unknown URL scheme")));
         }
         FileOpener.open(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A remote manifest's entries resolve on its server; it may not name local files
+    /// or commands; a query string (a presigned URL) is not part of the directory.
+    #[test]
+    fn remote_manifest_entries_resolve_on_its_server_only() {
+        let m = "https://h.org:8443/d/in1k/train.manifest.json?sig=a/b";
+        let j = |e: &str| join_url(m, e);
+        assert_eq!(
+            j("train-000.tar").unwrap(),
+            "https://h.org:8443/d/in1k/train-000.tar"
+        );
+        assert_eq!(j("./x/a.tar").unwrap(), "https://h.org:8443/d/in1k/x/a.tar");
+        assert_eq!(j("/abs/a.tar").unwrap(), "https://h.org:8443/abs/a.tar");
+        assert_eq!(j("http://other/a.tar").unwrap(), "http://other/a.tar");
+        for bad in ["pipe:cat /etc/passwd", "file:///etc/a.tar", "s3://b/a.tar"] {
+            let e = j(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(bad) && e.contains("only name shards over http"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            url_path_part(m),
+            "https://h.org:8443/d/in1k/train.manifest.json"
+        );
     }
 }
