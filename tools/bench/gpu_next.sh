@@ -4,7 +4,8 @@
 # included):
 #   1. issue 6: NCCL under torchrun (world size 1) vs the plain single process,
 #      loader-fed ViT-S pretraining, and the overhead (tools/bench/gpu_dist.sh);
-#   2. issue 4: training img/s of ViT-B and ViT-L (timm-style) vs PyTorch eager, same GPU;
+#   2. issue 4: training img/s of ViT-B and ViT-L (timm-style) vs PyTorch eager, same GPU,
+#      then ViT-S (timm- and BEiT-style: the teacher drops paths since 2026-12-06);
 #   3. issue 6 (optional SyncBN): its unit tests on the GPU (NCCL, bf16), from the release
 #      test binary $BIN/conmim-tests when it was carried;
 #   4. issue 3: the loader on all cores, then against the PyTorch peer (needs webdataset:
@@ -59,6 +60,10 @@ step rust_base_timm 120 "${R[@]}" --preset base --timm-style --batch 256 --steps
 step torch_base 150 "${T[@]}" --model base --batch 256 --steps 20 --warmup 8
 step rust_large_timm 150 "${R[@]}" --preset large --timm-style --batch 128 --steps 15 --warmup 6
 step torch_large 150 "${T[@]}" --model large --batch 128 --steps 15 --warmup 6
+step rust_small_timm 60 "${R[@]}" --preset small --timm-style --batch 256 --steps 30 --warmup 10
+step torch_small 80 "${T[@]}" --model small --batch 256 --steps 30 --warmup 10
+step rust_small_beit 60 "${R[@]}" --preset small --batch 256 --steps 30 --warmup 10
+step torch_small_beit 80 "${T[@]}" --model small --variant beit --batch 256 --steps 30 --warmup 10
 
 # 3. SyncBN's one-rank tests on the GPU (they pick CUDA + NCCL when there is a GPU), and
 #    NCCL with world size 1.
