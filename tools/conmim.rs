@@ -20,6 +20,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[path = "source_args.rs"]
 mod source_args;
+#[path = "train_hint.rs"]
+mod train_hint;
 use source_args::SourceArgs;
 
 use conmim::augment::views::ViewMaker;
@@ -35,9 +37,12 @@ Examples:
   conmim preview --data '/data/in1k-wds/train-{000000..000146}.tar' --mask cell --epoch 3
   conmim preview --data https://example.org/in1k/train.manifest.json --seed 7";
 
+/// The subcommands that need libtorch (cargo feature `train`).
+const TRAIN_COMMANDS: [&str; 6] = ["pretrain", "export", "finetune", "eval", "knn", "linear"];
+
 /// ConMIM pretraining: look at the data, train.
 #[derive(Parser)]
-#[command(name = "conmim", version, after_help = EXAMPLES)]
+#[command(name = "conmim", version, after_help = train_hint::after_help(EXAMPLES, &TRAIN_COMMANDS))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -883,6 +888,7 @@ fn preview_cmd(a: &PreviewArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    train_hint::exit_if_missing("conmim", &TRAIN_COMMANDS);
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Preview(a) => preview_cmd(a),
@@ -918,6 +924,40 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// A build without `train` names the feature for a training command (and only then);
+    /// a build with it parses them.
+    #[test]
+    fn training_commands_name_the_missing_feature() {
+        for sub in TRAIN_COMMANDS {
+            let msg = train_hint::missing_train_feature("conmim", sub, &TRAIN_COMMANDS);
+            assert_eq!(msg.is_some(), !cfg!(feature = "train"), "{sub}");
+            if let Some(m) = msg {
+                assert!(m.contains("--features train") && m.contains(sub), "{m}");
+            }
+            let parsed = Cli::try_parse_from(["conmim", sub, "--help"]);
+            // With `train`, --help is clap's DisplayHelp "error"; without, no such command.
+            let kind = parsed.err().map(|e| e.kind());
+            assert_eq!(
+                kind == Some(clap::error::ErrorKind::DisplayHelp),
+                cfg!(feature = "train"),
+                "{sub}: {kind:?}"
+            );
+        }
+        for other in ["preview", "--help", "help"] {
+            assert_eq!(
+                train_hint::missing_train_feature("conmim", other, &TRAIN_COMMANDS),
+                None
+            );
+        }
+        let help = train_hint::after_help(EXAMPLES, &TRAIN_COMMANDS);
+        assert!(help.starts_with(EXAMPLES));
+        assert_eq!(
+            help.contains("pretrain, export"),
+            !cfg!(feature = "train"),
+            "{help}"
+        );
     }
 
     /// `--sync-bn` is `--set sync_bn=true`, after the user's own `--set`s.

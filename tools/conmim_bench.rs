@@ -12,6 +12,8 @@ use serde::Serialize;
 
 #[path = "source_args.rs"]
 mod source_args;
+#[path = "train_hint.rs"]
+mod train_hint;
 use source_args::SourceArgs;
 
 use conmim::image::ImageLimits;
@@ -23,7 +25,8 @@ use conmim::stream::{Mode, SourceOptions, Stream, StreamConfig};
 #[command(
     name = "conmim-bench",
     version,
-    about = "Benchmarks of the conmim data path"
+    about = "Benchmarks of the conmim data path",
+    after_help = train_hint::after_help("", &["train"]).trim_start().to_owned()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -314,6 +317,7 @@ struct QueueMeans {
 }
 
 fn main() -> Result<()> {
+    train_hint::exit_if_missing("conmim-bench", &["train"]);
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Loader(a) => {
@@ -916,5 +920,16 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Without `train`, `conmim-bench train` names the missing feature.
+    #[test]
+    fn train_names_the_missing_feature() {
+        let msg = train_hint::missing_train_feature("conmim-bench", "train", &["train"]);
+        assert_eq!(msg.is_some(), !cfg!(feature = "train"));
+        assert_eq!(
+            train_hint::missing_train_feature("conmim-bench", "loader", &["train"]),
+            None
+        );
     }
 }
