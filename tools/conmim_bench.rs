@@ -316,9 +316,20 @@ struct QueueMeans {
     batches: f64,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     train_hint::exit_if_missing("conmim-bench", &["train"]);
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, as `conmim` prints it (no backtrace for a
+            // user's mistake, whatever RUST_BACKTRACE says).
+            eprintln!("conmim-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Loader(a) => {
             let r = bench_loader(&a)?;
