@@ -481,13 +481,19 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     };
     let (tx, rx) = sync_channel::<Result<Vec<(u64, std::result::Result<Sample, Reject>)>>>(1);
     let load = |item: &Item| -> std::result::Result<Sample, Reject> {
-        if let Some(first) = &item.duplicate_of {
-            return Err(item.reject(
+        let duplicate = |first: &str| {
+            item.reject(
                 "duplicate_key",
                 format!("key `{}` already used by {first}", item.key),
-            ));
+            )
+        };
+        match &item.duplicate_of {
+            Some(first) if item.duplicate_if_loads => {
+                load_guarded(source, item, &ctx).and_then(|_| Err(duplicate(first)))
+            }
+            Some(first) => Err(duplicate(first)),
+            None => load_guarded(source, item, &ctx),
         }
-        load_guarded(source, item, &ctx)
     };
     let scoped = std::thread::scope(|s| -> Result<()> {
         for _ in 0..threads {

@@ -178,7 +178,8 @@ fn read_bucket(work: &Path, b: u64) -> Result<Vec<Item>> {
 /// key hashes to the same bucket), then puts them in their final order. Of the inputs
 /// that share a key, the first that `loads` (the source would store it) keeps the key
 /// and the later ones are `duplicate_of` it; those before it report their own
-/// failure, and so do all of them when none loads. So an input that is rejected
+/// failure when written (`duplicate_if_loads`: or `duplicate_key`, should one load
+/// then after all), and so do all of them when none loads. So an input that is rejected
 /// anyway (a missing or truncated file) never takes the key from a good one. Only
 /// keys with several inputs are tried, so `loads` runs for the rare duplicates alone;
 /// it depends on the inputs only, which keeps the plan deterministic and resumable.
@@ -201,6 +202,12 @@ fn finish_bucket(
             let winner = items[g[w]].source.clone();
             for &i in &g[w + 1..] {
                 items[i].duplicate_of = Some(winner.clone());
+            }
+            // Those before it failed the trial; should one load when written (a
+            // transient failure), it must not take the key a second time.
+            for &i in &g[..w] {
+                items[i].duplicate_of = Some(winner.clone());
+                items[i].duplicate_if_loads = true;
             }
         }
     }
@@ -267,5 +274,42 @@ mod tests {
             let key = format!("k{k}");
             assert_eq!(parts.iter().filter(|p| p.contains(9, &key)).count(), 1);
         }
+    }
+
+    /// Of a key's inputs, the first that loads keeps it; the later ones are duplicates
+    /// outright, the earlier ones only should they load when written.
+    #[test]
+    fn the_first_input_that_loads_keeps_a_duplicated_key() {
+        let items: Vec<Item> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Item::new(
+                    i as u64,
+                    if *s == "d" { "other" } else { "k" }.into(),
+                    (*s).into(),
+                )
+            })
+            .collect();
+        let marks = |loads: &dyn Fn(&Item) -> bool| {
+            let mut out: Vec<_> = finish_bucket(items.clone(), 1, 0, loads)
+                .into_iter()
+                .map(|it| (it.source, it.duplicate_of, it.duplicate_if_loads))
+                .collect();
+            out.sort();
+            out
+        };
+        let b = Some("b".to_owned());
+        assert_eq!(
+            marks(&|it| it.source != "a"),
+            [
+                ("a".into(), b.clone(), true),
+                ("b".into(), None, false),
+                ("c".into(), b, false),
+                ("d".into(), None, false),
+            ]
+        );
+        // None loads: each reports its own failure.
+        assert!(marks(&|_| false).iter().all(|(_, d, f)| d.is_none() && !f));
     }
 }

@@ -262,13 +262,21 @@ impl DistEnv {
         self.rank == 0 && !self.agent_store
     }
 
-    /// The device of this rank: `cuda:LOCAL_RANK` when CUDA is there, else the CPU.
+    /// The device of this rank: its GPU ([`Self::gpu_index`]) when CUDA is there, else
+    /// the CPU.
     pub fn device(&self) -> Device {
         if tch::Cuda::is_available() {
-            Device::Cuda(self.local_rank)
+            Device::Cuda(self.gpu_index(tch::Cuda::device_count() as usize))
         } else {
             Device::Cpu
         }
+    }
+
+    /// This rank's GPU among the `visible` ones: `LOCAL_RANK`, or 0 where the launcher
+    /// shows each process only its own GPU (one visible device: `srun
+    /// --gpus-per-task=1`, or a per-rank `CUDA_VISIBLE_DEVICES`).
+    pub fn gpu_index(&self, visible: usize) -> usize {
+        if visible == 1 { 0 } else { self.local_rank }
     }
 }
 
@@ -733,8 +741,16 @@ pub fn open_loader_at(
             let rejoin = stream
                 .rejoin(&states)
                 .context("resuming the data of a run of another world size")?;
+            // Only the rest of a begun epoch may be short of one batch; a whole epoch
+            // (the next one, or a saved epoch none of whose shards was read through) that
+            // is smaller than a batch stays an error.
+            let loader = if rejoin.next_epoch || rejoin.shards_done == 0 {
+                Loader::new(stream, cfg)
+            } else {
+                Loader::rejoined(stream, cfg)
+            };
             (
-                Loader::rejoined(stream, cfg).with_context(|| format!("opening {data}"))?,
+                loader.with_context(|| format!("opening {data}"))?,
                 Some(rejoin),
             )
         }
@@ -1448,6 +1464,18 @@ mod tests {
             agent_store: false,
             torchrun: false,
         }
+    }
+
+    /// A rank's GPU is its LOCAL_RANK, but the only one where each process sees one GPU.
+    #[test]
+    fn issue6_rank_gpu_is_local_rank_or_the_only_visible_one() {
+        let e = DistEnv {
+            local_rank: 3,
+            ..one_rank_env()
+        };
+        assert_eq!(e.gpu_index(8), 3);
+        assert_eq!(e.gpu_index(1), 0);
+        assert_eq!(one_rank_env().gpu_index(2), 0);
     }
 
     /// Issue 6 with SyncBN (`sync_bn`): 2 ranks on *different* halves A and B train like

@@ -78,17 +78,15 @@ pub struct PretrainConfig {
     /// `model.drop_path_rate`), as in the official code, whose teacher is a copy of the
     /// student kept in training mode (the spec says so of its head). `false`: the
     /// teacher runs without it. No effect when `model.drop_path_rate` is 0 (the B and L
-    /// presets).
-    #[serde(default = "default_teacher_drop_path")]
+    /// presets). Read as `false` where absent: configs (and checkpoints) written before
+    /// the switch existed come from runs whose teacher ran without, so a resume of one
+    /// says that this run's teacher differs.
+    #[serde(default)]
     pub teacher_drop_path: bool,
 }
 
 /// [`PretrainConfig::teacher_drop_path`]'s default: the official code's behaviour.
 pub const DEFAULT_TEACHER_DROP_PATH: bool = true;
-
-fn default_teacher_drop_path() -> bool {
-    DEFAULT_TEACHER_DROP_PATH
-}
 
 /// The preset names.
 pub const PRESETS: [&str; 4] = ["tiny", "small", "base", "large"];

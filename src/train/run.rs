@@ -215,8 +215,16 @@ pub fn parse_device(s: Option<&str>) -> Result<Device> {
                 Some(n) => n.parse().with_context(|| format!("bad device `{d}`"))?,
                 None => 0,
             };
-            if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            if !tch::Cuda::is_available() {
                 bail!("--device {d}: CUDA is not available on this machine (use --device cpu)");
+            }
+            let n = tch::Cuda::device_count() as usize;
+            if i >= n {
+                bail!(
+                    "--device {d}: this process sees {n} CUDA device(s), cuda:0 to cuda:{} \
+                     (CUDA_VISIBLE_DEVICES decides which)",
+                    n.saturating_sub(1)
+                );
             }
             Device::Cuda(i)
         }
@@ -249,11 +257,11 @@ pub fn build_config(o: &PretrainOptions) -> Result<PretrainConfig> {
     if let Some(f) = &o.config_file {
         all.push((
             format!("config {}", f.display()),
-            PretrainConfig::read_overrides(f)?,
+            steps_clear_epochs(PretrainConfig::read_overrides(f)?),
         ));
     }
     for s in &o.sets {
-        all.push((format!("--set {s}"), parse_set(s)?));
+        all.push((format!("--set {s}"), steps_clear_epochs(parse_set(s)?)));
     }
     let mut flags = serde_json::Map::new();
     if let Some(e) = o.epochs {
@@ -283,6 +291,19 @@ pub fn build_config(o: &PretrainOptions) -> Result<PretrainConfig> {
     }
     all.push(("flags".to_owned(), serde_json::Value::Object(flags)));
     cfg.with_all_overrides(&all)
+}
+
+/// An override that gives `total_steps` and says nothing of `epochs` sets the run's
+/// length in steps: it clears an earlier layer's `epochs` (which would otherwise decide
+/// the length), as `--steps` does.
+fn steps_clear_epochs(mut layer: serde_json::Value) -> serde_json::Value {
+    if let Some(m) = layer.as_object_mut()
+        && m.get("total_steps").is_some_and(|v| !v.is_null())
+        && !m.contains_key("epochs")
+    {
+        m.insert("epochs".into(), serde_json::Value::Null);
+    }
+    layer
 }
 
 /// Creates `out` and checks that it is writable (a clear error before any work).
@@ -453,7 +474,6 @@ pub(crate) fn check_same_settings(
     )
 }
 
-/// Runs [`checkpoint::recover`] on `root` and says on stderr (rank 0) what it did.
 /// An exclusive lock on a run directory (`OUT/.lock`), held for the whole run by the
 /// process that writes the directory (rank 0). A second run on the same directory (a
 /// job requeued while the first still runs, a command started twice) fails at once,
@@ -541,6 +561,7 @@ fn try_lock_run_dir(cmd: &str, out: &Path) -> Result<RunLock> {
     Ok(RunLock { _file: file })
 }
 
+/// Runs [`checkpoint::recover`] on `root` and says on stderr (rank 0) what it did.
 pub(crate) fn report_recovery(cmd: &str, root: &Path, rank: usize) -> Result<()> {
     let r = checkpoint::recover(root).with_context(|| {
         format!(
@@ -668,8 +689,8 @@ const KNN_BATCH: usize = 256;
 /// torchrun's environment when the run trains through a process group
 /// ([`DistEnv::wants_group`]: WORLD_SIZE > 1, or any world size under torchrun; then
 /// `batch`, the global batch if any, must divide by WORLD_SIZE), and the device: `--device`
-/// (a bare `cuda` under torchrun: the rank's `LOCAL_RANK` GPU), else the rank's
-/// `LOCAL_RANK` GPU under torchrun, else CUDA when available; a CUDA device becomes the
+/// (a bare `cuda` under torchrun: the rank's `LOCAL_RANK` GPU, or the one GPU it sees),
+/// else that GPU under torchrun, else CUDA when available; a CUDA device becomes the
 /// current one (as `torch.cuda.set_device`).
 pub(crate) fn dist_and_device(
     device: Option<&str>,
@@ -682,8 +703,19 @@ pub(crate) fn dist_and_device(
         (None, Some(e)) => e.device(),
         // Under torchrun a bare `cuda` is this rank's GPU (LOCAL_RANK), not GPU 0 for
         // every rank of the node.
-        (Some("cuda"), Some(e)) => parse_device(Some(&format!("cuda:{}", e.local_rank)))
-            .with_context(|| format!("--device cuda on local rank {}", e.local_rank))?,
+        (Some("cuda"), Some(e)) => {
+            let visible = if tch::Cuda::is_available() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
+            parse_device(Some(&format!("cuda:{}", e.gpu_index(visible)))).with_context(|| {
+                format!(
+                    "--device cuda on LOCAL_RANK {} ({visible} CUDA devices visible)",
+                    e.local_rank
+                )
+            })?
+        }
         _ => parse_device(device)?,
     };
     if let (Some(e), Some(batch)) = (&dist_env, batch)
@@ -2359,6 +2391,17 @@ mod tests {
                 && note.contains("total_steps: checkpoint 1000, this run 2000"),
             "{note}"
         );
+        // A checkpoint from before teacher drop path existed: its teacher ran without, and
+        // a resume with today's default says so.
+        let mut old = serde_json::to_value(&saved).unwrap();
+        old.as_object_mut().unwrap().remove("teacher_drop_path");
+        let old: PretrainConfig = serde_json::from_value(old).unwrap();
+        assert!(!old.teacher_drop_path && saved.teacher_drop_path);
+        let note = config_changes_note(&old, &saved).unwrap().unwrap();
+        assert!(
+            note.contains("teacher_drop_path: checkpoint false, this run true"),
+            "{note}"
+        );
     }
 
     /// `--epochs` (or `epochs` in a config) sets the run's length from the manifest's
@@ -2383,6 +2426,14 @@ mod tests {
         o.sets.push("epochs=2".into());
         assert_eq!(build_config(&o).unwrap().epochs, None);
         o.steps = None;
+        assert_eq!(build_config(&o).unwrap().epochs, Some(2.0));
+        // So does a later override that gives total_steps without epochs.
+        o.sets.push("total_steps=5".into());
+        let c = build_config(&o).unwrap();
+        assert_eq!((c.epochs, c.total_steps), (None, 5));
+        o.sets.push("epochs=3".into());
+        assert_eq!(build_config(&o).unwrap().epochs, Some(3.0));
+        o.sets = vec!["total_steps=5".into(), "epochs=2".into()];
         assert_eq!(build_config(&o).unwrap().epochs, Some(2.0));
         // A list of shard files has no sample counts.
         let mut o = opts(&data, &dir.path().join("list"));

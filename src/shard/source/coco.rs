@@ -173,8 +173,6 @@ fn split_dir(split: &str) -> String {
     }
 }
 
-/// The key of a COCO file name: the name without its last extension, sanitised
-/// (`000000000009.jpg` -> `000000000009`).
 /// `p` without empty and `.` components (`./a//b.jpg` -> `a/b.jpg`).
 fn lexical_normal(p: &str) -> String {
     p.split('/')
@@ -183,6 +181,8 @@ fn lexical_normal(p: &str) -> String {
         .join("/")
 }
 
+/// The key of a COCO file name: the name without its last extension, sanitised
+/// (`000000000009.jpg` -> `000000000009`).
 fn key_of(file_name: &str) -> String {
     let base_start = file_name.rfind('/').map_or(0, |i| i + 1);
     let stem = match file_name[base_start..].rfind('.') {

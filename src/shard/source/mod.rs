@@ -39,6 +39,12 @@ pub struct Item {
     /// The source of the earlier item with the same key, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_of: Option<String>,
+    /// `duplicate_of` is a *later* input of the key, which keeps it because this one
+    /// did not load when the planner tried it: writing loads this one anyway and reports
+    /// its own failure, or `duplicate_key` should it load after all (a transient
+    /// failure), so a key is never stored twice.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate_if_loads: bool,
 }
 
 impl Item {
@@ -52,6 +58,7 @@ impl Item {
             caption: None,
             extra: None,
             duplicate_of: None,
+            duplicate_if_loads: false,
         }
     }
 
