@@ -13,6 +13,7 @@ use conmim::image::ImageLimits;
 use conmim::loader::{
     Batch, CLASSIFY_AUG_DOMAIN, Loader, LoaderConfig, MaskConfig, MaskKind, Task, mask_rng,
 };
+use conmim::mask::MaskGenerator;
 use conmim::seed::rank_seed;
 use conmim::stream::{SourceOptions, Stream, StreamConfig};
 use conmim::testkit::{self, JpegSpec};
@@ -123,13 +124,47 @@ fn batches_do_not_depend_on_the_thread_count() {
     assert_ne!(one[0].keys, one[5].keys);
 }
 
+/// Checks sample `i` of `b` against the single-sample transforms drawn with `seed`
+/// (weak and strong views, mask; `what` names it in a failure); returns its mask and
+/// the number of masked patches.
+fn check_single_sample(
+    b: &Batch,
+    i: usize,
+    images: &BTreeMap<String, Vec<u8>>,
+    vm: &mut ViewMaker,
+    masker: &dyn MaskGenerator,
+    seed: u64,
+    what: &str,
+) -> (Vec<u8>, usize) {
+    let n = (SIZE * SIZE * 3) as usize;
+    let (key, number) = (&b.keys()[i], b.numbers()[i]);
+    let (mut weak, mut strong) = (vec![0u8; n], vec![0u8; n]);
+    vm.conmim_pair(
+        &images[key],
+        &ImageLimits::default(),
+        seed,
+        b.epoch(),
+        number,
+        SIZE,
+        &mut weak,
+        &mut strong,
+    )
+    .unwrap();
+    assert_eq!(&b.weak()[i * n..(i + 1) * n], &weak[..], "{what}");
+    assert_eq!(&b.strong()[i * n..(i + 1) * n], &strong[..], "{what}");
+    let mut mask = vec![0u8; b.mask_len()];
+    let masked = masker.generate(&mut mask_rng(seed, b.epoch(), number), &mut mask);
+    let m = b.mask_len();
+    assert_eq!(&b.mask()[i * m..(i + 1) * m], &mask[..], "{what}");
+    (mask, masked)
+}
+
 #[test]
 fn each_sample_equals_the_single_sample_transforms() {
     let dir = tempfile::tempdir().unwrap();
     let images = dataset(dir.path(), &[6, 6], &[]);
     let cfg = config(3, 4, 1);
     let masker = cfg.mask.build(SIZE).unwrap();
-    let n = (SIZE * SIZE * 3) as usize;
     let mut vm = ViewMaker::new();
     let mut seen = 0;
     for b in open(dir.path(), cfg.clone()) {
@@ -137,25 +172,8 @@ fn each_sample_equals_the_single_sample_transforms() {
         assert_eq!(b.mask_len(), 16);
         for i in 0..b.len() {
             let key = &b.keys()[i];
-            let number = b.numbers()[i];
-            let (mut weak, mut strong) = (vec![0u8; n], vec![0u8; n]);
-            vm.conmim_pair(
-                &images[key],
-                &ImageLimits::default(),
-                17,
-                b.epoch(),
-                number,
-                SIZE,
-                &mut weak,
-                &mut strong,
-            )
-            .unwrap();
-            assert_eq!(&b.weak()[i * n..(i + 1) * n], &weak[..], "{key}");
-            assert_eq!(&b.strong()[i * n..(i + 1) * n], &strong[..], "{key}");
-            let mut mask = vec![0u8; 16];
-            let masked = masker.generate(&mut mask_rng(17, b.epoch(), number), &mut mask);
+            let (_, masked) = check_single_sample(&b, i, &images, &mut vm, &*masker, 17, key);
             assert_eq!(masked, 12, "75% of 16 patches");
-            assert_eq!(&b.mask()[i * 16..(i + 1) * 16], &mask[..], "{key}");
             let (s, j) = key[1..].split_once('_').unwrap();
             let label = s.parse::<i64>().unwrap() * 10 + j.parse::<i64>().unwrap();
             assert_eq!(b.labels()[i], label);
@@ -177,7 +195,6 @@ fn issue6_each_rank_draws_its_own_views_and_masks() {
         17,
         "rank 0 keeps the single-process draws"
     );
-    let n = (SIZE * SIZE * 3) as usize;
     let mut vm = ViewMaker::new();
     // rank -> number -> mask.
     let mut per_rank: Vec<BTreeMap<u64, Vec<u8>>> = Vec::new();
@@ -191,38 +208,9 @@ fn issue6_each_rank_draws_its_own_views_and_masks() {
         for b in open(dir.path(), cfg) {
             let b = b.unwrap();
             for i in 0..b.len() {
-                let key = &b.keys()[i];
-                let number = b.numbers()[i];
-                let (mut weak, mut strong) = (vec![0u8; n], vec![0u8; n]);
-                vm.conmim_pair(
-                    &images[key],
-                    &ImageLimits::default(),
-                    seed,
-                    b.epoch(),
-                    number,
-                    SIZE,
-                    &mut weak,
-                    &mut strong,
-                )
-                .unwrap();
-                assert_eq!(
-                    &b.weak()[i * n..(i + 1) * n],
-                    &weak[..],
-                    "rank {rank} {key}"
-                );
-                assert_eq!(
-                    &b.strong()[i * n..(i + 1) * n],
-                    &strong[..],
-                    "rank {rank} {key}"
-                );
-                let mut mask = vec![0u8; 16];
-                masker.generate(&mut mask_rng(seed, b.epoch(), number), &mut mask);
-                assert_eq!(
-                    &b.mask()[i * 16..(i + 1) * 16],
-                    &mask[..],
-                    "rank {rank} {key}"
-                );
-                masks.insert(number, mask);
+                let what = format!("rank {rank} {}", b.keys()[i]);
+                let (mask, _) = check_single_sample(&b, i, &images, &mut vm, &*masker, seed, &what);
+                masks.insert(b.numbers()[i], mask);
             }
         }
         assert_eq!(masks.len(), 12, "rank {rank}: 2 shards of 6");
