@@ -215,7 +215,10 @@ struct FinetuneArgs {
     /// Classes of the head (default 1000).
     #[arg(long)]
     num_classes: Option<i64>,
-    /// Input side in pixels.
+    /// Input side in pixels, e.g. 384. A --init pretrained at another size (same patch
+    /// size) has its position terms resampled to the new patch grid; eval_resize follows
+    /// the official recipe (256 at 224, the size itself from 384) unless a --config or
+    /// --set names it.
     #[arg(long)]
     image_size: Option<i64>,
     /// Seed.

@@ -7,6 +7,8 @@
 //! * [`input`]: the loader's u8 NHWC views and masks -> normalised f32 NCHW / Bool
 //!   tensors on the training device.
 //! * [`init`]: the official code's truncated-normal initialisation.
+//! * [`pos_resize`]: position terms resampled to another patch grid (fine-tuning at
+//!   another resolution).
 //!
 //! The trainer (optimiser, schedules, momentum teacher, checkpoints) builds on these.
 
@@ -26,6 +28,7 @@ pub mod dist;
 pub mod export;
 pub mod finetune;
 pub mod optim;
+pub mod pos_resize;
 pub mod pretrain_config;
 pub mod run;
 pub mod schedule;

@@ -305,7 +305,9 @@ impl FinetuneConfig {
         }
         if self.eval_resize < self.model.image_size {
             bail!(
-                "eval_resize {} must be >= model.image_size {}",
+                "eval_resize {} must be >= model.image_size {}: set eval_resize too (the \
+                 official recipe resizes to 256 at 224 px and to the image size from 384 \
+                 px on; `--image-size` sets it that way unless a config or --set names one)",
                 self.eval_resize,
                 self.model.image_size
             );

@@ -12,8 +12,12 @@
 //! `blocks.{i}.attn.relative_position_bias_table`; the projection head `projectors.*`,
 //! `mask_token`, a classifier `head.*`, the final `norm.*` when the classifier pools
 //! with `fc_norm`, and `relative_position_index` buffers (rebuilt) are ignored; `head.*`
-//! and `fc_norm.*` start new. Anything else that is missing, left over or of another
-//! shape is an error (a checkpoint of another architecture), and nothing is changed.
+//! and `fc_norm.*` start new. A source pretrained at another resolution (same patch
+//! size) has its position terms resampled to this model's patch grid
+//! ([`crate::train::pos_resize`]: `pos_embed` bicubically, relative position bias
+//! tables by BEiT's interpolation), e.g. 224-px pretraining fine-tuned at 384 px.
+//! Anything else that is missing, left over or of another shape is an error (a
+//! checkpoint of another architecture), and nothing is changed.
 //!
 //! Checkpoints of a fine-tuning run (`OUT/checkpoints/{last,best}/`): `model.safetensors`
 //! (the classifier's variables, timm names, f32 on the CPU) and `state.json`
@@ -100,6 +104,8 @@ pub struct InitReport {
     pub ignored: Vec<String>,
     /// Source tensors copied into several variables.
     pub expanded: Vec<String>,
+    /// Source position terms resampled to this model's patch grid.
+    pub resized: Vec<String>,
 }
 
 /// Reads the backbone tensors of `source` (see the module docs) and the source's own
@@ -134,10 +140,10 @@ pub fn read_source(
 }
 
 /// Whether two backbones have the same architecture (what the weights' shapes and
-/// meaning depend on).
+/// meaning depend on), up to the image size: position terms are resampled to another
+/// patch grid.
 fn same_architecture(a: &Config, b: &Config) -> bool {
     a.variant == b.variant
-        && a.image_size == b.image_size
         && a.patch_size == b.patch_size
         && a.in_chans == b.in_chans
         && a.embed_dim == b.embed_dim
@@ -176,10 +182,48 @@ pub fn load_pretrained(net: &Classifier, source: &Path, weights: Weights) -> Res
     Ok(report)
 }
 
+/// Resamples the source's `pos_embed` and relative position bias tables whose patch grid
+/// (read off their shapes) is not `grid`. A tensor whose shape names no grid is left for
+/// the shape check to refuse.
+fn resize_position_terms(
+    src: &mut BTreeMap<String, Tensor>,
+    grid: i64,
+    r: &mut InitReport,
+) -> Result<()> {
+    use crate::train::pos_resize as pr;
+    for (name, t) in src.iter_mut() {
+        let size = t.size();
+        let (from, how) = if name == "pos_embed" && size.len() == 3 {
+            (pr::pos_embed_grid(size[1]), "bicubic")
+        } else if name.ends_with("relative_position_bias_table") && size.len() == 2 {
+            (
+                pr::rel_pos_table_grid(size[0]),
+                "BEiT's geometric-progression interpolation",
+            )
+        } else {
+            continue;
+        };
+        let Some(from) = from.filter(|&g| g != grid) else {
+            continue;
+        };
+        *t = if how == "bicubic" {
+            pr::resample_pos_embed(t, grid)
+        } else {
+            pr::resize_rel_pos_bias_table(t, grid)
+        }
+        .with_context(|| format!("resampling `{name}` to a {grid}x{grid} patch grid"))?;
+        r.resized.push(format!(
+            "{name}: {from}x{from} -> {grid}x{grid} patches ({how})"
+        ));
+    }
+    Ok(())
+}
+
 /// The mapping of [`load_pretrained`] from named tensors.
 pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<InitReport> {
     let cfg = &net.cfg;
     let mut r = InitReport::default();
+    resize_position_terms(&mut src, cfg.grid(), &mut r)?;
     const SHARED: &str = "rel_pos_bias.relative_position_bias_table";
     if cfg.rel_pos_bias == RelPosBias::PerBlock
         && let Some(t) = src.remove(SHARED)

@@ -172,12 +172,27 @@ pub fn build_config(o: &FinetuneOptions) -> Result<FinetuneConfig> {
     }
     if let Some(s) = o.image_size {
         model.insert("image_size".into(), s.into());
+        // The official evaluation resize for that size, unless a layer names one.
+        if !all.iter().any(|(_, v)| v.get("eval_resize").is_some()) {
+            flags.insert("eval_resize".into(), official_eval_resize(s).into());
+        }
     }
     if !model.is_empty() {
         flags.insert("model".into(), serde_json::Value::Object(model));
     }
     all.push(("flags".to_owned(), serde_json::Value::Object(flags)));
     cfg.with_all_overrides(&all)
+}
+
+/// The evaluation resize the official (BEiT) fine-tuning code uses at `image_size`:
+/// `int(image_size / crop_pct)` with `crop_pct` 224/256 below 384 px and 1 from 384 px
+/// on (256 at 224, no crop at 384).
+pub fn official_eval_resize(image_size: i64) -> i64 {
+    if image_size >= 384 {
+        image_size
+    } else {
+        (image_size as f64 / (224.0 / 256.0)) as i64
+    }
 }
 
 fn threads(n: usize) -> usize {
@@ -600,7 +615,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     }
     if o.progress && main {
         eprintln!(
-            "conmim finetune: init from {} ({}): {} loaded, {} new, {} ignored{}",
+            "conmim finetune: init from {} ({}): {} loaded, {} new, {} ignored{}{}",
             o.init
                 .as_ref()
                 .map_or("scratch".into(), |p| p.display().to_string()),
@@ -612,6 +627,11 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
                 String::new()
             } else {
                 format!("; {}", init_report.expanded.join("; "))
+            },
+            match init_report.resized.as_slice() {
+                [] => String::new(),
+                [one] => format!("; resampled {one}"),
+                [first, rest @ ..] => format!("; resampled {first} (and {} more)", rest.len()),
             }
         );
     }
@@ -1198,6 +1218,83 @@ mod tests {
             )
         })
         .unwrap();
+    }
+
+    /// Pretrained at 32 px (4x4 patches), fine-tuned at 48 px (6x6): the shared relative
+    /// position bias is resampled (then copied into every block), eval_resize follows
+    /// `--image-size`, and the run trains and evaluates; a timm-style backbone has its
+    /// `pos_embed` resampled.
+    #[test]
+    fn finetune_at_another_resolution_resamples_position_terms() {
+        let _rng = crate::train::testing::seeded(0); // libtorch's global generator
+        let dir = tempfile::tempdir().unwrap();
+        let data = train_and_val(dir.path());
+        let pre = dir.path().join("pre");
+        let mut po = pretrain_micro_opts(&data, &pre);
+        po.knn = None;
+        pretrain(&po).unwrap();
+
+        let out = dir.path().join("ft48");
+        let mut o = ft_opts(&data, &out, Some(pre.clone()));
+        o.sets.retain(|s| !s.starts_with("eval_resize="));
+        o.image_size = Some(48);
+        o.epochs = Some(1);
+        assert_eq!(build_config(&o).unwrap().eval_resize, 54); // int(48 / 0.875)
+        let s = finetune(&o).unwrap();
+        assert_eq!(s.last.unwrap().images, 7);
+        let init: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("init.json")).unwrap()).unwrap();
+        assert_eq!(
+            init["resized"],
+            serde_json::json!([
+                "rel_pos_bias.relative_position_bias_table: 4x4 -> 6x6 patches \
+                 (BEiT's geometric-progression interpolation)"
+            ])
+        );
+        let (src, _, _) = model::read_source(&pre, Weights::Teacher).unwrap();
+        let want = crate::train::pos_resize::resize_rel_pos_bias_table(
+            &src["rel_pos_bias.relative_position_bias_table"],
+            6,
+        )
+        .unwrap();
+        let net = Classifier::new(&build_config(&o).unwrap().net_config(), Device::Cpu).unwrap();
+        let r = model::map_into(&net, src).unwrap();
+        assert_eq!(r.resized.len(), 1);
+        assert!(net.vs.variables()["blocks.1.attn.relative_position_bias_table"].equal(&want));
+
+        // A timm-style backbone: pos_embed, 1 + 16 tokens -> 1 + 36.
+        let timm = |size: &str| {
+            let mut o = ft_opts(&data, &out, None);
+            o.sets.push("model.variant=\"Timm\"".into());
+            o.sets.push(format!("model.image_size={size}"));
+            o.sets.push(format!("eval_resize={size}"));
+            Classifier::new(&build_config(&o).unwrap().net_config(), Device::Cpu).unwrap()
+        };
+        let (small, large) = (timm("32"), timm("48"));
+        let src: std::collections::BTreeMap<String, Tensor> =
+            small.cpu_tensors().into_iter().collect();
+        let want = crate::train::pos_resize::resample_pos_embed(&src["pos_embed"], 6).unwrap();
+        let r = model::map_into(&large, src).unwrap();
+        assert_eq!(
+            r.resized,
+            ["pos_embed: 4x4 -> 6x6 patches (bicubic)".to_owned()]
+        );
+        assert!(large.vs.variables()["pos_embed"].equal(&want));
+
+        // --image-size sets eval_resize only when no layer names it: MICRO's --set
+        // eval_resize=36 stays, and is too small for 48 px (the error says what to do).
+        let mut o = ft_opts(&data, &out, None);
+        o.image_size = Some(48);
+        let e = format!("{:#}", build_config(&o).unwrap_err());
+        assert!(
+            e.contains("eval_resize 36 must be >= model.image_size 48"),
+            "{e}"
+        );
+        assert!(e.contains("set eval_resize too"), "{e}");
+        o.sets.retain(|s| !s.starts_with("eval_resize="));
+        o.image_size = Some(384);
+        assert_eq!(build_config(&o).unwrap().eval_resize, 384);
+        assert_eq!(official_eval_resize(224), 256);
     }
 
     /// `dir/data`: 4 classes, a train split of 2 shards of 6 and a val split of 3 + 4.
