@@ -5,8 +5,8 @@
 //!   same `(seed, epoch, sample)`.
 //! * `pretrain` (feature `train`) — ConMIM pretraining with presets after the paper's
 //!   Table 11, checkpoints and exact resume.
-//! * `export` (feature `train`) — a run's backbone (the teacher's, by default) as a
-//!   safetensors state dict that timm loads strictly.
+//! * `export` (feature `train`) — a run's backbone (the teacher's, by default), or a
+//!   fine-tuned classifier, as a safetensors state dict that timm loads strictly.
 //! * `finetune`, `eval`, `knn` (feature `train`) — classification fine-tuning with the
 //!   paper's recipe, exact-once evaluation of its checkpoints, and the k-NN monitor.
 //!
@@ -465,7 +465,9 @@ enum WeightsArg {
 #[cfg(feature = "train")]
 #[derive(Args)]
 struct ExportArgs {
-    /// Run directory (its newest complete checkpoint) or a checkpoint directory.
+    /// Pretraining run directory (its newest complete checkpoint) or checkpoint
+    /// directory: the backbone; or a fine-tuning run (its best checkpoint) or checkpoint:
+    /// the whole classifier, head included.
     run: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = ExportFormat::Timm)]
@@ -473,7 +475,7 @@ struct ExportArgs {
     /// Output file (.safetensors; written atomically).
     #[arg(long)]
     out: PathBuf,
-    /// Which network's backbone.
+    /// Which network's backbone (of a pretraining checkpoint).
     #[arg(long, value_enum, default_value_t = WeightsArg::Teacher)]
     weights: WeightsArg,
 }
@@ -490,12 +492,15 @@ fn export_cmd(a: &ExportArgs) -> Result<()> {
     let s = match a.format {
         ExportFormat::Timm => export_timm(&a.run, &a.out, &opts)?,
     };
+    let what = match &s.classifier {
+        Some(c) => format!("fine-tuned classifier ({c})"),
+        None => format!("{} backbone", opts.weights.prefix()),
+    };
     println!(
-        "export: {} tensors ({} values, {} bytes) of the {} backbone ({:?} variant) from {} (step {}) -> {}",
+        "export: {} tensors ({} values, {} bytes) of the {what} ({:?} variant) from {} (step {}) -> {}",
         s.tensors,
         s.numel,
         s.bytes,
-        opts.weights.prefix(),
         s.variant,
         s.checkpoint.display(),
         s.step,

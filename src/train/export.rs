@@ -24,6 +24,12 @@
 //!   the model is built with `num_classes=0, global_pool='token'`, so timm's
 //!   `forward_features` ends in the same final `norm` as this crate's.
 //!
+//! A FINE-TUNING run or checkpoint (`conmim finetune`) exports its whole classifier
+//! instead: its best checkpoint (`checkpoints/best`, else `last`), or the checkpoint
+//! directory given, with `head.*` kept and `num_classes` / `global_pool` as trained
+//! (`avg`: mean-pooled patch tokens + `fc_norm`, no final `norm`; timm builds the same),
+//! so that timm's `model(x)` gives the same logits.
+//!
 //! The file carries, in its safetensors `__metadata__`, the timm model name, its
 //! kwargs (JSON), the exact Python line that builds the model and loads the file, the
 //! source checkpoint and step, and what was dropped / expanded.
@@ -36,7 +42,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use super::checkpoint;
-use super::vit::{Config, Variant, relative_position_index};
+use super::vit::{Config, GlobalPool, Variant, relative_position_index};
 
 /// Which network's backbone to export.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -89,6 +95,9 @@ pub struct ExportSummary {
     pub dropped: Vec<String>,
     /// Tensors written several times under timm's names.
     pub expanded: Vec<String>,
+    /// A fine-tuned classifier (`None`: a pretraining backbone): its classes, epoch and
+    /// top-1, in words.
+    pub classifier: Option<String>,
 }
 
 /// The newest complete checkpoint of run directory `path`, or `path` itself when it is
@@ -134,7 +143,8 @@ fn py_str(s: &str) -> String {
     serde_json::to_string(s).expect("string to JSON")
 }
 
-/// The timm model (and kwargs) that `cfg`'s backbone loads into strictly.
+/// The timm model (and kwargs) that `cfg`'s network loads into strictly: a backbone
+/// (`num_classes` 0) or a classifier with its pooling.
 pub fn timm_target(cfg: &Config) -> Result<TimmTarget> {
     cfg.validate()?;
     if cfg.norm_eps != 1e-6 {
@@ -160,8 +170,14 @@ pub fn timm_target(cfg: &Config) -> Result<TimmTarget> {
     };
     let mut kwargs: Vec<(String, String)> = vec![
         ("pretrained".into(), py_bool(false)),
-        ("num_classes".into(), "0".into()),
-        ("global_pool".into(), py_str("token")),
+        ("num_classes".into(), cfg.num_classes.to_string()),
+        (
+            "global_pool".into(),
+            py_str(match cfg.global_pool {
+                GlobalPool::Token => "token",
+                GlobalPool::Mean => "avg",
+            }),
+        ),
         ("img_size".into(), cfg.image_size.to_string()),
         ("patch_size".into(), cfg.patch_size.to_string()),
         ("in_chans".into(), cfg.in_chans.to_string()),
@@ -212,8 +228,9 @@ pub struct TimmStateDict {
     pub expanded: Vec<String>,
 }
 
-/// The timm state dict of backbone `cfg` from its own variables `backbone` (names as
-/// [`super::vit`] gives them, the network's prefix removed).
+/// The timm state dict of network `cfg` from its own variables `backbone` (names as
+/// [`super::vit`] gives them, the network's prefix removed). A classifier
+/// (`cfg.num_classes > 0`) keeps its `head.*`; a backbone drops any.
 pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Result<TimmStateDict> {
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut dropped = Vec::new();
@@ -222,7 +239,7 @@ pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Resu
     for (name, t) in backbone {
         if name.starts_with("projectors.") {
             n_proj += 1;
-        } else if name.starts_with("head.") {
+        } else if name.starts_with("head.") && cfg.num_classes == 0 {
             n_head += 1;
         } else if name == "mask_token" {
             dropped.push("mask_token (1 tensor): pretraining only".to_owned());
@@ -282,12 +299,20 @@ pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Resu
         ));
     }
     let last = cfg.depth - 1;
-    for need in [
+    let mut needed = vec![
         "cls_token".to_owned(),
         "patch_embed.proj.weight".to_owned(),
-        "norm.weight".to_owned(),
+        match cfg.global_pool {
+            GlobalPool::Token => "norm.weight",
+            GlobalPool::Mean => "fc_norm.weight",
+        }
+        .to_owned(),
         format!("blocks.{last}.mlp.fc2.weight"),
-    ] {
+    ];
+    if cfg.num_classes > 0 {
+        needed.push("head.weight".to_owned());
+    }
+    for need in needed {
         if !out.contains_key(&need) {
             bail!("the checkpoint has no `{need}`: not a backbone of this config");
         }
@@ -375,23 +400,17 @@ pub fn export_timm(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportSummary> {
-    let dir = resolve_checkpoint(run_or_checkpoint)?;
-    let state = checkpoint::read_state(&dir)?;
-    let cfg = &state.config.model;
+    let Source {
+        dir,
+        cfg,
+        step,
+        weights,
+        tensors: backbone,
+        classifier,
+    } = read_export_source(run_or_checkpoint, opts)?;
+    let cfg = &cfg;
     let target = timm_target(cfg)?;
     let model_file = dir.join(checkpoint::MODEL_FILE);
-    let prefix = format!("{}.", opts.weights.prefix());
-    let backbone: BTreeMap<String, Tensor> = Tensor::read_safetensors(&model_file)
-        .with_context(|| format!("reading {}", model_file.display()))?
-        .into_iter()
-        .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|k| (k.to_owned(), t)))
-        .collect();
-    if backbone.is_empty() {
-        bail!(
-            "{}: no `{prefix}*` tensors (not a conmim pretraining checkpoint?)",
-            model_file.display()
-        );
-    }
     let TimmStateDict {
         tensors,
         dropped,
@@ -421,8 +440,8 @@ pub fn export_timm(
         ("timm_kwargs", serde_json::to_string(&kwargs_json)?),
         ("python", python.clone()),
         ("source_checkpoint", dir.display().to_string()),
-        ("step", state.step.to_string()),
-        ("weights", opts.weights.prefix().to_owned()),
+        ("step", step.to_string()),
+        ("weights", weights.clone()),
         ("dropped", serde_json::to_string(&dropped)?),
         ("expanded", serde_json::to_string(&expanded)?),
     ]
@@ -434,7 +453,7 @@ pub fn export_timm(
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(ExportSummary {
         checkpoint: dir,
-        step: state.step,
+        step,
         weights: opts.weights,
         variant: cfg.variant,
         out: out.to_owned(),
@@ -446,6 +465,74 @@ pub fn export_timm(
         python,
         dropped,
         expanded,
+        classifier,
+    })
+}
+
+/// What [`export_timm`] reads.
+struct Source {
+    dir: PathBuf,
+    cfg: Config,
+    step: u64,
+    /// `teacher` / `student` (a pretraining checkpoint) or `finetuned`.
+    weights: String,
+    /// The network's variables under its own names.
+    tensors: BTreeMap<String, Tensor>,
+    classifier: Option<String>,
+}
+
+fn read_export_source(path: &Path, opts: &ExportOptions) -> Result<Source> {
+    if let Some(dir) = super::finetune::model::checkpoint_dir(path) {
+        if opts.weights == Weights::Student {
+            bail!(
+                "{}: a fine-tuning checkpoint holds one network; --weights student applies to \
+                 pretraining checkpoints",
+                dir.display()
+            );
+        }
+        let state = super::finetune::model::read_state(&dir)?;
+        let model_file = dir.join(checkpoint::MODEL_FILE);
+        let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&model_file)
+            .with_context(|| format!("reading {}", model_file.display()))?
+            .into_iter()
+            .collect();
+        let top1 = state
+            .acc1
+            .map_or("not evaluated".to_owned(), |a| format!("top-1 {a:.2} %"));
+        return Ok(Source {
+            classifier: Some(format!(
+                "{} classes, epoch {}, {top1}",
+                state.net.num_classes, state.epoch
+            )),
+            dir,
+            cfg: state.net,
+            step: state.step,
+            weights: "finetuned".to_owned(),
+            tensors,
+        });
+    }
+    let dir = resolve_checkpoint(path)?;
+    let state = checkpoint::read_state(&dir)?;
+    let model_file = dir.join(checkpoint::MODEL_FILE);
+    let prefix = format!("{}.", opts.weights.prefix());
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&model_file)
+        .with_context(|| format!("reading {}", model_file.display()))?
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|k| (k.to_owned(), t)))
+        .collect();
+    if tensors.is_empty() {
+        bail!(
+            "{}: no `{prefix}*` tensors (not a conmim pretraining checkpoint?)",
+            model_file.display()
+        );
+    }
+    Ok(Source {
+        dir,
+        cfg: state.config.model,
+        step: state.step,
+        weights: opts.weights.prefix().to_owned(),
+        tensors,
+        classifier: None,
     })
 }
 
@@ -634,6 +721,103 @@ mod tests {
             .into_iter()
             .collect();
         assert!(got["norm.weight"].equal(&t.student.vs.variables()["norm.weight"]));
+    }
+
+    /// A fine-tuned classifier of each variant and pooling, saved as a fine-tuning run's
+    /// `checkpoints/best`, exports with its head, loads strictly in timm and gives the
+    /// same logits.
+    #[test]
+    fn finetuned_classifier_exports_to_timm_with_the_same_logits() {
+        use crate::train::finetune::config::FinetuneConfig;
+        use crate::train::finetune::model::{self, Classifier, FINETUNE_KIND, FinetuneState};
+        let _rng = seeded(13);
+        let python = python();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
+        let cases = [
+            ("beit", micro(Variant::Beit).finetune(5, 0.001), "avg"),
+            ("timm", micro(Variant::Timm).finetune(5, 0.001), "avg"),
+            (
+                "beit+cls-token",
+                micro(Variant::Beit)
+                    .finetune(5, 0.001)
+                    .with_global_pool(GlobalPool::Token),
+                "token",
+            ),
+        ];
+        for (label, cfg, pool) in cases {
+            let net = Classifier::new(&cfg, Device::Cpu).unwrap();
+            perturb(&net.vs, 5, |_| 0.05);
+            let dir = tempfile::tempdir().unwrap();
+            let run = dir.path().join("ft");
+            let state = FinetuneState {
+                kind: FINETUNE_KIND.into(),
+                config: FinetuneConfig::preset("small").unwrap(),
+                net: cfg.clone(),
+                epoch: 3,
+                step: 30,
+                acc1: Some(41.5),
+                acc5: Some(90.0),
+                resume: None,
+            };
+            model::save(&run.join("checkpoints/best"), &net, &state, None).unwrap();
+            let out = dir.path().join("classifier.safetensors");
+            let s = export_timm(&run, &out, &ExportOptions::default()).unwrap();
+            assert_eq!(
+                s.classifier.as_deref(),
+                Some("5 classes, epoch 3, top-1 41.50 %")
+            );
+            assert_eq!(s.step, 30);
+            assert!(s.checkpoint.ends_with("checkpoints/best"));
+            let meta = read_metadata(&out).unwrap();
+            assert_eq!(meta["weights"], "finetuned");
+            let kwargs: serde_json::Value = serde_json::from_str(&meta["timm_kwargs"]).unwrap();
+            assert_eq!(
+                (
+                    kwargs["num_classes"].as_i64(),
+                    kwargs["global_pool"].as_str()
+                ),
+                (Some(5), Some(pool))
+            );
+
+            let x = lcg_tensor(22, &[2, 3, cfg.image_size, cfg.image_size], Device::Cpu);
+            let input = dir.path().join("input.safetensors");
+            Tensor::write_safetensors(&[("x", &x)], &input).unwrap();
+            let result = dir.path().join("result.safetensors");
+            let res = Command::new(&python)
+                .arg(&script)
+                .args([&out, &input, &result])
+                .output()
+                .expect("run tools/reference/timm_check.py");
+            assert!(
+                res.status.success(),
+                "{label}: {} failed:\n{}\n{}",
+                script.display(),
+                String::from_utf8_lossy(&res.stdout),
+                String::from_utf8_lossy(&res.stderr)
+            );
+            let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&result)
+                .unwrap()
+                .into_iter()
+                .collect();
+            let want = tch::no_grad(|| net.logits(&x, false, false)).unwrap();
+            let (diff, scale) = max_diff(&got["logits"], &want);
+            assert!(
+                diff < 1e-4 && scale > 1e-3,
+                "{label}: timm's logits differ from the classifier's by {diff} (max {scale})"
+            );
+
+            // One network only: --weights student is refused.
+            let e = export_timm(
+                &run,
+                &out,
+                &ExportOptions {
+                    weights: Weights::Student,
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("holds one network"), "{e}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 Runs the exact Python line recorded in EXPORT's metadata (`python`: builds the timm
 model and `load_state_dict(..., strict=True)`), checks that it agrees with the recorded
 model name and kwargs, then writes `forward_features(INPUT["x"])` (eval mode, fp32, CPU)
-to OUT as `features` for the Rust side to compare with its own forward.
+to OUT as `features`, and for a classifier (num_classes > 0) `model(INPUT["x"])` as
+`logits`, for the Rust side to compare with its own forward.
 """
 
 import json
@@ -56,13 +57,15 @@ def main() -> int:
     x = safetensors.torch.load_file(inp)["x"].float()
     model.eval()
     with torch.no_grad():
-        feats = model.forward_features(x).contiguous()
+        result = {"features": model.forward_features(x).contiguous()}
+        if kwargs.get("num_classes", 0) > 0:
+            result["logits"] = model(x).contiguous()
     print(
         f"timm_check: {meta['timm_model']} ({type(model).__name__}, "
         f"{sum(p.numel() for p in model.parameters())} params) loaded strictly; "
-        f"features {tuple(feats.shape)}"
+        + ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
     )
-    safetensors.torch.save_file({"features": feats}, out)
+    safetensors.torch.save_file(result, out)
     return 0
 
 

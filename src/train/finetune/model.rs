@@ -366,6 +366,25 @@ pub fn save(
     checkpoint::publish(&tmp, dir)
 }
 
+/// The fine-tuning checkpoint `path` names, if it names one: `path` itself, or a
+/// fine-tuning run's `checkpoints/best`, else `checkpoints/last` (the first whose
+/// `state.json` has kind [`FINETUNE_KIND`]). `None` for anything else (a pretraining run
+/// or checkpoint, a missing path).
+pub fn checkpoint_dir(path: &Path) -> Option<PathBuf> {
+    [
+        path.to_owned(),
+        path.join("checkpoints/best"),
+        path.join("checkpoints/last"),
+    ]
+    .into_iter()
+    .find(|d| {
+        std::fs::read(d.join(checkpoint::STATE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some(FINETUNE_KIND))
+    })
+}
+
 /// Reads a fine-tuning checkpoint (the directory, or a run directory: its `best`, else
 /// `last`) into a classifier on `device`, strictly.
 pub fn load(path: &Path, device: Device) -> Result<(Classifier, FinetuneState, PathBuf)> {

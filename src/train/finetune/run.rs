@@ -1165,18 +1165,8 @@ pub fn backbone_of(
     weights: Weights,
     device: Device,
 ) -> Result<(tch::nn::VarStore, crate::train::vit::VisionTransformer)> {
-    let is_finetune = [
-        source.to_owned(),
-        source.join("checkpoints/best"),
-        source.join("checkpoints/last"),
-    ]
-    .iter()
-    .any(|d| {
-        std::fs::read(d.join(crate::train::checkpoint::STATE_FILE))
-            .is_ok_and(|b| String::from_utf8_lossy(&b).contains(FINETUNE_KIND))
-    });
-    if is_finetune {
-        let (net, _, _) = model::load(source, device)?;
+    if let Some(dir) = model::checkpoint_dir(source) {
+        let (net, _, _) = model::load(&dir, device)?;
         return Ok((net.vs, net.vit));
     }
     let (src, cfg, _) = model::read_source(source, weights)?;
