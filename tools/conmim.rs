@@ -95,13 +95,14 @@ enum Cmd {
     /// Config: --preset (small, base, large), then --config FILE, then --set KEY=VALUE,
     /// then the flags. Initialises from --init (a pretraining run or checkpoint
     /// directory: the teacher's backbone by default; or an exported .safetensors), or
-    /// randomly without it. Mean-pooled patch tokens + fc_norm + linear head (init x
-    /// 0.001), layer-wise lr decay, AdamW (0.9, 0.999), warmup + cosine, RandAugment,
+    /// randomly without it; a backbone pretrained at another --image-size has its
+    /// position terms resampled. Mean-pooled patch tokens + fc_norm + linear head (init
+    /// x 0.001), layer-wise lr decay, AdamW (0.9, 0.999), warmup + cosine, RandAugment,
     /// random erasing, mixup/cutmix with label smoothing. Evaluates on --val-split
     /// (resize 256 bicubic + centre crop 224, every sample exactly once) after every
     /// --eval-every epochs and at the end; writes OUT/metrics.jsonl, OUT/tb/,
-    /// OUT/checkpoints/{last,best}, OUT/init.json (what was loaded, new, ignored),
-    /// OUT/summary.json.
+    /// OUT/checkpoints/{last,best}, OUT/init.json (what was loaded, new, ignored,
+    /// resampled), OUT/summary.json. `conmim export OUT` writes the classifier for timm.
     ///
     /// SIGTERM or Ctrl-C stops the run after the step in progress with a resumable
     /// checkpoints/last of it (exit status 143, 130 for Ctrl-C; `--resume auto`
