@@ -94,7 +94,8 @@ enum Cmd {
     ///
     /// Config: --preset (small, base, large), then --config FILE, then --set KEY=VALUE,
     /// then the flags. Initialises from --init (a pretraining run or checkpoint
-    /// directory: the teacher's backbone by default; or an exported .safetensors), or
+    /// directory: the teacher's backbone by default; a fine-tuning run or checkpoint;
+    /// or an exported .safetensors), or
     /// randomly without it; a backbone pretrained at another --image-size has its
     /// position terms resampled. Mean-pooled patch tokens + fc_norm + linear head (init
     /// x 0.001), layer-wise lr decay, AdamW (0.9, 0.999), warmup + cosine, RandAugment,
@@ -195,7 +196,8 @@ struct FinetuneArgs {
     val_split: String,
     #[command(flatten)]
     source: SourceArgs,
-    /// Pretrained weights: a pretraining run or checkpoint directory, or a .safetensors.
+    /// Pretrained weights: a pretraining run or checkpoint directory, a fine-tuning run
+    /// or checkpoint (the head too, when the label set fits), or a .safetensors.
     #[arg(long)]
     init: Option<PathBuf>,
     /// Which network of a pretraining checkpoint.

@@ -5,6 +5,8 @@
 //!
 //! * a pretraining run directory (its newest complete checkpoint) or checkpoint
 //!   directory: the TEACHER's backbone by default ([`Weights::Student`] on request);
+//! * a fine-tuning run (its best checkpoint) or checkpoint: the classifier, head
+//!   included when its shape fits (another label set: the head starts new);
 //! * a `.safetensors` state dict under timm's names (what `conmim export` writes, or
 //!   another backbone of the same architecture).
 //!
@@ -94,7 +96,8 @@ impl Classifier {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct InitReport {
     pub source: PathBuf,
-    /// `teacher` / `student` for a pretraining checkpoint, `file` for safetensors.
+    /// `teacher` / `student` for a pretraining checkpoint, `finetuned` for a fine-tuning
+    /// one, `file` for safetensors.
     pub weights: String,
     /// Variables copied from the source.
     pub loaded: Vec<String>,
@@ -108,12 +111,32 @@ pub struct InitReport {
     pub resized: Vec<String>,
 }
 
-/// Reads the backbone tensors of `source` (see the module docs) and the source's own
-/// backbone config when it is a pretraining checkpoint.
+/// Reads the tensors of `source` (see the module docs), the source's own network config
+/// when it is a pretraining or fine-tuning checkpoint, and which weights they are
+/// (`teacher`, `student`, `finetuned`, `file`).
 pub fn read_source(
     source: &Path,
     weights: Weights,
 ) -> Result<(BTreeMap<String, Tensor>, Option<Config>, String)> {
+    if let Some(dir) = checkpoint_dir(source) {
+        // A fine-tuned classifier (e.g. 224 px -> 384 px, or another label set).
+        if weights == Weights::Student {
+            bail!(
+                "{}: a fine-tuning checkpoint holds one network; --init-weights student \
+                 applies to pretraining checkpoints",
+                dir.display()
+            );
+        }
+        let state = read_state(&dir)?;
+        let file = dir.join(checkpoint::MODEL_FILE);
+        let t = Tensor::read_safetensors(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        return Ok((
+            t.into_iter().collect(),
+            Some(state.net),
+            "finetuned".to_owned(),
+        ));
+    }
     if source.is_file() {
         let t = Tensor::read_safetensors(source).with_context(|| {
             format!(
@@ -247,6 +270,15 @@ pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<I
             continue;
         }
         match src.remove(name) {
+            Some(t) if name.starts_with("head.") && t.size() != var.size() => {
+                // A classifier of another label set: this one's head starts new.
+                r.ignored.push(format!(
+                    "{name}: the source's classifier is {:?}, this one {:?}",
+                    t.size(),
+                    var.size()
+                ));
+                r.new.push(name.clone());
+            }
             Some(t) => {
                 if t.size() != var.size() {
                     bail!(

@@ -1252,6 +1252,48 @@ mod tests {
         assert_eq!(r.resized.len(), 1);
         assert!(net.vs.variables()["blocks.1.attn.relative_position_bias_table"].equal(&want));
 
+        // A fine-tuning run as --init, at 64 px (8x8) with another label set: its
+        // per-block tables are resampled, fc_norm loads, the head starts new.
+        let out64 = dir.path().join("ft64");
+        let mut o64 = ft_opts(&data, &out64, Some(out.clone()));
+        o64.sets.retain(|s| !s.starts_with("eval_resize="));
+        (o64.image_size, o64.epochs, o64.num_classes) = (Some(64), Some(1), Some(6));
+        finetune(&o64).unwrap();
+        let init: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out64.join("init.json")).unwrap()).unwrap();
+        assert_eq!(init["weights"], "finetuned");
+        let resized = init["resized"].to_string();
+        assert!(
+            resized.contains("blocks.0.attn.relative_position_bias_table: 6x6 -> 8x8")
+                && resized.contains("blocks.1.attn"),
+            "{resized}"
+        );
+        assert!(
+            init["loaded"].to_string().contains("fc_norm.weight"),
+            "{init}"
+        );
+        assert!(init["new"].to_string().contains("head.weight"), "{init}");
+        assert!(
+            init["ignored"]
+                .to_string()
+                .contains("the source's classifier is [4, 32], this one [6, 32]"),
+            "{init}"
+        );
+        // The same label set keeps the head.
+        let (src, src_cfg, what) = model::read_source(&out, Weights::Teacher).unwrap();
+        assert_eq!(
+            (src_cfg.unwrap().image_size, what.as_str()),
+            (48, "finetuned")
+        );
+        let same = Classifier::new(&build_config(&o).unwrap().net_config(), Device::Cpu).unwrap();
+        let r = model::map_into(&same, src).unwrap();
+        assert!(r.loaded.contains(&"head.weight".to_owned()), "{r:?}");
+        assert!(r.resized.is_empty());
+        let e = model::read_source(&out, Weights::Student)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds one network"), "{e}");
+
         // A timm-style backbone: pos_embed, 1 + 16 tokens -> 1 + 36.
         let timm = |size: &str| {
             let mut o = ft_opts(&data, &out, None);
