@@ -77,7 +77,8 @@ pub struct ExportSummary {
     /// The checkpoint directory read.
     pub checkpoint: PathBuf,
     pub step: u64,
-    pub weights: Weights,
+    /// Which network of a pretraining checkpoint; `None` for a fine-tuned classifier.
+    pub weights: Option<Weights>,
     pub variant: Variant,
     pub out: PathBuf,
     /// Tensors in the file.
@@ -314,7 +315,7 @@ pub fn timm_state_dict(cfg: &Config, backbone: BTreeMap<String, Tensor>) -> Resu
     }
     for need in needed {
         if !out.contains_key(&need) {
-            bail!("the checkpoint has no `{need}`: not a backbone of this config");
+            bail!("the checkpoint has no `{need}`: not a network of this config");
         }
     }
     if cfg.variant == Variant::Beit
@@ -454,7 +455,7 @@ pub fn export_timm(
     Ok(ExportSummary {
         checkpoint: dir,
         step,
-        weights: opts.weights,
+        weights: classifier.is_none().then_some(opts.weights),
         variant: cfg.variant,
         out: out.to_owned(),
         tensors: tensors.len(),
@@ -612,7 +613,7 @@ mod tests {
             let t = checkpointed(model.clone(), &run);
             let out = dir.path().join("backbone.safetensors");
             let s = export_timm(&run, &out, &ExportOptions::default()).unwrap();
-            assert_eq!(s.weights, Weights::Teacher);
+            assert_eq!(s.weights, Some(Weights::Teacher));
 
             let x = lcg_tensor(21, &[2, 3, model.image_size, model.image_size], Device::Cpu);
             let input = dir.path().join("input.safetensors");
@@ -715,7 +716,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(s.weights, Weights::Student);
+        assert_eq!(s.weights, Some(Weights::Student));
         let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out)
             .unwrap()
             .into_iter()
@@ -766,7 +767,7 @@ mod tests {
                 s.classifier.as_deref(),
                 Some("5 classes, epoch 3, top-1 41.50 %")
             );
-            assert_eq!(s.step, 30);
+            assert_eq!((s.step, s.weights), (30, None));
             assert!(s.checkpoint.ends_with("checkpoints/best"));
             let meta = read_metadata(&out).unwrap();
             assert_eq!(meta["weights"], "finetuned");

@@ -12,9 +12,10 @@
 //!
 //! Mapping: the shared `rel_pos_bias.relative_position_bias_table` is copied into every
 //! `blocks.{i}.attn.relative_position_bias_table`; the projection head `projectors.*`,
-//! `mask_token`, a classifier `head.*`, the final `norm.*` when the classifier pools
-//! with `fc_norm`, and `relative_position_index` buffers (rebuilt) are ignored; `head.*`
-//! and `fc_norm.*` start new. A source pretrained at another resolution (same patch
+//! `mask_token`, a classifier `head.*` this model has none of or one of another shape,
+//! the final `norm.*` when the classifier pools with `fc_norm`, and
+//! `relative_position_index` buffers (rebuilt) are ignored; `head.*` and `fc_norm.*`
+//! start new unless the source has them in this model's shapes (a fine-tuned source). A source pretrained at another resolution (same patch
 //! size) has its position terms resampled to this model's patch grid
 //! ([`crate::train::pos_resize`]: `pos_embed` bicubically, relative position bias
 //! tables by BEiT's interpolation), e.g. 224-px pretraining fine-tuned at 384 px.
