@@ -34,6 +34,12 @@ pub const DEFAULT_MAX_SIDE: u32 = 65_500;
 /// Shortest side accepted by default.
 pub const DEFAULT_MIN_SIDE: u32 = 1;
 
+/// Most scans a progressive JPEG may have (libjpeg-turbo's own fuzz targets set
+/// `TJPARAM_SCANLIMIT` to this). Encoders write about 10; every scan costs a pass over
+/// the image's blocks, so a small file of thousands of tiny scans would take minutes to
+/// decode: a decompression bomb that the pixel limits do not see.
+pub const MAX_JPEG_SCANS: usize = 500;
+
 /// How far from the end of the file the JPEG `EOI` marker / PNG `IEND` chunk may sit.
 /// Real-world files (ImageNet included) carry some trailing garbage or zero padding.
 const TAIL_WINDOW: usize = 4096;
@@ -313,6 +319,14 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<ImageInfo, ImageProbl
         ImageFormat::Jpeg => {
             let header = jpeg_header(bytes)?;
             limits.check(header.width, header.height)?;
+            if let JpegScans::Progressive(n) = jpeg_scans(bytes, MAX_JPEG_SCANS + 1)
+                && n > MAX_JPEG_SCANS
+            {
+                return Err(ImageProblem::BadHeader(format!(
+                    "progressive JPEG with more than {MAX_JPEG_SCANS} scans (real encoders \
+                     write about 10; so many would cost minutes of decoding)"
+                )));
+            }
             if !jpeg_has_eoi(bytes, header.scan_start) {
                 return Err(ImageProblem::Truncated(format!(
                     "JPEG has no end-of-image marker (FF D9) in its last {TAIL_WINDOW} bytes \
@@ -534,6 +548,87 @@ fn jpeg_header(bytes: &[u8]) -> Result<JpegHeader, ImageProblem> {
         height: height as u32,
         scan_start,
     })
+}
+
+/// What [`jpeg_scans`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JpegScans {
+    /// A sequential (baseline, extended or lossless) frame: not counted.
+    Sequential,
+    /// A progressive frame (SOF2, 6, 10, 14) with this many scans (`SOS` markers), up to
+    /// the count asked for.
+    Progressive(usize),
+    /// No frame header before the data ends.
+    Unknown,
+}
+
+/// The frame kind of a JPEG and, when progressive, its scans, counted up to `most`, from
+/// the markers: segments are skipped by their lengths (so bytes inside an EXIF block or
+/// a thumbnail never count) and the entropy-coded data after each scan header up to the
+/// next marker (0xFF in it is always followed by 0x00 or a restart marker). A sequential
+/// frame returns at its header; only progressive files are walked to the end.
+fn jpeg_scans(bytes: &[u8], most: usize) -> JpegScans {
+    let mut i = 2; // after SOI
+    let mut scans = 0;
+    let mut progressive = false;
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF {
+            // Garbage between segments (libjpeg skips it with a warning).
+            i += 1;
+            continue;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => {
+                i += 1; // fill byte
+                continue;
+            }
+            0x00 | 0x01 | 0xD0..=0xD8 => {
+                i += 2; // no length field
+                continue;
+            }
+            0xD9 => break, // EOI
+            _ => {}
+        }
+        let Some(len) = bytes.get(i + 2..i + 4) else {
+            break;
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        match marker {
+            0xC2 | 0xC6 | 0xCA | 0xCE => progressive = true,
+            0xC0 | 0xC1 | 0xC3 | 0xC5 | 0xC7 | 0xC9 | 0xCB | 0xCD | 0xCF => {
+                return JpegScans::Sequential;
+            }
+            _ => {}
+        }
+        i += 2 + len;
+        if marker != 0xDA {
+            continue;
+        }
+        scans += 1;
+        if scans >= most {
+            break;
+        }
+        // The entropy-coded data: on to the next real marker.
+        loop {
+            match bytes.get(i..).and_then(|rest| memchr::memchr(0xFF, rest)) {
+                Some(at) => i += at,
+                None => {
+                    i = bytes.len();
+                    break;
+                }
+            }
+            match bytes.get(i + 1) {
+                Some(0x00 | 0xD0..=0xD7) => i += 2,
+                _ => break,
+            }
+        }
+    }
+    if progressive {
+        JpegScans::Progressive(scans)
+    } else {
+        JpegScans::Unknown
+    }
 }
 
 /// Is there an `FF D9` after the first scan header, at most [`TAIL_WINDOW`] bytes before

@@ -570,3 +570,74 @@ fn ycck_jpeg_decodes() {
     assert_eq!((info.width, info.height), (20, 12));
     assert_eq!(decode_check(&out, &limits()).unwrap(), info);
 }
+
+/// Offsets of every `SOS` marker of `jpeg` by a plain byte search (not by
+/// [`jpeg_scans`]' rules, which are under test): exact for the test encoder's output,
+/// which has no metadata and stuffs every 0xFF in its entropy data.
+fn sos_offsets(jpeg: &[u8]) -> Vec<usize> {
+    jpeg.windows(2)
+        .enumerate()
+        .filter(|(_, w)| *w == [0xFF, 0xDA])
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn jpeg_scans_counts_progressive_scans_and_skips_sequential_files() {
+    assert_eq!(
+        jpeg_scans(&small_jpeg(JpegColor::Rgb, false), usize::MAX),
+        JpegScans::Sequential
+    );
+    for color in [JpegColor::Rgb, JpegColor::Gray] {
+        let p = small_jpeg(color, true);
+        let n = sos_offsets(&p).len();
+        assert!(n > 1, "{n}");
+        assert_eq!(jpeg_scans(&p, usize::MAX), JpegScans::Progressive(n));
+        assert_eq!(jpeg_scans(&p, 2), JpegScans::Progressive(2));
+        // Cut inside the last scan: the scans so far.
+        let cut = &p[..p.len() - 3];
+        assert_eq!(jpeg_scans(cut, usize::MAX), JpegScans::Progressive(n));
+    }
+    assert_eq!(
+        jpeg_scans(&[0xFF, 0xD8, 0xFF, 0xD9], 10),
+        JpegScans::Unknown
+    );
+    assert_eq!(jpeg_scans(&[0xFF, 0xD8, 0xFF], 10), JpegScans::Unknown);
+}
+
+/// A progressive JPEG whose last scan is repeated until it has `scans` scans (the pixels
+/// are nonsense; the header and the marker structure are valid).
+fn many_scans(scans: usize) -> Vec<u8> {
+    let p = small_jpeg(JpegColor::Rgb, true);
+    let sos = sos_offsets(&p);
+    let last = *sos.last().unwrap();
+    let eoi = p.len() - 2;
+    assert_eq!(&p[eoi..], [0xFF, 0xD9]);
+    let mut out = p[..eoi].to_vec();
+    for _ in sos.len()..scans {
+        out.extend_from_slice(&p[last..eoi]);
+    }
+    out.extend_from_slice(&[0xFF, 0xD9]);
+    out
+}
+
+#[test]
+fn progressive_jpeg_with_too_many_scans_is_refused_before_decoding() {
+    let ok = many_scans(MAX_JPEG_SCANS);
+    assert_eq!(
+        jpeg_scans(&ok, usize::MAX),
+        JpegScans::Progressive(MAX_JPEG_SCANS)
+    );
+    probe(&ok, &limits()).unwrap();
+    let bomb = many_scans(MAX_JPEG_SCANS + 1);
+    for e in [
+        probe(&bomb, &limits()).unwrap_err(),
+        decode_check(&bomb, &limits()).unwrap_err(),
+        super::pixels::Decoder::new()
+            .decode_rgb(&bomb, &limits())
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), "bad_header", "{e}");
+        assert!(e.to_string().contains("more than 500 scans"), "{e}");
+    }
+}
