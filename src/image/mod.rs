@@ -4,8 +4,9 @@
 //!
 //! * [`probe`] ("copy mode"): format from the magic bytes (never from the file name),
 //!   dimensions from the header, the size limits, and a cheap end-of-file check (the JPEG
-//!   `EOI` marker / the PNG `IEND` chunk must be near the end). No pixel buffer is ever
-//!   allocated, so a header that claims 100000x100000 is rejected in microseconds.
+//!   `EOI` marker / the PNG `IEND` chunk must be near the end), and at most
+//!   [`MAX_JPEG_SCANS`] scans in a progressive JPEG. No pixel buffer is ever allocated,
+//!   so a header that claims 100000x100000 is rejected in microseconds.
 //! * [`decode_check`] (`--decode`): [`probe`] first, then every pixel is decoded. JPEG goes
 //!   through `zune-jpeg` (grayscale, CMYK/YCCK and progressive files work), everything else
 //!   through the `image` crate.
@@ -308,8 +309,8 @@ fn is_bmp(bytes: &[u8]) -> bool {
 
 /// Header-only validation ("copy mode"): format by magic, dimensions from the header,
 /// limits, and a cheap truncation check (JPEG `EOI` / PNG `IEND` within the last 4 KiB,
-/// WebP: the RIFF size must fit in the file; GIF, BMP, TIFF: header only).
-/// Never allocates a pixel buffer.
+/// WebP: the RIFF size must fit in the file; GIF, BMP, TIFF: header only); a progressive
+/// JPEG's scans are counted ([`MAX_JPEG_SCANS`]). Never allocates a pixel buffer.
 pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<ImageInfo, ImageProblem> {
     if bytes.is_empty() {
         return Err(ImageProblem::Empty);
