@@ -568,6 +568,31 @@ mod tests {
         p
     }
 
+    /// Runs `tools/reference/timm_check.py` on `export` with input `x` (files in `dir`)
+    /// and returns what it wrote: `features`, and `logits` for a classifier.
+    fn timm_check(label: &str, export: &Path, x: &Tensor, dir: &Path) -> BTreeMap<String, Tensor> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
+        let input = dir.join("input.safetensors");
+        Tensor::write_safetensors(&[("x", x)], &input).unwrap();
+        let result = dir.join("result.safetensors");
+        let res = Command::new(python())
+            .arg(&script)
+            .args([export, &input, &result])
+            .output()
+            .expect("run tools/reference/timm_check.py");
+        assert!(
+            res.status.success(),
+            "{label}: {} failed (is timm installed? run tools/setup.sh):\n{}\n{}",
+            script.display(),
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        );
+        Tensor::read_safetensors(&result)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
     /// A trainer of `model` whose teacher and student differ and whose zero-initialised
     /// tables / biases are not zero, checkpointed under `run`.
     fn checkpointed(model: Config, run: &Path) -> Trainer {
@@ -605,8 +630,6 @@ mod tests {
     #[test]
     fn export_loads_strictly_in_timm_and_matches() {
         let _rng = seeded(11);
-        let python = python();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
         for (label, model) in variants() {
             let dir = tempfile::tempdir().unwrap();
             let run = dir.path().join("run");
@@ -616,25 +639,7 @@ mod tests {
             assert_eq!(s.weights, Some(Weights::Teacher));
 
             let x = lcg_tensor(21, &[2, 3, model.image_size, model.image_size], Device::Cpu);
-            let input = dir.path().join("input.safetensors");
-            Tensor::write_safetensors(&[("x", &x)], &input).unwrap();
-            let features = dir.path().join("features.safetensors");
-            let res = Command::new(&python)
-                .arg(&script)
-                .args([&out, &input, &features])
-                .output()
-                .expect("run tools/reference/timm_check.py");
-            assert!(
-                res.status.success(),
-                "{label}: {} failed (is timm installed? run tools/setup.sh):\n{}\n{}",
-                script.display(),
-                String::from_utf8_lossy(&res.stdout),
-                String::from_utf8_lossy(&res.stderr)
-            );
-            let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&features)
-                .unwrap()
-                .into_iter()
-                .collect();
+            let got = timm_check(label, &out, &x, dir.path());
             let got = &got["features"];
             let (want, student) = tch::no_grad(|| {
                 (
@@ -732,8 +737,6 @@ mod tests {
         use crate::train::finetune::config::FinetuneConfig;
         use crate::train::finetune::model::{self, Classifier, FINETUNE_KIND, FinetuneState};
         let _rng = seeded(13);
-        let python = python();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/timm_check.py");
         let cases = [
             ("beit", micro(Variant::Beit).finetune(5, 0.001), "avg"),
             ("timm", micro(Variant::Timm).finetune(5, 0.001), "avg"),
@@ -781,25 +784,7 @@ mod tests {
             );
 
             let x = lcg_tensor(22, &[2, 3, cfg.image_size, cfg.image_size], Device::Cpu);
-            let input = dir.path().join("input.safetensors");
-            Tensor::write_safetensors(&[("x", &x)], &input).unwrap();
-            let result = dir.path().join("result.safetensors");
-            let res = Command::new(&python)
-                .arg(&script)
-                .args([&out, &input, &result])
-                .output()
-                .expect("run tools/reference/timm_check.py");
-            assert!(
-                res.status.success(),
-                "{label}: {} failed:\n{}\n{}",
-                script.display(),
-                String::from_utf8_lossy(&res.stdout),
-                String::from_utf8_lossy(&res.stderr)
-            );
-            let got: BTreeMap<String, Tensor> = Tensor::read_safetensors(&result)
-                .unwrap()
-                .into_iter()
-                .collect();
+            let got = timm_check(label, &out, &x, dir.path());
             let want = tch::no_grad(|| net.logits(&x, false, false)).unwrap();
             let (diff, scale) = max_diff(&got["logits"], &want);
             assert!(
