@@ -104,7 +104,15 @@ fn compile_dist_shim(include: &std::path::Path, torch_root: &std::path::Path) {
     let nccl_inc = site
         .map(|p| p.join("nvidia/nccl/include"))
         .filter(|p| p.join("nccl.h").exists());
-    let want = std::env::var_os("CONMIM_NO_NCCL").is_none();
+    // Watched like the gloo headers (existing paths only), so that installing the CUDA
+    // or NCCL header wheels after a first build rebuilds with NCCL.
+    std::iter::once(std::path::Path::new(&cuda_home).join("include"))
+        .chain(site.map(|p| p.join("nvidia")))
+        .filter(|d| d.is_dir())
+        .for_each(|d| println!("cargo:rerun-if-changed={}", d.display()));
+    // ProcessGroupNCCL lives in libtorch_cuda: a CPU-only libtorch has none to link.
+    let cuda_lib = torch_root.join("lib/libtorch_cuda.so").exists();
+    let want = std::env::var_os("CONMIM_NO_NCCL").is_none() && cuda_lib;
     if let (true, Some(cuda_inc), Some(nccl_inc)) = (want, cuda_inc, nccl_inc) {
         b.include(&cuda_inc)
             .include(nccl_inc)

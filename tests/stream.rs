@@ -110,6 +110,23 @@ fn epoch_mode_splits_ranks_disjointly() {
         .collect();
     expect.sort();
     assert_eq!(all, expect);
+    // Keep with fewer shards than ranks (a small validation set on many GPUs): the
+    // ranks past the last shard read nothing, and their stream ends cleanly.
+    let few = tempfile::tempdir().unwrap();
+    dataset(few.path(), &[4; 2]);
+    let mut all = Vec::new();
+    for rank in 0..3 {
+        let c = StreamConfig {
+            remainder: Remainder::Keep,
+            ..cfg(5, rank, 3)
+        };
+        let mut s = stream(few.path(), c);
+        let k = keys(&mut s);
+        assert_eq!(k.len(), if rank < 2 { 4 } else { 0 }, "rank {rank}");
+        assert!(s.take_errors().is_empty());
+        all.extend(k);
+    }
+    assert_eq!(all.len(), 8);
     // Drop (default): 2 shards per rank, disjoint, 1 shard left out (rotating).
     let mut per_rank = Vec::new();
     for rank in 0..3 {

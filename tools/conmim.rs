@@ -134,7 +134,7 @@ enum Cmd {
 #[derive(Args)]
 struct LinearArgs {
     #[command(flatten)]
-    knn: KnnArgs,
+    features: FeatureArgs,
     /// Passes over the train features.
     #[arg(long, default_value_t = 100)]
     epochs: usize,
@@ -148,20 +148,18 @@ struct LinearArgs {
 
 #[cfg(feature = "train")]
 fn linear_cmd(a: &LinearArgs) -> Result<()> {
-    let k = &a.knn;
-    let topts = k.source.options(&k.train_split)?;
-    let vopts = k.source.options(&k.val_split)?;
-    let val = k.val_data.clone().unwrap_or_else(|| k.train_data.clone());
+    let f = &a.features;
+    let (train, val) = f.datasets()?;
     let r = conmim::train::finetune::run::linear_probe(
-        &k.checkpoint,
-        weights_of(k.weights),
-        (&k.train_data, &topts),
-        (&val, &vopts),
+        &f.checkpoint,
+        weights_of(f.weights),
+        (&f.train_data, &train),
+        (&val.0, &val.1),
         a.epochs,
         a.lr,
-        k.batch,
-        k.threads,
-        k.device.as_deref(),
+        f.batch,
+        f.threads,
+        f.device.as_deref(),
         a.seed,
     )?;
     if r.rank == 0 {
@@ -391,13 +389,13 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
 
 #[cfg(feature = "train")]
 #[derive(Args)]
-struct KnnArgs {
+struct FeatureArgs {
     /// Pretraining run / checkpoint directory, or a fine-tuning checkpoint.
     checkpoint: PathBuf,
     /// Which network of a pretraining checkpoint.
     #[arg(long, value_enum, default_value_t = WeightsArg::Teacher)]
     weights: WeightsArg,
-    /// Labelled dataset for the neighbours (its --train-split).
+    /// Labelled dataset for the neighbours / the probe's training (its --train-split).
     #[arg(long)]
     train_data: String,
     #[arg(long, default_value = "train")]
@@ -407,12 +405,6 @@ struct KnnArgs {
     val_data: Option<String>,
     #[arg(long, default_value = "val")]
     val_split: String,
-    /// Neighbours.
-    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_K)]
-    k: usize,
-    /// Vote temperature.
-    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_TEMPERATURE)]
-    temperature: f64,
     /// Batch size of the feature pass (per rank under torchrun).
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -428,25 +420,56 @@ struct KnnArgs {
 }
 
 #[cfg(feature = "train")]
+#[derive(Args)]
+struct KnnArgs {
+    #[command(flatten)]
+    features: FeatureArgs,
+    /// Neighbours.
+    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_K)]
+    k: usize,
+    /// Vote temperature.
+    #[arg(long, default_value_t = conmim::train::finetune::knn::KNN_TEMPERATURE)]
+    temperature: f64,
+}
+
+#[cfg(feature = "train")]
 fn knn_cmd(a: &KnnArgs) -> Result<()> {
-    let topts = a.source.options(&a.train_split)?;
-    let vopts = a.source.options(&a.val_split)?;
-    let val = a.val_data.clone().unwrap_or_else(|| a.train_data.clone());
+    let f = &a.features;
+    let (train, val) = f.datasets()?;
     let r = conmim::train::finetune::knn::knn(
-        &a.checkpoint,
-        weights_of(a.weights),
-        (&a.train_data, &topts),
-        (&val, &vopts),
+        &f.checkpoint,
+        weights_of(f.weights),
+        (&f.train_data, &train),
+        (&val.0, &val.1),
         a.k,
         a.temperature,
-        a.batch,
-        a.threads,
-        a.device.as_deref(),
+        f.batch,
+        f.threads,
+        f.device.as_deref(),
     )?;
     if r.rank == 0 {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
+}
+
+#[cfg(feature = "train")]
+impl FeatureArgs {
+    /// The source options of the train split, and the val dataset with its options.
+    fn datasets(
+        &self,
+    ) -> Result<(
+        conmim::stream::SourceOptions,
+        (String, conmim::stream::SourceOptions),
+    )> {
+        let train = self.source.options(&self.train_split)?;
+        let vopts = self.source.options(&self.val_split)?;
+        let val = self
+            .val_data
+            .clone()
+            .unwrap_or_else(|| self.train_data.clone());
+        Ok((train, (val, vopts)))
+    }
 }
 
 #[cfg(feature = "train")]

@@ -130,14 +130,16 @@ impl StreamConfig {
         Ok(())
     }
 
-    /// Checks the values against a shard list: every rank must get a shard.
+    /// Checks the values against a shard list: with [`Remainder::Drop`] every rank must
+    /// get a shard. [`Remainder::Keep`] (evaluation: every shard read once) lets ranks
+    /// past the last shard read nothing: a small validation set on many GPUs.
     pub fn validate_for(&self, list: &ShardList) -> Result<()> {
         self.validate()?;
         let n = list.len();
         if n == 0 {
             return Err(Error::Config("stream: the shard list is empty".into()));
         }
-        if self.mode == Mode::Epoch && self.remainder != Remainder::Pad && n < self.world_size {
+        if self.mode == Mode::Epoch && self.remainder == Remainder::Drop && n < self.world_size {
             return Err(Error::Config(format!(
                 "stream: {n} shards cannot feed {} ranks (use remainder = pad or resampled mode)",
                 self.world_size
@@ -337,6 +339,15 @@ mod tests {
         d.sort();
         d.dedup();
         assert_eq!(d.len(), 9);
+        // Fewer shards than ranks: Keep reads each shard once (the last rank nothing),
+        // Drop is refused.
+        assert_eq!(plans(2, 3, Remainder::Keep, 0)[2], Vec::<usize>::new());
+        let few = StreamConfig {
+            world_size: 3,
+            ..Default::default()
+        };
+        let e = few.validate_for(&list(2, None)).unwrap_err().to_string();
+        assert!(e.contains("2 shards cannot feed 3 ranks"), "{e}");
         let pad = plans(10, 3, Remainder::Pad, 0);
         assert!(pad.iter().all(|p| p.len() == 4));
         let mut p = pad.concat();

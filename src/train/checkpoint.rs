@@ -47,6 +47,7 @@ pub struct CheckpointState {
     pub format: u32,
     /// Optimiser steps taken (the next step's index).
     pub step: u64,
+    /// Images trained on, by all ranks together.
     pub samples: u64,
     pub config: PretrainConfig,
     pub lr_schedule: CosineSchedule,

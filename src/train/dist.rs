@@ -415,7 +415,9 @@ impl ProcessGroup {
             world_size: env.world_size,
             backend,
             staging: match backend {
-                Backend::Nccl => Device::Cuda(env.local_rank),
+                // The rank's GPU (GPU 0 where each process sees only its own); the
+                // runs set it again with `on_device`.
+                Backend::Nccl => Device::Cuda(env.gpu_index(tch::Cuda::device_count() as usize)),
                 Backend::Gloo => Device::Cpu,
             },
         })
@@ -1136,6 +1138,8 @@ mod tests {
             let s = t.train_step_device(&b, || Ok(())).unwrap();
             stats.push(format!("{:.9e},{:.9e}", s.loss, s.grad_norm));
         }
+        // The checkpointed image count is the run's, not this rank's (3 steps x 2 x 2).
+        assert_eq!(t.samples, 12);
         println!("DP rank {} {}", env.rank, fingerprint(&t));
         println!("DPSTATS rank {} {}", env.rank, stats.join(","));
     }

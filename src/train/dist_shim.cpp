@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -258,7 +259,10 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
     const auto attempt = attempt_token(*tcp, rank, world, timeout);
     auto store = c10::make_intrusive<c10d::PrefixStore>(
         "conmim/pg/" + attempt + "/" + std::to_string(groups.fetch_add(1)), tcp);
-    auto g = new Group{store, {}, timeout, {}};
+    // Owned here until it is handed out: a backend whose constructor throws (NCCL
+    // without a GPU, Gloo on a wrong interface) must not leak the group and, on rank 0,
+    // the store server with its port.
+    auto g = std::unique_ptr<Group>(new Group{store, {}, timeout, {}});
     const std::string b(backend);
     if (b == "gloo") {
         auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
@@ -272,14 +276,12 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
         g->pg = wrap(store, rank, world, g->backend, c10d::ProcessGroup::BackendType::NCCL);
         g->on_gpu = true;
 #else
-        delete g;
         throw std::runtime_error("this build has no NCCL backend (built without NCCL headers)");
 #endif
     } else {
-        delete g;
         throw std::runtime_error("unknown backend " + b + " (gloo or nccl)");
     }
-    *out = g;
+    *out = g.release();
     CONMIM_CATCH
 }
 

@@ -23,6 +23,17 @@ pub fn trunc_normal_(t: &mut Tensor, std: f64) {
     });
 }
 
+/// Fills `t` with a normal(0, `std`) truncated to `[-2, 2]` (absolute), in place: timm's
+/// `trunc_normal_(t, std=std)` with its default bounds, which the official fine-tuning
+/// model (`modeling_finetune.py`) imports for its classifier head. At `std` 0.02 the cut
+/// lies 100 standard deviations out, so this is a plain normal(0, `std`).
+pub fn timm_trunc_normal_(t: &mut Tensor, std: f64) {
+    tch::no_grad(|| {
+        let _ = t.normal_(0.0, std);
+        let _ = t.clamp_(-2.0, 2.0);
+    });
+}
+
 /// A trainable variable `name` under `path`, truncated-normal initialised (see
 /// [`trunc_normal_`]).
 pub fn trunc_normal_var(path: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
@@ -56,5 +67,19 @@ mod tests {
         // Std of a standard normal truncated to [-1, 1]: 0.5380.
         let std = t.std(true).double_value(&[]);
         assert!((std / 0.02 - 0.538).abs() < 0.01, "std {std}");
+    }
+
+    #[test]
+    fn timm_trunc_normal_is_a_plain_normal_at_small_std() {
+        let _rng = crate::train::testing::seeded(2);
+        let mut t = Tensor::zeros([200_000], (Kind::Float, Device::Cpu));
+        super::timm_trunc_normal_(&mut t, 0.02);
+        let std = t.std(true).double_value(&[]);
+        assert!((std / 0.02 - 1.0).abs() < 0.01, "std {std}");
+        let max = t.abs().max().double_value(&[]);
+        assert!(max > 0.08, "max {max}"); // beyond 4 sigma in 200,000 draws
+        let mut wide = Tensor::zeros([10_000], (Kind::Float, Device::Cpu));
+        super::timm_trunc_normal_(&mut wide, 10.0);
+        assert!(wide.abs().max().double_value(&[]) <= 2.0);
     }
 }

@@ -25,6 +25,26 @@ pub fn no_weight_decay(name: &str, shape: &[i64]) -> bool {
     shape.len() <= 1 || name.ends_with(".bias") || base == "cls_token" || base == "pos_embed"
 }
 
+/// Why step `step` must not be applied, if it must not: a non-finite loss, or a
+/// non-finite global gradient norm with a finite loss. bf16 autocast has no loss scaler
+/// that would skip such a step; clipping would turn every gradient into NaN, and AdamW
+/// and the EMA would write them into the weights, the moments and the teacher (and the
+/// next checkpoint).
+pub fn unusable_step(loss: f64, grad_norm: f64, step: u64) -> Option<String> {
+    if !loss.is_finite() {
+        Some(format!(
+            "the loss is {loss} at step {step}; stopping (no update made)"
+        ))
+    } else if !grad_norm.is_finite() {
+        Some(format!(
+            "the gradient norm is {grad_norm} at step {step} (the loss is {loss}); stopping \
+             (no update made)"
+        ))
+    } else {
+        None
+    }
+}
+
 /// The trainable (requires-grad) variables of `vs`, by name.
 pub fn trainable_named(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs
@@ -459,6 +479,16 @@ mod tests {
 
     fn var(vals: &[f32], shape: &[i64]) -> Tensor {
         Tensor::from_slice(vals).view(shape).set_requires_grad(true)
+    }
+
+    #[test]
+    fn non_finite_loss_or_gradient_norm_stops_before_the_update() {
+        assert_eq!(unusable_step(1.5, 3.0, 7), None);
+        let e = unusable_step(f64::NAN, 3.0, 7).unwrap();
+        assert!(e.contains("the loss is NaN at step 7"), "{e}");
+        let e = unusable_step(1.5, f64::INFINITY, 7).unwrap();
+        assert!(e.contains("the gradient norm is inf at step 7"), "{e}");
+        assert!(unusable_step(1.5, f64::NAN, 7).is_some());
     }
 
     #[test]

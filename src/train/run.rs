@@ -1037,6 +1037,8 @@ pub fn pretrain(o: &PretrainOptions) -> Result<Summary> {
     }
     if let Some(pg) = &trainer.dist {
         pg.check_replicas_agree(&trainer.opt.vars(), "student weights")?;
+        let teacher = super::teacher::flats(&trainer.ema.groups);
+        pg.check_replicas_agree(&teacher.iter().collect::<Vec<_>>(), "teacher weights")?;
     }
     metrics.flush()?;
     tb.flush()?;

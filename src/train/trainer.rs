@@ -10,13 +10,15 @@
 //! Precision: on CUDA the forward passes run under bf16 autocast (as
 //! `torch.autocast("cuda", dtype=torch.bfloat16)`, through the C++ shim in
 //! [`super::cuda`]) with TF32 matmuls; the loss, the gradients' reduction, AdamW and
-//! the EMA stay fp32 (the parameters are fp32 masters). On the CPU: fp32 everywhere.
+//! the EMA stay fp32 tensors (the parameters are fp32 masters; the loss's similarity
+//! matmul, outside autocast, runs in TF32 like every fp32 matmul of the process). On
+//! the CPU: fp32 everywhere.
 //!
 //! Device syncs: one per step, after the backward pass is queued: loss, masked count,
 //! gradient norm and accuracy come back together, and only then is the update applied
-//! (a non-finite loss abandons the step with weights and moments untouched). The
-//! caller's `between` hook runs just before that sync, while the GPU works: the
-//! training loop uploads the next batch there ([`DeviceBatch::upload`]).
+//! (a non-finite loss or gradient norm abandons the step with weights and moments
+//! untouched). The caller's `between` hook runs just before that sync, while the GPU
+//! works: the training loop uploads the next batch there ([`DeviceBatch::upload`]).
 //!
 //! The teacher runs in training mode, as in the official code (a copy of the student
 //! never switched to eval): its head normalises with batch statistics, as the spec
@@ -87,7 +89,7 @@ pub struct Trainer {
     pub momentum: MomentumSchedule,
     /// The loader position after the last batch trained on (for checkpoints).
     pub loader_state: Option<LoaderState>,
-    /// Samples trained on so far.
+    /// Samples trained on so far, by all ranks together.
     pub samples: u64,
     /// bf16 autocast of the forward passes (on by default on CUDA, off on the CPU).
     pub amp: bool,
@@ -271,7 +273,8 @@ impl Trainer {
     }
 
     /// One training step on `batch` (uploads it, then [`Trainer::train_step_device`]).
-    /// A non-finite loss is an error and leaves the weights, moments and step untouched.
+    /// A non-finite loss or gradient norm is an error and leaves the weights, moments and
+    /// step untouched.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let x = DeviceBatch::upload(batch, self.device).context("uploading the batch")?;
         self.train_step_device(&x, || Ok(()))
@@ -280,7 +283,8 @@ impl Trainer {
     /// One training step on a batch already on the device. `between` runs after the
     /// forward and backward passes are queued and before the step's one device sync
     /// (the loop uploads the next batch there, overlapping the GPU's work). A
-    /// non-finite loss is an error and leaves the weights, moments and step untouched.
+    /// non-finite loss or gradient norm is an error and leaves the weights, moments and
+    /// step untouched.
     pub fn train_step_device(
         &mut self,
         x: &DeviceBatch,
@@ -357,9 +361,9 @@ impl Trainer {
         let got = Vec::<f64>::try_from(&all)?;
         let (loss, masked, grad_norm, accuracy) = (got[0], got[1], got[2], got[3]);
         let stop = got[4] > 0.0;
-        if !loss.is_finite() {
+        if let Some(why) = super::optim::unusable_step(loss, grad_norm, step) {
             self.opt.zero_grad();
-            bail!("the loss is {loss} at step {step}; stopping (no update made)");
+            bail!(why);
         }
         if masked == 0.0 {
             self.opt.zero_grad();
@@ -370,7 +374,7 @@ impl Trainer {
         if let Some(state) = &x.state {
             self.loader_state = Some(state.clone());
         }
-        self.samples += b as u64;
+        self.samples += (b * self.world_size()) as u64;
         Ok(StepStats {
             step,
             loss,

@@ -50,7 +50,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, TchError, Tensor, nn};
 
-use super::init::{linear, trunc_normal_, trunc_normal_var};
+use super::init::{linear, timm_trunc_normal_, trunc_normal_, trunc_normal_var};
 
 type Result<T> = std::result::Result<T, TchError>;
 
@@ -826,7 +826,14 @@ impl VisionTransformer {
             GlobalPool::Mean => (None, Some(layer_norm(cfg, &path / "fc_norm"))),
         };
         let head = (cfg.num_classes > 0).then(|| {
-            let mut head = linear(&(&path / "head"), d, cfg.num_classes, true, cfg.init_std);
+            // The official fine-tuning model draws its head with timm's trunc_normal_
+            // (cut at +-2 absolute, a plain normal), not the pretraining code's +-1 std.
+            let head_path = &path / "head";
+            let mut head = nn::Linear {
+                ws: head_path.zeros("weight", &[cfg.num_classes, d]),
+                bs: Some(head_path.zeros("bias", &[cfg.num_classes])),
+            };
+            timm_trunc_normal_(&mut head.ws, cfg.init_std);
             if cfg.head_init_scale != 1.0 {
                 tch::no_grad(|| {
                     let _ = head.ws.g_mul_scalar_(cfg.head_init_scale);
@@ -853,6 +860,22 @@ impl VisionTransformer {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The mean of the patch tokens of [`Self::forward_features`]' output `[B, 1+N, D]`,
+    /// through `fc_norm` when the model pools that way ([`GlobalPool::Mean`]; the
+    /// tokens then had no final `norm`): `[B, D]`, the frozen-feature representation of
+    /// k-NN and linear probing.
+    pub fn mean_patch_features(&self, features: &Tensor) -> Tensor {
+        let mean = features.narrow(1, 1, self.cfg.num_patches()).mean_dim(
+            [1i64].as_slice(),
+            false,
+            None::<Kind>,
+        );
+        match &self.fc_norm {
+            Some(fc_norm) => mean.apply(fc_norm),
+            None => mean,
+        }
     }
 
     /// Copies a shared relative position bias table (`rel_pos_bias.relative_position_bias_table`
@@ -1631,6 +1654,14 @@ mod tests {
         let f2 = f.copy();
         let _ = f2.i((.., 0)).fill_(5.0);
         assert!(vit.forward_head(&f2).unwrap().equal(&got));
+        // k-NN / linear-probe features are what the head reads; without fc_norm the
+        // plain mean.
+        assert!(vit.mean_patch_features(&f).equal(&got));
+        let token = VisionTransformer::new(&micro(Variant::Beit), vs.root() / "token").unwrap();
+        let mean = f
+            .i((.., 1..))
+            .mean_dim([1i64].as_slice(), false, None::<Kind>);
+        assert!(token.mean_patch_features(&f).equal(&mean));
     }
 
     #[test]
@@ -1647,9 +1678,12 @@ mod tests {
         let (one, small) = (build(1.0), build(0.001));
         let w1 = &one["head.weight"];
         let w = &small["head.weight"];
-        assert!(w1.abs().max().double_value(&[]) > 0.019);
+        // timm's trunc_normal_(std=0.02) as the official fine-tuning head: a plain
+        // normal, not cut at one std like the pretraining weights.
+        assert!(w1.abs().max().double_value(&[]) > 0.03);
+        let std = w1.std(true).double_value(&[]);
+        assert!((0.016..0.024).contains(&std), "std {std}");
         assert!(w.allclose(&(w1 * 0.001), 1e-12, 0.0, false));
-        assert!(w.abs().max().double_value(&[]) <= 0.02 * 0.001 + 1e-12);
         assert_eq!(small["head.bias"].abs().max().double_value(&[]), 0.0);
         // Nothing else changes.
         for (k, t) in &one {

@@ -234,6 +234,23 @@ impl FinetuneConfig {
         if self.model.use_mask_token {
             bail!("model.use_mask_token must be false for fine-tuning (the mask token is dropped)");
         }
+        // Keys of the backbone config that fine-tuning sets itself (`net_config`): a value
+        // there would be written to config.json and change nothing.
+        let d = crate::train::vit::Config::vit_small();
+        if self.model.global_pool != d.global_pool {
+            bail!(
+                "model.global_pool is not read by fine-tuning: set pooling = \"mean\" or \"cls\""
+            );
+        }
+        if self.model.head_init_scale != d.head_init_scale {
+            bail!("model.head_init_scale is not read by fine-tuning: set head_init_scale");
+        }
+        if self.model.rel_pos_bias != d.rel_pos_bias {
+            bail!(
+                "model.rel_pos_bias is not read by fine-tuning: a BEiT-style backbone always \
+                 gets one relative position bias table per block"
+            );
+        }
         if !(self.layer_decay.is_finite() && self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             bail!("layer_decay {} not in (0, 1]", self.layer_decay);
         }
@@ -329,6 +346,7 @@ impl FinetuneConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::vit::{GlobalPool, RelPosBias};
 
     #[test]
     fn presets_follow_table_12() {
@@ -418,6 +436,18 @@ mod tests {
             ),
             ("eval_resize", Box::new(|c| c.eval_resize = 200)),
             ("drop_path_rate", Box::new(|c| c.model.drop_path_rate = 1.0)),
+            (
+                "model.global_pool",
+                Box::new(|c| c.model.global_pool = GlobalPool::Mean),
+            ),
+            (
+                "model.head_init_scale",
+                Box::new(|c| c.model.head_init_scale = 0.001),
+            ),
+            (
+                "model.rel_pos_bias",
+                Box::new(|c| c.model.rel_pos_bias = RelPosBias::PerBlock),
+            ),
         ];
         for (key, f) in cases {
             let mut c = good.clone();

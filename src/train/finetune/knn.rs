@@ -3,7 +3,9 @@
 //! torchrun job.
 //!
 //! Features are the L2-normalised mean of the final-norm patch tokens at the eval
-//! transform. For each val feature the `k` most similar train features (cosine) vote for
+//! transform (of a mean-pooling fine-tuned classifier: the mean through its `fc_norm`,
+//! what its head reads; resize 256/224 of the size below 384 px, no crop from 384 px
+//! on). For each val feature the `k` most similar train features (cosine) vote for
 //! their class with weight `exp(sim / T)`; top-1 / top-5 of the summed votes.
 //!
 //! Across ranks every rank extracts the features of its own shards (each shard read by
@@ -53,7 +55,9 @@ pub const KNN_TEMPERATURE: f64 = 0.07;
 /// Val rows per similarity matmul: bounds the `[chunk, train rows]` similarity matrix.
 const CHUNK: i64 = 256;
 
-/// L2-normalised features (the mean of the final-norm patch tokens) and labels of the
+/// L2-normalised features (the mean of the final-norm patch tokens; of a mean-pooling
+/// classifier, the mean of the last block's patch tokens through its `fc_norm`, what its
+/// head reads) and labels of the
 /// samples of `data` this rank reads (all of them without `pg`; with it, the shards of
 /// this rank), each read exactly once at the eval transform. A rank may get no shard:
 /// then `[0, dim]` features. Every sample must have a label.
@@ -67,7 +71,13 @@ pub fn features(
     pg: Option<&ProcessGroup>,
 ) -> Result<(Tensor, Tensor)> {
     let cfg = vit.config();
-    let resize = (cfg.image_size as f64 * 256.0 / 224.0).round() as u32;
+    // DINO's Resize(256) + CenterCrop(224), scaled; from 384 px on no crop (as the
+    // fine-tuning evaluation there).
+    let resize = if cfg.image_size >= 384 {
+        cfg.image_size as u32
+    } else {
+        (cfg.image_size as f64 * 256.0 / 224.0).round() as u32
+    };
     let mut lc = eval_loader_config(cfg.image_size as u32, resize, batch, threads);
     if let Some(pg) = pg {
         lc.stream.rank = pg.rank;
@@ -99,10 +109,7 @@ pub fn features(
             )?;
             let f =
                 crate::train::cuda::autocast_bf16(amp, || vit.forward_features(&x, None, false))??;
-            let f = f
-                .narrow(1, 1, cfg.num_patches())
-                .to_kind(Kind::Float)
-                .mean_dim([1i64].as_slice(), false, None::<Kind>);
+            let f = vit.mean_patch_features(&f.to_kind(Kind::Float));
             feats.push(
                 &f / f
                     .norm_scalaropt_dim(2, [1i64].as_slice(), true)

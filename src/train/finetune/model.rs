@@ -139,6 +139,13 @@ pub fn read_source(
         ));
     }
     if source.is_file() {
+        if weights == Weights::Student {
+            bail!(
+                "{}: a .safetensors file holds one network; student weights (--init-weights / \
+                 --weights student) apply to pretraining checkpoints",
+                source.display()
+            );
+        }
         let t = Tensor::read_safetensors(source).with_context(|| {
             format!(
                 "reading {} (expected a .safetensors state dict)",
@@ -261,6 +268,18 @@ pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<I
             cfg.depth - 1
         ));
     }
+    // The features a source classifier was trained on: mean-pooled patch tokens after
+    // `fc_norm`, or the CLS token after `norm`. Its head only fits a classifier that
+    // pools the same way.
+    let src_pool = if src.contains_key("fc_norm.weight") {
+        GlobalPool::Mean
+    } else {
+        GlobalPool::Token
+    };
+    let pooled = |p: GlobalPool| match p {
+        GlobalPool::Mean => "the mean of the patch tokens after fc_norm",
+        GlobalPool::Token => "the CLS token after norm",
+    };
     let mut vars: Vec<(String, Tensor)> = net.vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut copies: Vec<(Tensor, Tensor)> = Vec::new();
@@ -271,6 +290,14 @@ pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<I
             continue;
         }
         match src.remove(name) {
+            Some(_) if name.starts_with("head.") && src_pool != cfg.global_pool => {
+                r.ignored.push(format!(
+                    "{name}: the source's classifier reads {}, this one {}",
+                    pooled(src_pool),
+                    pooled(cfg.global_pool)
+                ));
+                r.new.push(name.clone());
+            }
             Some(t) if name.starts_with("head.") && t.size() != var.size() => {
                 // A classifier of another label set: this one's head starts new.
                 r.ignored.push(format!(
@@ -292,7 +319,10 @@ pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<I
                 copies.push((var.shallow_clone(), t));
                 r.loaded.push(name.clone());
             }
-            None if name.starts_with("head.") || name.starts_with("fc_norm.") => {
+            None if name.starts_with("head.")
+                || name.starts_with("fc_norm.")
+                || (name.starts_with("norm.") && src_pool == GlobalPool::Mean) =>
+            {
                 r.new.push(name.clone())
             }
             None => bail!(
@@ -314,6 +344,10 @@ pub fn map_into(net: &Classifier, mut src: BTreeMap<String, Tensor>) -> Result<I
         } else if k.starts_with("norm.") && cfg.global_pool == GlobalPool::Mean {
             r.ignored.push(format!(
                 "{k}: the classifier pools with a new fc_norm (no final norm)"
+            ));
+        } else if k.starts_with("fc_norm.") && cfg.global_pool == GlobalPool::Token {
+            r.ignored.push(format!(
+                "{k}: the classifier reads the CLS token after a new norm"
             ));
         } else {
             bail!("`{k}` in the source has no place in this model (another architecture?)");

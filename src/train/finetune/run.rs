@@ -126,6 +126,7 @@ pub struct FinetuneSummary {
     pub epochs_done: u32,
     /// The step this invocation started from (0, or the resumed checkpoint's).
     pub resumed_at_step: u64,
+    /// `checkpoints/best`, or `checkpoints/last` when no evaluation wrote a `best`.
     pub checkpoint: PathBuf,
     /// The run stopped early on this signal, after a resumable `checkpoints/last` of its
     /// last step: "SIGTERM", "SIGINT", or "SIGTERM (on another rank)".
@@ -149,8 +150,10 @@ pub fn build_config(o: &FinetuneOptions) -> Result<FinetuneConfig> {
     let mut model = serde_json::Map::new();
     if let Some(e) = o.epochs {
         flags.insert("epochs".into(), e.into());
-        if cfg.warmup_epochs > e {
-            // Shortened runs keep a proportional warmup unless one is set.
+        // Shortened runs keep the preset's proportion of warmup, unless a config file or
+        // --set names warmup_epochs.
+        let named = all.iter().any(|(_, v)| v.get("warmup_epochs").is_some());
+        if !named && cfg.warmup_epochs > e {
             let w = (cfg.warmup_epochs as f64 * e as f64 / cfg.epochs as f64).round() as u32;
             flags.insert("warmup_epochs".into(), w.min(e).into());
         }
@@ -449,13 +452,16 @@ fn resume(
     device: Device,
 ) -> Result<ResumeState> {
     let state = model::read_state(dir)?;
-    if &state.config != cfg {
-        let differ = crate::train::run::json_differences(
-            &serde_json::to_value(&state.config)?,
-            &serde_json::to_value(cfg)?,
-            "checkpoint",
-            "this run",
-        );
+    // The loader thread count changes no batch (a restart on another machine may pass
+    // another --threads); everything else must be the checkpoint's.
+    let comparable = |c: &FinetuneConfig| {
+        let mut v = serde_json::to_value(c)?;
+        v["data_threads"] = serde_json::Value::Null;
+        anyhow::Ok(v)
+    };
+    let (saved, now) = (comparable(&state.config)?, comparable(cfg)?);
+    if saved != now {
+        let differ = crate::train::run::json_differences(&saved, &now, "checkpoint", "this run");
         bail!(
             "the checkpoint was written with another config ({}); resume with the same \
              preset, --set and flags",
@@ -593,13 +599,16 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     tch::manual_seed((cfg.seed >> 1) as i64);
     let net_cfg: Config = cfg.net_config();
     let net = Classifier::new(&net_cfg, device)?;
-    let init_report = match &o.init {
-        Some(p) => model::load_pretrained(&net, p, o.init_weights)?,
-        None => InitReport {
+    // A resumed run takes every weight from its checkpoint: --init is not read again
+    // (it may have moved since), and init.json stays the first start's.
+    let init_report = match (&o.init, &resume_from) {
+        (_, Some(_)) => None,
+        (Some(p), None) => Some(model::load_pretrained(&net, p, o.init_weights)?),
+        (None, None) => Some(InitReport {
             weights: "random".into(),
             new: vec!["every variable (random initialisation)".into()],
             ..Default::default()
-        },
+        }),
     };
     if let Some(pg) = &pg {
         // Every rank starts from rank 0's weights.
@@ -613,7 +622,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             Ok(())
         })?;
     }
-    if o.progress && main {
+    if let (Some(init_report), true) = (&init_report, o.progress && main) {
         eprintln!(
             "conmim finetune: init from {} ({}): {} loaded, {} new, {} ignored{}{}",
             o.init
@@ -651,8 +660,8 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         None => None,
     };
     crate::format::atomic_write_json(&log_dir.join("config.json"), &cfg)?;
-    if resumed.is_none() {
-        crate::format::atomic_write_json(&log_dir.join("init.json"), &init_report)?;
+    if let Some(init_report) = &init_report {
+        crate::format::atomic_write_json(&log_dir.join("init.json"), init_report)?;
     }
     let start_step = opt.step;
     if let (Some(dir), true) = (&resume_from, o.progress && main) {
@@ -810,9 +819,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         }
         let got = Vec::<f64>::try_from(&parts)?;
         let (loss_v, norm, stop) = (got[0], got[1], got[2] > 0.0);
-        if !loss_v.is_finite() {
+        if let Some(why) = crate::train::optim::unusable_step(loss_v, norm, step) {
             opt.zero_grad();
-            bail!("the loss is {loss_v} at step {step}; stopping (no update made)");
+            bail!(why);
         }
         opt.apply(grads, lr, cfg.clip_grad)?;
         samples += (b * world) as u64;
@@ -967,7 +976,13 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         best_epoch,
         epochs_done,
         resumed_at_step: start_step,
-        checkpoint: ck.join("best"),
+        // `best` once an evaluation wrote one (not before the first, e.g. a run stopped
+        // by a signal or --stop-after-epoch early), else the resumable `last`.
+        checkpoint: if ck.join("best").is_dir() {
+            ck.join("best")
+        } else {
+            ck.join("last")
+        },
         stopped_by,
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)?;
@@ -1166,6 +1181,13 @@ pub fn backbone_of(
     device: Device,
 ) -> Result<(tch::nn::VarStore, crate::train::vit::VisionTransformer)> {
     if let Some(dir) = model::checkpoint_dir(source) {
+        if weights == Weights::Student {
+            bail!(
+                "{}: a fine-tuning checkpoint holds one network; --weights student applies \
+                 to pretraining checkpoints",
+                dir.display()
+            );
+        }
         let (net, _, _) = model::load(&dir, device)?;
         return Ok((net.vs, net.vit));
     }
@@ -1289,10 +1311,40 @@ mod tests {
         let r = model::map_into(&same, src).unwrap();
         assert!(r.loaded.contains(&"head.weight".to_owned()), "{r:?}");
         assert!(r.resized.is_empty());
+        // A classifier that pools the CLS token does not take a mean-pooled head: the
+        // head and the final norm start new, fc_norm is left out.
+        let mut cls = o.clone();
+        cls.sets.push("pooling=\"cls\"".into());
+        let cls = Classifier::new(&build_config(&cls).unwrap().net_config(), Device::Cpu).unwrap();
+        let (src, _, _) = model::read_source(&out, Weights::Teacher).unwrap();
+        let r = model::map_into(&cls, src).unwrap();
+        for name in ["head.weight", "head.bias", "norm.weight", "norm.bias"] {
+            assert!(r.new.contains(&name.to_owned()), "{name}: {r:?}");
+        }
+        let ignored = r.ignored.join("; ");
+        assert!(
+            ignored.contains(
+                "head.weight: the source's classifier reads the mean of the patch \
+                              tokens after fc_norm, this one the CLS token after norm"
+            ) && ignored.contains("fc_norm.weight: the classifier reads the CLS token"),
+            "{ignored}"
+        );
         let e = model::read_source(&out, Weights::Student)
             .unwrap_err()
             .to_string();
         assert!(e.contains("holds one network"), "{e}");
+        let e = format!(
+            "{:#}",
+            backbone_of(&out, Weights::Student, Device::Cpu)
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains("holds one network"), "{e}");
+        let file = out.join("checkpoints/best/model.safetensors");
+        let e = model::read_source(&file, Weights::Student)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a .safetensors file holds one network"), "{e}");
 
         // A timm-style backbone: pos_embed, 1 + 16 tokens -> 1 + 36.
         let timm = |size: &str| {
@@ -1348,6 +1400,19 @@ mod tests {
         "shuffle_buffer=4",
         "model.num_classes=4",
     ];
+
+    /// `--epochs` shorter than the preset's warmup scales the warmup (small: 5 of 200
+    /// epochs), but a warmup a config file or `--set` names is kept.
+    #[test]
+    fn short_epochs_keep_a_named_warmup() {
+        let mut o = ft_opts(Path::new("unused"), Path::new("unused"), None);
+        o.epochs = Some(4);
+        assert_eq!(build_config(&o).unwrap().warmup_epochs, 0); // round(5 * 4 / 200)
+        o.sets.push("warmup_epochs=1".into());
+        assert_eq!(build_config(&o).unwrap().warmup_epochs, 1);
+        o.epochs = Some(100);
+        assert_eq!(build_config(&o).unwrap().warmup_epochs, 1);
+    }
 
     fn ft_opts(data: &Path, out: &Path, init: Option<PathBuf>) -> FinetuneOptions {
         FinetuneOptions {
@@ -1529,7 +1594,8 @@ mod tests {
     /// Issue 5: fine-tuning resumes exactly. Three epochs in one go equal one epoch,
     /// `--stop-after-epoch 1`, then `--resume auto` for the other two: the same losses,
     /// learning rates, gradient norms and evaluations, and the same final weights (CPU;
-    /// to float reduction order). A fresh run into an OUT that holds a checkpoint is
+    /// to float reduction order), also with another `--threads` and an `--init` that is
+    /// gone. A fresh run into an OUT that holds a checkpoint is
     /// refused.
     #[test]
     fn issue5_finetune_resumes_exactly() {
@@ -1565,6 +1631,8 @@ mod tests {
         std::fs::rename(ck.join("last"), ck.join(".old-last-4242")).unwrap();
         std::fs::create_dir(ck.join(".tmp-last-4242")).unwrap();
         o.resume = Resume::Auto;
+        o.threads = Some(1); // another loader thread count changes no batch
+        o.init = Some(dir.path().join("gone")); // a resume does not read --init again
         let b = finetune(&o).unwrap();
         let hidden: Vec<_> = std::fs::read_dir(&ck)
             .unwrap()
