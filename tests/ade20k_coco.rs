@@ -1,6 +1,8 @@
 //! ADE20K and COCO sources end to end: tiny layouts on disk -> `shard::run` -> index,
 //! shard members, rejected list and manifest.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -312,11 +314,14 @@ fn coco_layout(root: &Path) -> serde_json::Value {
         ],
         "annotations": [
             {"id": 102, "image_id": 1, "category_id": 18, "bbox": [40.0, 40.0, 10.0, 7.0],
-             "area": 35.0, "iscrowd": 0, "segmentation": poly[1]},
+             "area": 35.0, "iscrowd": 0, "segmentation": [poly[1]]},
             {"id": 101, "image_id": 1, "category_id": 1, "bbox": [1.5, 2.0, 28.75, 18.0],
              "area": 517.5, "iscrowd": 0, "segmentation": [poly[0]]},
             {"id": 201, "image_id": 2, "category_id": 1, "bbox": [0, 0, 48, 64],
              "area": 3072, "iscrowd": 1, "segmentation": rle},
+            // Detection-only: no iscrowd, segmentation null.
+            {"id": 202, "image_id": 2, "category_id": 18, "bbox": [1, 1, 2, 2],
+             "area": 4, "segmentation": null},
             {"id": 601, "image_id": 6, "category_id": 1, "bbox": [0, 0, 4, 4],
              "area": 16, "iscrowd": 0, "segmentation": [[0, 0, 4, 0, 4, 4]]},
             {"id": 901, "image_id": 999, "category_id": 1, "bbox": [0, 0, 1, 1],
@@ -352,7 +357,7 @@ fn coco_images_carry_their_annotations() {
     );
     let expect = [
         ("000000000001", 1, 2, (64, 48)),
-        ("000000000002", 2, 1, (48, 64)),
+        ("000000000002", 2, 2, (48, 64)),
         ("000000000003", 3, 0, (40, 40)),
     ];
     for (key, id, n, size) in expect {
@@ -382,7 +387,7 @@ fn coco_images_carry_their_annotations() {
                 {"id": 101, "category_id": 1, "bbox": [1.5, 2.0, 28.75, 18.0], "area": 517.5,
                  "iscrowd": 0, "segmentation": [[1.5, 2.0, 30.25, 2.0, 30.25, 20.0]]},
                 {"id": 102, "category_id": 18, "bbox": [40.0, 40.0, 10.0, 7.0], "area": 35.0,
-                 "iscrowd": 0, "segmentation": [40.0, 40.0, 50.0, 40.0, 45.0, 47.0]}
+                 "iscrowd": 0, "segmentation": [[40.0, 40.0, 50.0, 40.0, 45.0, 47.0]]}
             ]
         })
     );
@@ -393,7 +398,9 @@ fn coco_images_carry_their_annotations() {
             "has_annotations": true,
             "annotations": [
                 {"id": 201, "category_id": 1, "bbox": [0.0, 0.0, 48.0, 64.0], "area": 3072.0,
-                 "iscrowd": 1, "segmentation": {"counts": [0, 10, 20, 3042], "size": [64, 48]}}
+                 "iscrowd": 1, "segmentation": {"counts": [0, 10, 20, 3042], "size": [64, 48]}},
+                {"id": 202, "category_id": 18, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4.0,
+                 "iscrowd": 0, "segmentation": []}
             ]
         })
     );
@@ -405,6 +412,9 @@ fn coco_images_carry_their_annotations() {
             "has_annotations": false, "annotations": []
         })
     );
+
+    // The json members (a segmentation-less annotation included) fit the schema.
+    common::python_check(&dir.path().join("out"), "val");
 
     let got = reasons(&out.rejects);
     let want: BTreeMap<String, String> = [

@@ -1,6 +1,8 @@
 //! The `files` source (tsv, csv, jsonl and parquet lists, path templates, rejects,
 //! streaming) and `merge` of `--part i/N` runs.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::Path;
@@ -239,7 +241,11 @@ fn tsv_csv_jsonl_and_parquet_lists_become_samples() {
     let mut t = String::new();
     for i in &imgs {
         let id: u64 = i.id.parse().unwrap();
-        t.push_str(&serde_json::json!({"id": id, "text": i.caption, "label": i.label}).to_string());
+        t.push_str(
+            &serde_json::json!({"id": id, "text": i.caption, "label": i.label,
+                "nsfw": false, "tags": ["a", "b"], "exif": {"iso": 100}})
+            .to_string(),
+        );
         t.push('\n');
     }
     std::fs::write(&jsonl, t).unwrap();
@@ -255,6 +261,11 @@ fn tsv_csv_jsonl_and_parquet_lists_become_samples() {
         imgs[2].id.parse::<u64>().unwrap(),
         "numbers stay numbers"
     );
+    // Booleans, lists and objects are kept as the row had them, and fit the schema.
+    assert_eq!(j["columns"]["nsfw"], false);
+    assert_eq!(j["columns"]["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(j["columns"]["exif"]["iso"], 100);
+    common::python_check(&out, "train");
     assert_eq!(
         ds.manifest.conmim.params["source"]["path_template"],
         YFCC_TEMPLATE
@@ -619,6 +630,27 @@ fn parts_merge_into_the_single_run_dataset() {
     .to_string();
     assert!(e.contains("twice"), "{e}");
     assert_eq!(part_files(&shared), before);
+    // A part whose rejected list disagrees with its manifest: refused before any shard
+    // moves, so the parts stay as they were (and that part can be re-run).
+    let list = elsewhere.join("train-part002of003.rejected.jsonl");
+    let original = std::fs::read(&list).unwrap();
+    let mut tampered = original.clone();
+    tampered.extend_from_slice(
+        b"{\"source\":\"x\",\"key\":null,\"reason\":\"bad_row\",\"detail\":\"d\"}\n",
+    );
+    std::fs::write(&list, &tampered).unwrap();
+    let e = merge(
+        &shared,
+        "train",
+        &[shared.clone(), elsewhere.clone()],
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("part 2/3's manifest says"), "{e}");
+    assert_eq!(part_files(&shared), before);
+    assert!(tar_names(&shared).iter().all(|n| n.contains("part")));
+    std::fs::write(&list, &original).unwrap();
 
     // Simulate a merge that crashed after moving the first shard.
     let first_part_shard = shared.join("train-part000of003-000000.tar");

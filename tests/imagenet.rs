@@ -473,6 +473,12 @@ fn issue2_non_utf8_file_name_is_a_bad_name_reject() {
         "{rejects:?}"
     );
     assert!(rejects[0].detail.contains("rename"), "{rejects:?}");
+    // A root whose own path is not UTF-8 works too (its name goes into the manifest's
+    // params lossily, as the rejects' sources do).
+    let odd = tmp.path().join(std::ffi::OsStr::from_bytes(b"in\xff"));
+    std::fs::rename(&root, &odd).unwrap();
+    let s = shard_imagenet(&odd, &small_config(&tmp.path().join("out2"), "train"));
+    assert_eq!((s.samples, s.rejected), (6, 1));
 }
 
 /// `--max-side N --quality Q`: large originals become JPEGs with max side N; small ones

@@ -446,6 +446,35 @@ fn classification_tasks() {
     }
 }
 
+/// A `.cls` that is not an integer (a WordNet id): pretraining takes the image with
+/// label -1; a classification task names the sample as failed.
+#[test]
+fn conmim_ignores_labels_that_are_not_integers() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::write_sharded(dir.path(), "train", &[4], |_, j| {
+        let jpg = testkit::jpeg(&JpegSpec::rgb(40, 36, j));
+        let members = vec![
+            ("jpg".to_owned(), jpg),
+            ("cls".to_owned(), b"n01440764".to_vec()),
+        ];
+        (format!("k{j}"), members)
+    })
+    .unwrap();
+    let batches = collect(open(dir.path(), config(2, 4, 1)));
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].labels, [-1; 4]);
+    let mut cfg = config(2, 4, 1);
+    cfg.task = Task::ClassifyEval;
+    cfg.eval_resize = 36;
+    let mut l = open(dir.path(), cfg);
+    assert!(l.next().is_none_or(|b| b.is_err()));
+    let failed = l.errors().samples;
+    assert!(
+        failed.len() == 4 && failed[0].message.contains("is not an integer"),
+        "{failed:?}"
+    );
+}
+
 /// `color_jitter` without RandAugment: timm's `ColorJitter(c, c, c)` after the crop and
 /// flip, drawn from the sample's classification stream; with RandAugment it is not
 /// applied (timm's `create_transform` drops it).
@@ -621,12 +650,18 @@ fn a_stalled_source_ends_the_stream_with_an_error() {
 /// Local files, each opened after `delay` (a slow mount or link).
 struct SlowOpener {
     delay: std::time::Duration,
+    /// What it reports as its retry budget (an http opener's: zero for local files).
+    budget: std::time::Duration,
 }
 
 impl conmim::stream::Opener for SlowOpener {
     fn open(&self, url: &str) -> conmim::Result<Box<dyn std::io::Read + Send>> {
         std::thread::sleep(self.delay);
         conmim::stream::FileOpener.open(url)
+    }
+
+    fn retry_budget(&self, _url: &str) -> std::time::Duration {
+        self.budget
     }
 }
 
@@ -652,6 +687,7 @@ fn reading_before_the_first_sample_is_not_a_stall() {
         let list = conmim::stream::ShardList::from_urls(urls.clone(), false).unwrap();
         let opener = std::sync::Arc::new(SlowOpener {
             delay: std::time::Duration::from_millis(100),
+            budget: std::time::Duration::ZERO,
         });
         Stream::new(list, cfg.stream.clone(), opener).unwrap()
     };
@@ -662,6 +698,7 @@ fn reading_before_the_first_sample_is_not_a_stall() {
     never.stall_timeout_s = 0.3;
     let opener = std::sync::Arc::new(SlowOpener {
         delay: std::time::Duration::from_secs(30),
+        budget: std::time::Duration::ZERO,
     });
     let list = conmim::stream::ShardList::from_urls(urls.clone(), false).unwrap();
     let mut l = Loader::new(
@@ -670,6 +707,22 @@ fn reading_before_the_first_sample_is_not_a_stall() {
     )
     .unwrap();
     assert!(matches!(l.next(), Some(Err(Error::Stalled { .. }))));
+    // A source that retries (http: every attempt may wait out its timeouts) is waited
+    // for its whole retry budget plus HTTP_STALL_MARGIN, not the stall timeout: a 1 s
+    // open is no stall here.
+    let opener = std::sync::Arc::new(SlowOpener {
+        delay: std::time::Duration::from_secs(1),
+        budget: std::time::Duration::from_millis(1),
+    });
+    let list = conmim::stream::ShardList::from_urls(urls[..4].to_vec(), false).unwrap();
+    let mut retrying = cfg.clone();
+    retrying.stream.shuffle_buffer = 0;
+    let l = Loader::new(
+        Stream::new(list, retrying.stream.clone(), opener).unwrap(),
+        retrying,
+    )
+    .unwrap();
+    assert_eq!(collect(l).iter().map(|b| b.keys.len()).sum::<usize>(), 4);
 }
 
 #[test]

@@ -36,7 +36,9 @@
 //!   the damage are kept) are logged and the stream moves on. A panicking thread ends
 //!   the stream with [`Error::ThreadPanicked`]; no finished sample and no reading
 //!   (a resumed epoch's replay and the shuffle buffer's fill read without yielding)
-//!   for `stall_timeout_s` seconds ends it with [`Error::Stalled`]. Nothing hangs: dropping
+//!   for `stall_timeout_s` seconds ends it with [`Error::Stalled`] (for http shards at
+//!   least their retry budget plus [`HTTP_STALL_MARGIN`], so a shard is retried to
+//!   the end, then logged, as promised, not mistaken for a stall). Nothing hangs: dropping
 //!   the [`Loader`] stops and joins every thread except a reader blocked in I/O,
 //!   which is detached and exits at its next step.
 //! * **Epochs.** Batches never mix epochs. An epoch's last partial batch is dropped
@@ -97,6 +99,10 @@ pub fn mask_rng(seed: u64, epoch: u64, sample: u64) -> SplitMix64 {
 pub fn image_member(sample: &RawSample) -> Option<&[u8]> {
     IMAGE_EXTS.iter().find_map(|ext| sample.member(ext))
 }
+
+/// What the stall watchdog waits beyond an http shard's retry budget
+/// ([`crate::stream::Opener::retry_budget`]) when that is longer than `stall_timeout_s`.
+pub const HTTP_STALL_MARGIN: Duration = Duration::from_secs(60);
 
 /// Parses a label member (ASCII integer, surrounding whitespace allowed).
 pub fn parse_label(bytes: &[u8]) -> Option<i64> {
@@ -393,6 +399,12 @@ impl Loader {
         let (pool_tx, pool_rx) = bounded::<BatchBuf>(cfg.prefetch + 1);
         let (out_tx, out_rx) = bounded::<Out>(cfg.prefetch);
 
+        // A shard being retried over http is no stall until its retries are spent.
+        let stall = match stream.retry_budget() {
+            Duration::ZERO => Duration::from_secs_f64(cfg.stall_timeout_s),
+            budget => Duration::from_secs_f64(cfg.stall_timeout_s)
+                .max(budget.saturating_add(HTTP_STALL_MARGIN)),
+        };
         let vb = cfg.view_bytes();
         for _ in 0..nslots {
             let slot = Slot {
@@ -462,7 +474,7 @@ impl Loader {
             image_size: cfg.image_size,
             view_bytes: vb,
             mask_len: cfg.mask_len(),
-            stall: Duration::from_secs_f64(cfg.stall_timeout_s),
+            stall,
             out: out_tx,
             done: done_rx.clone(),
             free: free_tx,
@@ -796,6 +808,9 @@ impl Worker {
             ));
         };
         let label = match sample.member(&cfg.label_ext) {
+            // Pretraining reads no label: one that is not an integer (a WordNet id, a
+            // caption) is -1 like a missing one, not a reason to drop the image.
+            Some(b) if cfg.task.is_conmim() => parse_label(b).unwrap_or(-1),
             Some(b) => parse_label(b).ok_or_else(|| {
                 format!(
                     "label member .{} is not an integer: {:?}",

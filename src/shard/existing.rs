@@ -404,7 +404,7 @@ pub fn index_existing(dir: &Path, out: &Path, opts: &IndexOptions) -> Result<Sum
         categories: None,
         params: serde_json::json!({
             "source": {
-                "dir": dir,
+                "dir": dir.display().to_string(),
                 "pattern": opts.pattern,
                 "candidates": candidates.len(),
             },

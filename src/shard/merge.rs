@@ -9,8 +9,9 @@
 //!    `out/{split}-{global:06}.tar`, numbered contiguously (rename; copy + remove
 //!    across file systems);
 //! 2. writes `out/{split}.index.parquet` with every row's `shard` rewritten to the
-//!    global number, and `out/{split}.rejected.jsonl` (the parts' lists concatenated,
-//!    records that every part found while enumerating kept once);
+//!    global number, and `out/{split}.rejected.jsonl` (the parts' lists concatenated:
+//!    each part lists the enumeration rejects whose source hashes to it, so each
+//!    appears once; a repeat, should one come, is still kept once);
 //! 3. writes `out/{split}.manifest.json` (dataset `merge`, the parts' common parameters
 //!    plus `parts: N`) last;
 //! 4. deletes the part indices, rejected lists and manifests.
@@ -347,6 +348,7 @@ pub fn merge(out: &Path, split: &str, inputs: &[PathBuf], progress: bool) -> Res
                 ));
             }
         }
+        check_part_lists(p, n)?;
         offsets.push(shardlist.len() as u32);
         for entry in &p.manifest.shardlist {
             let global = shardlist.len();
@@ -516,13 +518,57 @@ pub fn merge(out: &Path, split: &str, inputs: &[PathBuf], progress: bool) -> Res
     })
 }
 
+/// Checks part `p`'s index (its rows and the shards they name) and rejected list
+/// against its manifest, before the merge moves anything: a part that fails here still
+/// holds its shards and can be re-run.
+fn check_part_lists(p: &PartRun, n: u32) -> Result<()> {
+    let nshards = p.manifest.shardlist.len() as u32;
+    let path = p.index_path();
+    let mut rows = 0u64;
+    crate::format::index::for_each_batch(&path, |batch| {
+        if let Some(r) = batch.iter().find(|r| r.shard >= nshards) {
+            return Err(Error::Index {
+                path: path.clone(),
+                message: format!(
+                    "row `{}` names shard {} but part {}/{n} has {nshards}; re-run the part",
+                    r.key, r.shard, p.index
+                ),
+            });
+        }
+        rows += batch.len() as u64;
+        Ok(())
+    })?;
+    if rows != p.manifest.conmim.num_samples {
+        return Err(Error::Index {
+            path,
+            message: format!(
+                "{rows} rows but part {}/{n}'s manifest says {} samples; re-run the part",
+                p.index, p.manifest.conmim.num_samples
+            ),
+        });
+    }
+    let rejected = p.rejected_path();
+    let count = crate::format::reject::read_rejects(&rejected)?.len() as u64;
+    if count != p.manifest.conmim.num_rejected {
+        return Err(Error::input(
+            &rejected,
+            format!(
+                "{count} rejects but part {}/{n}'s manifest says {}; re-run the part",
+                p.index, p.manifest.conmim.num_rejected
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Concatenates the parts' rejected lists into `dst` (atomically), line by line;
 /// returns the counts by reason and how many cross-part repeats were dropped.
 ///
-/// Every part enumerates the whole input, so rejects found while enumerating (bad
-/// list rows, unsafe paths, ...) appear in every part's list; a record identical to
-/// one of an earlier part is kept once. (Rejects found while loading carry keys,
-/// which the parts partition, so they never repeat across parts.)
+/// Every part enumerates the whole input, but lists only the enumeration rejects (bad
+/// list rows, unsafe paths, ...) whose source hashes to it, and rejects found while
+/// loading carry keys, which the parts partition: no record should repeat across
+/// parts. Should one repeat (parts of an older conmim-shard, which listed every
+/// enumeration reject in every part), the later copies are dropped and counted.
 fn concat_rejects(parts: &[PartRun], dst: &Path) -> Result<(BTreeMap<String, u64>, u64)> {
     let tmp = format::tmp_path(dst);
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;

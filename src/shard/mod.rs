@@ -313,6 +313,7 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
     let started = Instant::now();
     let name = cfg.name();
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let _lock = lock_dataset(&cfg.out, &name)?;
     let manifest_path = cfg.out.join(format::manifest_name(&name));
     let work = cfg.work_dir();
     let params = cfg.output_params(source);
@@ -781,6 +782,75 @@ impl Assigner<'_> {
     }
 }
 
+/// The lock that keeps one run per dataset name and output directory: `.{name}.lock`
+/// in `out`, held (flock) until the returned guard drops. A second run, e.g. a
+/// scheduler's restart with `--resume` while the first still runs, would truncate the
+/// shard files the first is writing; it is refused instead.
+fn lock_dataset(out: &Path, name: &str) -> Result<LockGuard> {
+    let path = out.join(format!(".{name}.lock"));
+    let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(LockGuard { path, _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Resume {
+            path,
+            message: format!(
+                "another conmim-shard run is writing `{name}` in this directory; wait for \
+                 it to end (or stop it) before running again"
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Holds a dataset's lock; removes the lock file when dropped (the lock goes with the
+/// file descriptor).
+struct LockGuard {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes the shard files of `name` in `out` that this run did not write: numbered at
+/// or past `shards`, or unfinished (`.partial`), left by an earlier run whose work
+/// directory was deleted to start over. Returns their names, sorted.
+fn remove_stale_shards(out: &Path, name: &str, shards: u64) -> Result<Vec<String>> {
+    let prefix = format!("{name}-");
+    let mut stale = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let (number, partial) = match rest.strip_suffix(".tar.partial") {
+            Some(n) => (n, true),
+            None => match rest.strip_suffix(".tar") {
+                Some(n) => (n, false),
+                None => continue,
+            },
+        };
+        let Ok(k) = number.parse::<u64>() else {
+            continue;
+        };
+        if number.len() >= 6
+            && number.bytes().all(|b| b.is_ascii_digit())
+            && (partial || k >= shards)
+        {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            stale.push(file.to_owned());
+        }
+    }
+    stale.sort();
+    Ok(stale)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish(
     source: &dyn Source,
@@ -843,6 +913,16 @@ fn finish(
         params: params.clone(),
     };
     let manifest = Manifest::new(name, shardlist, info);
+    let stale = remove_stale_shards(&cfg.out, name, shards)?;
+    if !stale.is_empty() {
+        warnings.push(format!(
+            "removed {} shard file(s) an earlier, abandoned run of `{name}` left in {} \
+             (numbered past this run's {shards} shards, or unfinished): {}",
+            stale.len(),
+            cfg.out.display(),
+            stale.join(", ")
+        ));
+    }
     format::atomic_write_json(&cfg.out.join(format::manifest_name(name)), &manifest)?;
     std::fs::remove_dir_all(work).map_err(|e| Error::io(work, e))?;
 
@@ -881,5 +961,73 @@ impl Summary {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One run per dataset name and directory: a second is refused while the first
+    /// holds the lock; other names are free; the lock file goes with the run.
+    #[test]
+    fn a_second_run_on_the_same_dataset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dataset(dir.path(), "train").unwrap();
+        let e = lock_dataset(dir.path(), "train").err().unwrap().to_string();
+        assert!(
+            e.contains("another conmim-shard run is writing `train`"),
+            "{e}"
+        );
+        let val = lock_dataset(dir.path(), "val").unwrap();
+        drop((held, val));
+        assert!(!dir.path().join(".train.lock").exists());
+        drop(lock_dataset(dir.path(), "train").unwrap());
+    }
+
+    /// Shard files of the name past this run's count, or unfinished, are an earlier
+    /// run's; everything else stays.
+    #[test]
+    fn stale_shards_of_an_abandoned_run_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "train-000000.tar",
+            "train-000001.tar",
+            "train-000002.tar",
+            "train-1000000.tar",
+            "train-000001.tar.partial",
+            "train-part000of002-000005.tar",
+            "val-000007.tar",
+            "train-00009.tar",
+            "train-000009.txt",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let gone = remove_stale_shards(dir.path(), "train", 2).unwrap();
+        assert_eq!(
+            gone,
+            [
+                "train-000001.tar.partial",
+                "train-000002.tar",
+                "train-1000000.tar"
+            ]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "train-000000.tar",
+                "train-000001.tar",
+                "train-000009.txt",
+                "train-00009.tar",
+                "train-part000of002-000005.tar",
+                "val-000007.tar"
+            ]
+        );
     }
 }

@@ -210,6 +210,17 @@ impl HttpOpener {
 }
 
 impl Opener for HttpOpener {
+    /// Every attempt waiting out its connect and read timeouts, plus the backoffs
+    /// between them: `(retries + 1) x (connect + read) + backoff x (2^retries - 1)`
+    /// (defaults: 4 x 70 s + 1.4 s). A body read resumes within the same bound.
+    fn retry_budget(&self, _url: &str) -> Duration {
+        let attempts = self.retries.saturating_add(1);
+        let waits = (0..self.retries).fold(Duration::ZERO, |t, r| t.saturating_add(self.delay(r)));
+        (self.connect_timeout.saturating_add(self.read_timeout))
+            .saturating_mul(attempts)
+            .saturating_add(waits)
+    }
+
     fn open(&self, url: &str) -> Result<Box<dyn Read + Send>> {
         let mut retry = 0;
         loop {
@@ -292,6 +303,28 @@ impl Read for BodyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stall watchdog's floor for http shards: every attempt timing out, plus the
+    /// backoffs (defaults: 4 x (10 + 60) s + 0.2 + 0.4 + 0.8 s); local files: none.
+    #[test]
+    fn retry_budget_covers_every_attempt() {
+        let o = HttpOpener::default();
+        assert_eq!(
+            o.retry_budget("https://h/a.tar"),
+            Duration::from_millis(281_400)
+        );
+        let more = HttpOpener {
+            retries: 5,
+            ..HttpOpener::default()
+        };
+        assert_eq!(
+            more.retry_budget("https://h/a.tar"),
+            Duration::from_millis(6 * 70_000 + 200 * 31)
+        );
+        let d = crate::stream::DefaultOpener::new(false);
+        assert_eq!(d.retry_budget("/data/a.tar"), Duration::ZERO);
+        assert_eq!(d.retry_budget("http://h/a.tar"), o.retry_budget("x"));
+    }
 
     #[test]
     fn backoff_doubles() {

@@ -315,11 +315,23 @@ pub struct Stream {
 }
 
 /// Each shard's name for the fingerprint: its URL less the longest prefix, ending in
-/// `/`, that all URLs share (a single shard: its file name). So the same shards resume
-/// from another directory or an http mirror (a per-job scratch copy, another mount
-/// point), while another list, order or sample count does not.
+/// `/`, that all URLs share (a single shard: its file name), and less the query string
+/// and fragment of an http(s) URL (presigned URLs are signed again for each job). So
+/// the same shards resume from another directory or an http mirror (a per-job scratch
+/// copy, another mount point), while another list, order or sample count does not.
 fn shard_names(list: &ShardList) -> Vec<&str> {
-    let urls: Vec<&str> = list.shards().iter().map(|s| s.url.as_str()).collect();
+    let urls: Vec<&str> = list
+        .shards()
+        .iter()
+        .map(|s| {
+            let u = s.url.as_str();
+            if u.starts_with("http://") || u.starts_with("https://") {
+                u.split(['?', '#']).next().unwrap_or(u)
+            } else {
+                u
+            }
+        })
+        .collect();
     let Some(first) = urls.first() else {
         return urls;
     };
@@ -332,7 +344,12 @@ fn shard_names(list: &ShardList) -> Vec<&str> {
             .take_while(|(a, b)| a == b)
             .count();
     }
-    let cut = first[..common].rfind('/').map_or(0, |i| i + 1);
+    // In bytes: URLs may first differ inside a multi-byte character; the cut follows
+    // an ASCII `/`, a character boundary of every URL.
+    let cut = first.as_bytes()[..common]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(0, |i| i + 1);
     urls.iter().map(|u| &u[cut..]).collect()
 }
 
@@ -442,6 +459,17 @@ impl Stream {
     /// The shard list.
     pub fn shard_list(&self) -> &ShardList {
         &self.list
+    }
+
+    /// The longest the reader may spend in one shard's open or read retrying
+    /// ([`Opener::retry_budget`], the largest over the shards): zero for local files.
+    pub fn retry_budget(&self) -> std::time::Duration {
+        self.list
+            .shards()
+            .iter()
+            .map(|s| self.opener.retry_budget(&s.url))
+            .max()
+            .unwrap_or_default()
     }
 
     /// The config.
@@ -841,6 +869,14 @@ mod tests {
         assert_eq!(shard_names(&l), ["train-10.tar", "train-11.tar"]);
         assert_eq!(shard_names(&list(&["/d/one.tar"])), ["one.tar"]);
         assert_eq!(shard_names(&list(&["a.tar", "b.tar"])), ["a.tar", "b.tar"]);
+        // Paths that first differ inside a multi-byte character (ö, ü: C3 B6, C3 BC).
+        let l = list(&["/data/größe/a.tar", "/data/grüße/a.tar"]);
+        assert_eq!(shard_names(&l), ["größe/a.tar", "grüße/a.tar"]);
+        let l = list(&["/d/猫.tar", "/d/狗.tar"]);
+        assert_eq!(shard_names(&l), ["猫.tar", "狗.tar"]);
+        // Presigned URLs signed again: the same names.
+        let l = list(&["https://s/b/t-0.tar?sig=a/1", "https://s/b/t-1.tar?sig=b#x"]);
+        assert_eq!(shard_names(&l), ["t-0.tar", "t-1.tar"]);
         // The same shards over an http mirror: the same fingerprint.
         let cfg = StreamConfig::default();
         let local = list(&["/data/in1k/t-0.tar", "/data/in1k/t-1.tar"]);

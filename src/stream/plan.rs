@@ -50,8 +50,10 @@ pub enum Mode {
 #[serde(rename_all = "snake_case")]
 pub enum Remainder {
     /// Every rank reads `floor(n / world)` shards; the last `n % world` positions of
-    /// the epoch's permutation are skipped this epoch. The permutation changes every
-    /// epoch, so different shards are skipped each time. Ranks stay in lock-step.
+    /// the epoch's permutation are skipped this epoch. With `shuffle_shards` the
+    /// permutation changes every epoch, so different shards are skipped each time;
+    /// without it the same last shards are skipped every epoch (use `Pad` or `Keep`, or
+    /// a shard count divisible by the world size). Ranks stay in lock-step.
     #[default]
     Drop,
     /// Every rank reads `ceil(n / world)` shards: the permutation is extended by

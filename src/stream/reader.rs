@@ -385,7 +385,8 @@ impl ShardSamples {
     /// Expects `n` samples (the manifest's count; `None`: unknown): a shard that ends
     /// cleanly with fewer (a tail of zeros, which reads as the end of the archive, or a
     /// manifest of other shards) reports that as damage after its last sample, instead
-    /// of ending short in silence.
+    /// of ending short in silence; one that holds more yields `n` and reports the rest
+    /// as damage.
     pub fn expecting(mut self, n: Option<u64>) -> Self {
         self.expected = n;
         self
@@ -425,6 +426,27 @@ impl Iterator for ShardSamples {
                     {
                         p.members.push((ext, entry.data));
                         continue;
+                    }
+                    if let Some(n) = self.expected.filter(|&n| self.next_index >= n) {
+                        // More samples than the manifest lists: the manifest is of other
+                        // shards. The listed ones are yielded, the rest is damage (so
+                        // the epoch's counts, and a resume's replay, hold).
+                        self.done = true;
+                        let long = Error::CorruptShard {
+                            shard: self.shard.clone(),
+                            message: format!(
+                                "the archive holds more than the {n} samples the manifest \
+                                 lists (a manifest of other shards?); sample `{key}` and \
+                                 those after it are left out"
+                            ),
+                        };
+                        return match self.pending.take() {
+                            Some(last) => {
+                                self.error = Some(long);
+                                Some(Ok(last))
+                            }
+                            None => Some(Err(long)),
+                        };
                     }
                     let fresh = RawSample {
                         key: key.to_owned(),
@@ -545,7 +567,8 @@ mod tests {
     }
 
     /// A shard that ends cleanly short of the manifest's count (its tail zeroed: two
-    /// zero blocks read as the end of the archive) yields what it has, then damage.
+    /// zero blocks read as the end of the archive) yields what it has, then damage; one
+    /// that holds more yields the count, then damage.
     #[test]
     fn a_shard_shorter_than_its_manifest_count_is_damage() {
         let bytes = archive(&[("a.x", b"1"), ("b.x", b"2"), ("c.x", b"3")]);
@@ -563,7 +586,19 @@ mod tests {
         assert!(e.contains("after 2 of the 3 samples"), "{e}");
         // Unknown counts, or the right count: a clean end.
         assert!(read(zeroed, None).iter().all(|r| r.is_ok()));
-        assert!(read(bytes, Some(3)).iter().all(|r| r.is_ok()));
+        assert!(read(bytes.clone(), Some(3)).iter().all(|r| r.is_ok()));
+        // More than the count: the listed samples, then damage naming the first extra.
+        let got = read(bytes.clone(), Some(2));
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].as_ref().unwrap().key, "b");
+        let e = got[2].as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("more than the 2 samples") && e.contains("`c`"),
+            "{e}"
+        );
+        let got = read(bytes, Some(0));
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_err());
     }
 
     /// A size field of `u64::MAX` (GNU base-256, valid checksum) is damage reported

@@ -302,6 +302,14 @@ impl ShardList {
 pub trait Opener: Send + Sync {
     /// Opens `url` for sequential reading.
     fn open(&self, url: &str) -> Result<Box<dyn Read + Send>>;
+
+    /// The longest `url`'s reader may spend inside one call (an open, or one read of
+    /// its body) retrying before it fails for good: the loader's stall watchdog waits at
+    /// least this long. Zero where nothing is retried.
+    fn retry_budget(&self, url: &str) -> std::time::Duration {
+        let _ = url;
+        std::time::Duration::ZERO
+    }
 }
 
 /// Local files: plain paths and `file://` URLs.
@@ -428,6 +436,14 @@ impl Opener for DefaultOpener {
             return Err(Error::Config(format!("shard `{url}`: unknown URL scheme")));
         }
         FileOpener.open(url)
+    }
+
+    fn retry_budget(&self, url: &str) -> std::time::Duration {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            self.http.retry_budget(url)
+        } else {
+            std::time::Duration::ZERO
+        }
     }
 }
 

@@ -147,7 +147,7 @@ impl Source for Ade20k {
 
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
-            "root": self.root,
+            "root": self.root.display().to_string(),
             "split": self.split.dir(),
         })
     }

@@ -62,10 +62,22 @@ struct RawAnnotation {
     area: f64,
     #[serde(default)]
     iscrowd: u8,
-    /// Polygons (`[[x, y, ...], ...]`) or RLE (`{"counts", "size"}`); absent in some
-    /// exports.
-    #[serde(default)]
+    /// Polygons (`[[x, y, ...], ...]`) or RLE (`{"counts", "size"}`); absent (or null)
+    /// in detection-only exports: then no polygons, `[]`, as the schema wants.
+    #[serde(default = "empty_polygons", deserialize_with = "segmentation_or_empty")]
     segmentation: serde_json::Value,
+}
+
+fn empty_polygons() -> serde_json::Value {
+    serde_json::Value::Array(Vec::new())
+}
+
+/// A missing segmentation is `[]` (the field's `default`); a null one too.
+fn segmentation_or_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<serde_json::Value, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(if v.is_null() { empty_polygons() } else { v })
 }
 
 /// What the per-image member holds for one annotation (field order = output order
@@ -396,9 +408,9 @@ impl Source for Coco {
 
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
-            "root": self.root,
+            "root": self.root.display().to_string(),
             "split": self.split,
-            "annotations": self.annotations_path,
+            "annotations": self.annotations_path.display().to_string(),
             "num_images": self.images.len(),
             "num_annotations": self.num_annotations_in_file,
             "num_categories": self.categories.len(),

@@ -80,7 +80,7 @@ impl Imagenet {
         let wnids: Vec<String> = sorted_dir(&class_dir)
             .map_err(|e| Error::io(&class_dir, e))?
             .into_iter()
-            .filter(|(n, t)| (t.is_dir() || t.is_symlink()) && is_wnid(n))
+            .filter(|(n, _)| is_wnid(n) && class_dir.join(n).is_dir())
             .map(|(n, _)| n)
             .collect();
         if wnids.is_empty() {
@@ -126,24 +126,37 @@ impl Imagenet {
         }
         let val = root.join("val");
         let entries = sorted_dir(&val).map_err(|e| Error::io(&val, e))?;
-        if entries.iter().any(|(n, t)| t.is_dir() && is_wnid(n)) {
+        if entries
+            .iter()
+            .any(|(n, _)| is_wnid(n) && val.join(n).is_dir())
+        {
             return Ok(ValLabels::Folders);
         }
-        for cand in [
-            "LOC_val_solution.csv",
-            "val_labels.txt",
-            "val.txt",
-            "ILSVRC2012_validation_ground_truth.txt",
-        ] {
+        // Not the devkit's ILSVRC2012_validation_ground_truth.txt: its lines are bare
+        // ILSVRC2012_IDs (devkit order, not the sorted-WNID class indices) without file
+        // names, so it cannot be read as a list.
+        for cand in ["LOC_val_solution.csv", "val_labels.txt", "val.txt"] {
             let p = root.join(cand);
             if p.is_file() {
                 return classify(p);
             }
         }
+        let devkit = if root
+            .join("ILSVRC2012_validation_ground_truth.txt")
+            .is_file()
+        {
+            " (ILSVRC2012_validation_ground_truth.txt holds devkit ILSVRC2012_IDs without \
+             file names, which need meta.mat to map to WNIDs: use LOC_val_solution.csv from \
+             Kaggle, or a `file.JPEG WNID` list)"
+        } else {
+            ""
+        };
         Err(Error::input(
             &val,
-            "flat val folder but no labels: put LOC_val_solution.csv or val.txt next to it, \
-             or pass --val-labels FILE",
+            format!(
+                "flat val folder but no labels: put LOC_val_solution.csv or val.txt next to \
+                 it, or pass --val-labels FILE{devkit}"
+            ),
         ))
     }
 
@@ -324,7 +337,7 @@ impl Source for Imagenet {
 
     fn params(&self) -> serde_json::Value {
         serde_json::json!({
-            "root": self.root,
+            "root": self.root.display().to_string(),
             "split": self.split_dir(),
             "val_labels": match &self.val_labels {
                 None => serde_json::Value::Null,

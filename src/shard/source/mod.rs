@@ -298,6 +298,23 @@ pub fn load_image_at(
 ) -> std::result::Result<LoadedImage, Reject> {
     let path = resolve_under(root, rel, ctx.follow_symlinks)
         .map_err(|(reason, detail)| Reject::new(rel, Some(item.key.clone()), reason, detail))?;
+    // Larger than a tar member the readers accept (`verify`, `index`, the loader): refused
+    // before it is read whole into memory.
+    if let Ok(m) = std::fs::metadata(&path)
+        && m.len() > crate::stream::MAX_MEMBER_BYTES
+    {
+        return Err(Reject::new(
+            rel,
+            Some(item.key.clone()),
+            "too_large",
+            format!(
+                "{}: {} bytes, more than the {} a shard member may hold",
+                path.display(),
+                m.len(),
+                crate::stream::MAX_MEMBER_BYTES
+            ),
+        ));
+    }
     let bytes = std::fs::read(&path).map_err(|e| {
         let (reason, detail) = if e.kind() == std::io::ErrorKind::NotFound {
             not_found(rel, &path)
@@ -387,6 +404,34 @@ mod tests {
         let ok = check_image(bytes, &ctx(8)).unwrap();
         assert!(ok.reencoded);
         assert_eq!((ok.info.width, ok.info.height), (100, 10));
+    }
+
+    /// A file larger than a shard member may be (4 GiB) is refused before it is read
+    /// (a sparse file: nothing is written or read).
+    #[test]
+    fn an_input_over_the_member_limit_is_too_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("huge.jpg")).unwrap();
+        f.set_len(crate::stream::MAX_MEMBER_BYTES + 1).unwrap();
+        let item = Item {
+            ordinal: 0,
+            key: "huge".into(),
+            source: "huge.jpg".into(),
+            label: None,
+            caption: None,
+            extra: None,
+            duplicate_of: None,
+            duplicate_if_loads: false,
+        };
+        let ctx = LoadContext {
+            validation: Validation::Header,
+            limits: ImageLimits::default(),
+            reencode: None,
+            follow_symlinks: false,
+        };
+        let r = load_image_file(dir.path(), &item, &ctx).err().unwrap();
+        assert_eq!(r.reason, "too_large");
+        assert!(r.detail.contains("4294967297 bytes"), "{}", r.detail);
     }
 
     #[test]
