@@ -9,11 +9,17 @@
 #      2 minutes on a 2-core CPU; CUDA is used automatically when present), into
 #      OUT/pretrain: metrics.jsonl, checkpoints/, tb/ (TensorBoard), summary.json;
 #   4. print where everything is and how the loss fell.
-# OUT_DIR defaults to ./demo-out. With CONMIM_SKIP_TORCH=1 (no torch in the venv)
-# steps 2-3 are skipped.
+# OUT_DIR defaults to ./demo-out, both relative to the directory it is run from. With
+# CONMIM_SKIP_TORCH=1 (no torch in the venv) steps 2-3 are skipped.
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out="${1:-$PWD/demo-out}"
+# OUT_DIR (and its default) is relative to where the script was run from.
+case "${1:-}" in
+    "") out="$caller/demo-out" ;;
+    /*) out="$1" ;;
+    *) out="$caller/$1" ;;
+esac
 config=configs/demo-tiny.toml
 
 bash tools/setup.sh

@@ -1414,6 +1414,22 @@ mod tests {
         assert_eq!(build_config(&o).unwrap().warmup_epochs, 1);
     }
 
+    /// A run stopped before its first evaluation has no `best`: its summary names the
+    /// resumable `last`.
+    #[test]
+    fn summary_names_last_before_any_evaluation() {
+        let _rng = crate::train::testing::seeded(0); // libtorch's global generator
+        let dir = tempfile::tempdir().unwrap();
+        let data = train_and_val(dir.path());
+        let out = dir.path().join("ft");
+        let mut o = ft_opts(&data, &out, None);
+        (o.eval_every, o.stop_after_epoch) = (5, Some(1));
+        let s = finetune(&o).unwrap();
+        assert_eq!((s.epochs_done, s.best_epoch), (1, None));
+        assert_eq!(s.checkpoint, out.join("checkpoints/last"));
+        assert!(s.checkpoint.is_dir());
+    }
+
     fn ft_opts(data: &Path, out: &Path, init: Option<PathBuf>) -> FinetuneOptions {
         FinetuneOptions {
             preset: "small".into(),
