@@ -6,7 +6,7 @@
 #   2. build conmim (feature `train`, libtorch from the venv's torch) and write an
 #      augmentation preview of the sharded train split (OUT/preview.png);
 #   3. pretrain a small ViT on the streamed shards with configs/demo-tiny.toml (about
-#      2 minutes on a 2-core CPU; CUDA is used automatically when present), into
+#      a minute on a 2-core CPU; CUDA is used automatically when present), into
 #      OUT/pretrain: metrics.jsonl, checkpoints/, tb/ (TensorBoard), summary.json;
 #   4. print where everything is and how the loss fell.
 # OUT_DIR defaults to ./demo-out, both relative to the directory it is run from. With

@@ -3,6 +3,8 @@
 # (conmim-bench train, synthetic input) and PyTorch eager (torch_train.py) for ViT-S/B/L,
 # same GPU, same call; plus the kernel profile summary of the Rust ViT-S step. Same
 # conventions as gpu_session.sh (BIN, OUT, PY). Results: $OUT/results.jsonl.
+# For a lent machine use gpu_next.sh instead: it has a deadline (this script's timeouts
+# add up to more than one 600 s command) and keeps stderr and its files to what comes back.
 set -uo pipefail
 BIN=${BIN:-target/release}
 OUT=${OUT:-/tmp/conmim-gpu}

@@ -8,8 +8,10 @@
 # Usage (GPU machine, repository root, release binaries built with --features train in
 # $BIN, a Python with torch, so that `torchrun` is on PATH or next to $PY):
 #   BIN=target/release OUT=/tmp/out tools/bench/gpu_dist.sh
-# Environment: STEPS (default 200), BATCH (256), THREADS (14), DATA (made when missing);
-# for a dry run of the script on a CPU machine: DEVICE=cpu PRESET=tiny EXTRA="--image-size 64".
+# Environment: STEPS (default 200), BATCH (256), THREADS (14), DATA (made when missing),
+# RUN_TIMEOUT (300 s per pretraining run), KNN_TIMEOUT (120 s); for a dry run of the
+# script on a CPU machine: DEVICE=cpu PRESET=tiny EXTRA="--image-size 64".
+# Writes OUT/dist.json (img/s of both runs, the overhead, each run's data-wait fraction).
 set -uo pipefail
 BIN=${BIN:-target/release}
 OUT=${OUT:-/tmp/conmim-gpu}
@@ -19,6 +21,8 @@ BATCH=${BATCH:-256}
 THREADS=${THREADS:-14}
 DATA=${DATA:-/tmp/conmim-bench-data}
 DEVICE=${DEVICE:-cuda}
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+KNN_TIMEOUT=${KNN_TIMEOUT:-120}
 PRESET=${PRESET:-small}
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT"
@@ -28,9 +32,9 @@ TORCHRUN=$(command -v torchrun || echo "$(dirname "$(command -v "$PY")")/torchru
 common=(--preset "$PRESET" --data "$DATA" --steps "$STEPS" --batch "$BATCH" --threads "$THREADS"
     --device "$DEVICE" --save-every 100000 --quiet "${EXTRA[@]}")
 rm -rf "$OUT/plain" "$OUT/nccl1"
-timeout 300 "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/plain" > "$OUT/plain.log" 2>&1
+timeout "$RUN_TIMEOUT" "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/plain" > "$OUT/plain.log" 2>&1
 echo "plain rc=$?"
-timeout 300 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
+timeout "$RUN_TIMEOUT" "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
     "$BIN/conmim" pretrain "${common[@]}" --out "$OUT/nccl1" > "$OUT/nccl1.log" 2>&1
 echo "torchrun nccl rc=$?"
 $PY - "$OUT" <<'PY'
@@ -43,11 +47,17 @@ def rate(run):
         return None
     v = [r["img_s"] for r in rows[len(rows) // 2:]]
     return statistics.median(v) if v else None
+def wait(run):
+    try:
+        return json.load(open(f"{out}/{run}/summary.json")).get("data_wait_frac")
+    except (OSError, ValueError):
+        return None
 p, d = rate("plain"), rate("nccl1")
 # Rank 0 logs the process group it joined (a group of one under torchrun).
 log = open(f"{out}/nccl1.log", errors="replace").read()
 res = {"plain_img_s": p, "torchrun_nccl_world1_img_s": d,
        "overhead_pct": None if not (p and d) else 100.0 * (p - d) / p,
+       "plain_data_wait_frac": wait("plain"), "nccl1_data_wait_frac": wait("nccl1"),
        "process_group": next((l.strip() for l in log.splitlines() if "data parallel over" in l), None)}
 print(json.dumps(res))
 json.dump(res, open(f"{out}/dist.json", "w"))
@@ -57,7 +67,7 @@ grep -h "nccl\|NCCL\|error" "$OUT/nccl1.log" | tail -n 5
 # the torchrun run's teacher, 2,000 train images against themselves, under torchrun.
 rm -rf "$OUT/knn-data"; mkdir -p "$OUT/knn-data"
 "$BIN/conmim-bench" make-data --out "$OUT/knn-data" --images 2000 > /dev/null 2>&1
-timeout 120 "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
+timeout "$KNN_TIMEOUT" "$TORCHRUN" --no-python --nnodes 1 --nproc-per-node 1 \
     "$BIN/conmim" knn "$OUT/nccl1" --train-data "$OUT/knn-data" --val-split train \
     --device "$DEVICE" --threads "$THREADS" > "$OUT/knn.json" 2> "$OUT/knn.log"
 echo "torchrun nccl knn rc=$? $(cat "$OUT/knn.json")"

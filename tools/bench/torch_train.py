@@ -132,7 +132,8 @@ class ConMIMNet(nn.Module):
             t = m.norm_pre(t)
             t = m.blocks(t)
         else:
-            t = torch.cat((m.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t), dim=1)
+            # fp32 CLS: cat promotes the stream to fp32, as timm's Beit.forward_features.
+            t = torch.cat((m.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
             t = m.pos_drop(t)
             bias = m.rel_pos_bias()
             for blk in m.blocks:
@@ -310,8 +311,8 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(s_params, clip, foreach=True)
         opt.step()
         with torch.no_grad():
-            torch._foreach_mul_(t_params, m)
-            torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+            # One pass, as the Rust side's lerp_ per flat group: m * t + (1 - m) * s.
+            torch._foreach_lerp_(t_params, s_params, 1.0 - m)
         return loss.detach()
 
     losses = []  # floats (sync mode) or tensors (--no-sync)
