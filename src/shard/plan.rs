@@ -174,6 +174,20 @@ fn read_bucket(work: &Path, b: u64) -> Result<Vec<Item>> {
     Ok(items)
 }
 
+/// Where bucket `b`'s duplicate decisions are kept once made (see `finish_bucket`).
+fn decisions_path(work: &Path, b: u64) -> PathBuf {
+    work.join(format!("bucket-{b:05}.duplicates.json"))
+}
+
+/// One duplicate decision: the item at `index` (enumeration order within its bucket)
+/// is `duplicate_of` `winner`, with `if_loads` as `Item::duplicate_if_loads`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Decision {
+    index: usize,
+    winner: String,
+    if_loads: bool,
+}
+
 /// Marks duplicates among `items` (bucket `b`, in enumeration order; every input of a
 /// key hashes to the same bucket), then puts them in their final order. Of the inputs
 /// that share a key, the first that `loads` (the source would store it) keeps the key
@@ -181,14 +195,48 @@ fn read_bucket(work: &Path, b: u64) -> Result<Vec<Item>> {
 /// failure when written (`duplicate_if_loads`: or `duplicate_key`, should one load
 /// then after all), and so do all of them when none loads. So an input that is rejected
 /// anyway (a missing or truncated file) never takes the key from a good one. Only
-/// keys with several inputs are tried, so `loads` runs for the rare duplicates alone;
-/// it depends on the inputs only, which keeps the plan deterministic and resumable.
+/// keys with several inputs are tried, so `loads` runs for the rare duplicates alone.
+///
+/// `loads` can change between runs (a transient read failure), so the decisions are
+/// written to the work directory before any item of the bucket is handed out, and a
+/// resumed run reuses them: a key that was stored before the interruption is never
+/// given to another input after it.
 fn finish_bucket(
     mut items: Vec<Item>,
     seed: u64,
     b: u64,
+    work: &Path,
     loads: &dyn Fn(&Item) -> bool,
-) -> Vec<Item> {
+) -> Result<Vec<Item>> {
+    let path = decisions_path(work, b);
+    let decisions: Vec<Decision> = if path.exists() {
+        crate::format::read_json(&path)?
+    } else {
+        let decisions = decide_duplicates(&items, loads);
+        if !decisions.is_empty() {
+            crate::format::atomic_write_json(&path, &decisions)?;
+        }
+        decisions
+    };
+    let n = items.len();
+    for d in decisions {
+        let item = items.get_mut(d.index).ok_or_else(|| Error::Json {
+            path: path.clone(),
+            source: serde::de::Error::custom(format!(
+                "duplicate decision for item {} of a bucket of {}: the work directory \
+                 does not belong to this plan; delete it to start over",
+                d.index, n
+            )),
+        })?;
+        item.duplicate_of = Some(d.winner);
+        item.duplicate_if_loads = d.if_loads;
+    }
+    SplitMix64::new(seed, b).shuffle(&mut items);
+    Ok(items)
+}
+
+/// The duplicate decisions for one bucket's `items` (see `finish_bucket`).
+fn decide_duplicates(items: &[Item], loads: &dyn Fn(&Item) -> bool) -> Vec<Decision> {
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         by_key.entry(item.key.as_str()).or_default().push(i);
@@ -196,23 +244,23 @@ fn finish_bucket(
     // Groups in enumeration order of their first input (HashMap order must not leak).
     let mut groups: Vec<Vec<usize>> = by_key.into_values().filter(|g| g.len() > 1).collect();
     groups.sort_unstable_by_key(|g| g[0]);
+    let mut decisions = Vec::new();
     for g in groups {
         // None loads: each reports why it cannot be stored.
         if let Some(w) = g.iter().position(|&i| loads(&items[i])) {
-            let winner = items[g[w]].source.clone();
-            for &i in &g[w + 1..] {
-                items[i].duplicate_of = Some(winner.clone());
-            }
+            let winner = &items[g[w]].source;
             // Those before it failed the trial; should one load when written (a
             // transient failure), it must not take the key a second time.
-            for &i in &g[..w] {
-                items[i].duplicate_of = Some(winner.clone());
-                items[i].duplicate_if_loads = true;
+            for (k, &index) in g.iter().enumerate().filter(|&(k, _)| k != w) {
+                decisions.push(Decision {
+                    index,
+                    winner: winner.clone(),
+                    if_loads: k < w,
+                });
             }
         }
     }
-    SplitMix64::new(seed, b).shuffle(&mut items);
-    items
+    decisions
 }
 
 /// Replays the plan from global position `start`: `(position, item)` in order.
@@ -248,7 +296,13 @@ pub fn replay<'a>(
                         pos += items.len() as u64;
                         continue;
                     }
-                    current = finish_bucket(items, seed, b - 1, loads).into_iter();
+                    match finish_bucket(items, seed, b - 1, &work, loads) {
+                        Ok(items) => current = items.into_iter(),
+                        Err(e) => {
+                            b = buckets;
+                            return Some(Err(e));
+                        }
+                    }
                 }
                 Err(e) => {
                     b = buckets;
@@ -292,7 +346,9 @@ mod tests {
             })
             .collect();
         let marks = |loads: &dyn Fn(&Item) -> bool| {
-            let mut out: Vec<_> = finish_bucket(items.clone(), 1, 0, loads)
+            let work = tempfile::tempdir().unwrap();
+            let mut out: Vec<_> = finish_bucket(items.clone(), 1, 0, work.path(), loads)
+                .unwrap()
                 .into_iter()
                 .map(|it| (it.source, it.duplicate_of, it.duplicate_if_loads))
                 .collect();
@@ -311,5 +367,37 @@ mod tests {
         );
         // None loads: each reports its own failure.
         assert!(marks(&|_| false).iter().all(|(_, d, f)| d.is_none() && !f));
+    }
+
+    /// A resumed run keeps the duplicate decisions of the interrupted one even when an
+    /// input's load result changed in between (a transient failure), so a key stored
+    /// before the interruption is never stored again by another input.
+    #[test]
+    fn resume_reuses_the_duplicate_decisions() {
+        let work = tempfile::tempdir().unwrap();
+        let items: Vec<Item> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Item::new(i as u64, "k".into(), (*s).into()))
+            .collect();
+        let marks = |out: Vec<Item>| {
+            let mut out: Vec<_> = out
+                .into_iter()
+                .map(|it| (it.source, it.duplicate_of, it.duplicate_if_loads))
+                .collect();
+            out.sort();
+            out
+        };
+        // First run: "a" fails to load, so "b" keeps the key.
+        let first = finish_bucket(items.clone(), 1, 0, work.path(), &|it| it.source != "a");
+        let first = marks(first.unwrap());
+        assert_eq!(first[1], ("b".into(), None, false));
+        // Resumed: "a" loads now; the decision made before stands.
+        let again = finish_bucket(items.clone(), 1, 0, work.path(), &|_| true).unwrap();
+        assert_eq!(marks(again), first);
+        // A fresh work directory decides anew.
+        let fresh = tempfile::tempdir().unwrap();
+        let anew = finish_bucket(items, 1, 0, fresh.path(), &|_| true).unwrap();
+        assert_eq!(marks(anew)[0], ("a".into(), None, false));
     }
 }
