@@ -239,7 +239,8 @@ struct FinetuneArgs {
     #[arg(long)]
     resume: Option<String>,
     /// Stop cleanly after epoch N (checkpoint written), e.g. to fit a job's time slot;
-    /// `--resume auto` continues the same run.
+    /// `--resume auto` continues the same run (a resume already past epoch N trains
+    /// nothing).
     #[arg(long, value_name = "N")]
     stop_after_epoch: Option<u32>,
     /// No progress bar.

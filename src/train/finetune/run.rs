@@ -761,7 +761,19 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
     // SIGTERM / SIGINT from here on: stop after the step in progress, with a checkpoint.
     let signals = crate::train::signals::StopGuard::arm()?;
     let mut stopped_by: Option<String> = None;
-    for step in start_step..total {
+    // A resume that is already at or past `--stop-after-epoch` trains nothing (before,
+    // it trained one more epoch and then stopped).
+    let end = match o.stop_after_epoch {
+        Some(k) if start_step < total && epochs_done >= k => {
+            pb.println(format!(
+                "already {epochs_done} epochs done, at or past --stop-after-epoch {k}: \
+                 nothing trained; continue without it (or with a larger one)"
+            ));
+            start_step
+        }
+        _ => total,
+    };
+    for step in start_step..end {
         let epoch = (step / steps_per_epoch) as u32;
         let batch = match loader.next() {
             Some(b) => b.context("loading training data")?,
@@ -1637,6 +1649,14 @@ mod tests {
             part.join("checkpoints/last/optimizer.safetensors")
                 .is_file()
         );
+        // Resumed at the epoch it stops after: nothing more is trained.
+        let last_state = std::fs::read(part.join("checkpoints/last/state.json")).unwrap();
+        o.resume = Resume::Auto;
+        let again = finetune(&o).unwrap();
+        assert_eq!((again.epochs_done, again.resumed_at_step), (1, 3));
+        let after = std::fs::read(part.join("checkpoints/last/state.json")).unwrap();
+        assert_eq!(last_state, after, "the checkpoint was rewritten");
+        o.resume = Resume::No;
         o.stop_after_epoch = None;
         let err = format!("{:#}", finetune(&o).unwrap_err());
         assert!(err.contains("--resume auto"), "{err}");
