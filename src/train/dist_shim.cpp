@@ -285,7 +285,19 @@ int conmim_pg_new(const char* backend, const char* host, int port, int rank, int
     CONMIM_CATCH
 }
 
-void conmim_pg_free(void* pg) { delete static_cast<Group*>(pg); }
+// Shuts the group down, as torch.distributed.destroy_process_group does, then frees it.
+// ProcessGroupNCCL's destructor would shut itself down anyway, but warns on every exit
+// that destroy_process_group was not called; Gloo's shutdown does nothing.
+void conmim_pg_free(void* pg) {
+    auto g = std::unique_ptr<Group>(static_cast<Group*>(pg));
+    if (g->pg) {
+        try {
+            g->pg->shutdown();
+        } catch (...) {
+            // Freeing must not throw across the C boundary; the destructor retries.
+        }
+    }
+}
 
 // Sums `t` over all ranks, in place.
 int conmim_pg_allreduce_sum(void* pg, const at::Tensor* t, char* err, size_t err_len) {
