@@ -61,6 +61,9 @@ fn issue3_loader_json_contract() {
     let images = v["images"].as_u64().unwrap();
     assert!(images > 0 && images.is_multiple_of(4), "{v}");
     assert_eq!(v["sample_errors"], 0);
+    // Default warm-up: max(2, 2 x threads), as the PyTorch peer's.
+    assert_eq!(v["warmup_batches"], 4, "{v}");
+    assert!(v["cpu_ms_per_image"].as_f64().unwrap() > 0.0, "{v}");
     assert!(
         v["decode_baseline_img_per_s"].as_f64().unwrap() > 0.0,
         "{v}"
@@ -99,6 +102,19 @@ fn issue3_loader_errors_name_the_problem() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--http-timeout"), "{stderr}");
+
+    // Infinite windows are refused up front (a panic and a hang before).
+    for flag in ["--seconds", "--decode-seconds"] {
+        let out = bench()
+            .args(["loader", "--data"])
+            .arg(&missing)
+            .args([flag, "inf"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{stderr}");
+    }
 }
 
 /// `compare` runs both loaders on the same shards with the same view size and prints
@@ -133,7 +149,7 @@ fn issue3_compare_runs_the_pytorch_peer_side_by_side() {
             .output()
             .unwrap()
     };
-    let out = run(&["--json"]);
+    let out = run(&["--json", "--warmup-batches", "3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -145,6 +161,9 @@ fn issue3_compare_runs_the_pytorch_peer_side_by_side() {
         "the peer must make the same views: {v}"
     );
     assert!(v["pytorch"]["img_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // Both sides warm up alike.
+    assert_eq!(v["conmim"]["warmup_batches"], 3, "{v}");
+    assert_eq!(v["pytorch"]["warmup_batches"], 3, "{v}");
     let ratio = v["per_core_ratio"].as_f64().unwrap();
     let want = (v["conmim"]["img_per_s"].as_f64().unwrap() / 1.0)
         / (v["pytorch"]["img_per_s"].as_f64().unwrap()

@@ -88,14 +88,16 @@ struct TrainArgs {
     /// Split to read from a dataset directory.
     #[arg(long, default_value = "train")]
     split: String,
-    /// Loader threads (0: all cores but two).
+    /// Loader threads (0: the machine's cores, divided by LOCAL_WORLD_SIZE under
+    /// torchrun).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// View side (default: the preset's 224).
     #[arg(long)]
     image_size: Option<i64>,
-    /// After timing, profile 3 more steps (synthetic input) and write libtorch's Chrome
-    /// trace here (summarise with tools/bench/trace_summary.py).
+    /// After timing, profile 3 more steps and write libtorch's Chrome trace here
+    /// (summarise with tools/bench/trace_summary.py). Synthetic input only: refused
+    /// with --data.
     #[arg(long)]
     profile: Option<PathBuf>,
     /// Print one JSON object instead of a sentence.
@@ -200,9 +202,11 @@ struct LoaderArgs {
     /// Measured seconds (after the warm-up).
     #[arg(long, default_value_t = 20.0)]
     seconds: f64,
-    /// Batches consumed before measuring.
-    #[arg(long, default_value_t = 2)]
-    warmup_batches: usize,
+    /// Batches consumed before measuring (default: max(2, 2 x threads), as the PyTorch
+    /// peer: with N workers its first N batches arrive together). `compare` passes the
+    /// value used here to the peer.
+    #[arg(long, value_name = "N")]
+    warmup_batches: Option<usize>,
     /// View side.
     #[arg(long, default_value_t = conmim::loader::DEFAULT_IMAGE_SIZE)]
     size: u32,
@@ -218,7 +222,8 @@ struct LoaderArgs {
     /// Sample shuffle buffer.
     #[arg(long, default_value_t = conmim::stream::DEFAULT_SHUFFLE_BUFFER)]
     shuffle_buffer: usize,
-    /// Seconds of the single-thread plain-decode baseline (0 = skip).
+    /// Seconds of the single-thread plain-decode baseline: zune-jpeg full decodes of the
+    /// stream's first 256 images (0 = skip).
     #[arg(long, default_value_t = 3.0)]
     decode_seconds: f64,
     /// Corrupt samples tolerated (skipped, counted in the report, the first ones named
@@ -261,7 +266,10 @@ struct ScalingArgs {
     rounds: u32,
 }
 
-/// Per-image milliseconds of each stage (CPU time summed over threads).
+/// Per-image milliseconds of each stage: time inside the stage, summed over threads.
+/// That is CPU time while every thread has a core to itself; on an oversubscribed
+/// machine it also counts time a thread was descheduled mid-stage (the report's
+/// `cpu_ms_per_image` is the process's measured CPU time).
 #[derive(Serialize, Debug, Default)]
 struct StageMs {
     read: f64,
@@ -284,10 +292,13 @@ struct Report {
     per_thread_img_per_s: f64,
     threads: usize,
     batch: usize,
+    warmup_batches: usize,
     images: u64,
     seconds: f64,
     image_size: u32,
     stage_ms_per_image: StageMs,
+    /// Process CPU time (all threads, /proc) per measured image, in ms.
+    cpu_ms_per_image: Option<f64>,
     /// Seconds per measured second that workers waited for input / for a free slot,
     /// and the collator for the consumer (summed over threads).
     wait_input_per_s: f64,
@@ -410,10 +421,33 @@ fn sub(a: &LoaderStats, b: &LoaderStats) -> LoaderStats {
     }
 }
 
-fn bench_loader(a: &LoaderArgs) -> Result<Report> {
-    if a.seconds.is_nan() || a.seconds <= 0.0 {
-        bail!("--seconds must be positive");
+/// Batches consumed before measuring: `--warmup-batches`, else max(2, 2 x threads).
+fn warmup_batches(a: &LoaderArgs) -> usize {
+    a.warmup_batches.unwrap_or_else(|| (2 * a.threads).max(2))
+}
+
+/// Longest measured window accepted, in seconds (a day).
+const MAX_BENCH_SECONDS: f64 = 86_400.0;
+
+fn check_seconds(a: &LoaderArgs) -> Result<()> {
+    if !(a.seconds > 0.0 && a.seconds <= MAX_BENCH_SECONDS) {
+        bail!(
+            "--seconds must be positive and at most {MAX_BENCH_SECONDS} (got {})",
+            a.seconds
+        );
     }
+    if !(a.decode_seconds >= 0.0 && a.decode_seconds <= MAX_BENCH_SECONDS) {
+        bail!(
+            "--decode-seconds must be 0 (skip) or positive, at most {MAX_BENCH_SECONDS} (got {})",
+            a.decode_seconds
+        );
+    }
+    Ok(())
+}
+
+fn bench_loader(a: &LoaderArgs) -> Result<Report> {
+    check_seconds(a)?;
+    let warmup = warmup_batches(a);
     let opts = a.source.options(&a.split)?;
     let cfg = loader_config(a);
     cfg.validate().context("invalid loader settings")?;
@@ -428,13 +462,10 @@ fn bench_loader(a: &LoaderArgs) -> Result<Report> {
         None
     };
 
-    pb.set_message(format!(
-        "warming up ({} batches of {})",
-        a.warmup_batches, a.batch
-    ));
+    pb.set_message(format!("warming up ({warmup} batches of {})", a.batch));
     let mut loader =
         Loader::open(&a.data, &opts, cfg).with_context(|| format!("cannot open {}", a.data))?;
-    for _ in 0..a.warmup_batches {
+    for _ in 0..warmup {
         match loader.next() {
             Some(b) => drop(b.context("loader failed during warm-up")?),
             None => bail!("the data ended during warm-up"),
@@ -517,10 +548,15 @@ fn bench_loader(a: &LoaderArgs) -> Result<Report> {
         per_thread_img_per_s: per_thread,
         threads: a.threads,
         batch: a.batch,
+        warmup_batches: warmup,
         images,
         seconds: wall,
         image_size: a.size,
         stage_ms_per_image: stage,
+        cpu_ms_per_image: cpu0
+            .zip(cpu1)
+            .filter(|_| images > 0)
+            .map(|(a, b)| (b - a) * 1e3 / images as f64),
         wait_input_per_s: st.worker_wait_job_s / wall,
         wait_slot_per_s: st.worker_wait_slot_s / wall,
         wait_consumer_per_s: st.wait_consumer_s / wall,
@@ -587,9 +623,12 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         r.img_per_s, r.threads, r.per_thread_img_per_s, r.batch, r.images, r.seconds
     );
     println!(
-        "  CPU ms per image: read {:.3}, decode {:.3}, crop+resize {:.3}, strong aug {:.3}, mask {:.4}, collate {:.3} (total {:.3})",
+        "  stage ms per image (summed over threads): read {:.3}, decode {:.3}, crop+resize {:.3}, strong aug {:.3}, mask {:.4}, collate {:.3} (total {:.3})",
         s.read, s.decode, s.crop_resize, s.strong_aug, s.mask, s.collate, s.total
     );
+    if let Some(c) = r.cpu_ms_per_image {
+        println!("  process CPU ms per image: {c:.3}");
+    }
     if let (Some(b), Some(u)) = (r.cpu_cores_busy, r.cpu_utilisation) {
         println!(
             "  CPU: {b:.2} cores busy of {} ({:.0}%)",
@@ -676,7 +715,9 @@ fn compare(c: &CompareArgs) -> Result<()> {
     let mut ratios: Vec<f64> = rounds.iter().map(|r| r.4).collect();
     let median = sorted_median(&mut ratios);
     if a.json {
-        let (ours, peer, _, _, ratio) = &rounds[0];
+        // The last round at the top level, as the text report prints it; every round
+        // under `rounds`.
+        let (ours, peer, _, _, ratio) = &rounds[rounds.len() - 1];
         let mut j = serde_json::json!({
             "conmim": ours,
             "pytorch": peer,
@@ -797,6 +838,7 @@ fn run_peer(
         .args(["--seed", &a.seed.to_string()])
         .args(["--size", &a.size.to_string()])
         .args(["--shuffle-buffer", &a.shuffle_buffer.to_string()])
+        .args(["--warmup-batches", &warmup_batches(a).to_string()])
         .arg("--json")
         .stderr(std::process::Stdio::inherit())
         .output()

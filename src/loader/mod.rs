@@ -155,8 +155,11 @@ struct Counters {
     grown_buffers: AtomicU64,
 }
 
-/// A snapshot of the loader's counters. Stage times are summed over threads: divided
-/// by `samples` they give the CPU cost per sample of each stage.
+/// A snapshot of the loader's counters. Stage times are wall time inside each stage,
+/// summed over threads: divided by `samples` they give the cost per sample of each
+/// stage, which is its CPU cost while every thread has a core to itself (on an
+/// oversubscribed machine it includes time a thread was descheduled mid-stage; a
+/// thread-CPU clock per stage would cost more than the cheapest stages measure).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LoaderStats {
     /// Seconds the reader spent reading and parsing shards (and shuffling).

@@ -73,6 +73,12 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBenchReport> {
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be positive");
     }
+    if o.profile.is_some() && o.data.is_some() {
+        bail!(
+            "--profile traces steps on synthetic input: run it without --data (the loader \
+             does not change what the step's kernels do)"
+        );
+    }
     let mut cfg = PretrainConfig::preset(&o.preset)?;
     if o.timm_style {
         cfg.model = cfg.model.timm_style();
@@ -239,6 +245,11 @@ mod tests {
         o.timm_style = true;
         let r = bench_train(&o).unwrap();
         assert_eq!((r.input.as_str(), r.variant.as_str()), ("loader", "timm"));
+        // A trace is taken on synthetic input only; with --data it is refused, not
+        // silently skipped.
+        o.profile = Some(trace.clone());
+        let err = bench_train(&o).unwrap_err().to_string();
+        assert!(err.contains("--profile") && err.contains("--data"), "{err}");
         assert!((0.0..=1.0).contains(&r.data_wait_frac), "{r:?}");
     }
 }

@@ -235,6 +235,11 @@ def run(args):
         while True:
             got_any = False
             it = iter(loader)
+            if warmup == 0 and t0 is None:
+                # No warm-up: the clock starts before the first batch, as on the Rust side
+                # (whose clock starts before its first `next()`).
+                t0 = time.perf_counter()
+                deadline = t0 + args.seconds
             for weak, strong, mask, _label in it:
                 got_any = True
                 n = weak.shape[0]
@@ -244,9 +249,6 @@ def run(args):
                         t0 = time.perf_counter()
                         deadline = t0 + args.seconds
                     continue
-                if t0 is None:  # warm-up of 0 batches: the clock starts at the first batch
-                    t0 = time.perf_counter()
-                    deadline = t0 + args.seconds
                 images += n
                 batches += 1
                 if time.perf_counter() >= deadline:
