@@ -13,8 +13,9 @@
 //! * [`RandomCellMask`] — random masking of square cells of `cell x cell` patches
 //!   (ConMIM ViT-B/L, "random with mask-patch size 32": 37 of the 7x7 cells of 2x2
 //!   patches, i.e. 148 of 196 patches).
-//! * [`BlockMask`] — BEiT's block-wise masking (75 patches, blocks of >= 16 patches,
-//!   aspect ratio in `[0.3, 1/0.3]`).
+//! * [`BlockMask`] — BEiT's block-wise masking (75 patches; each block's target area is
+//!   drawn from at least 16 patches, `min_num_patches`, though rounding and the last
+//!   blocks can place smaller rectangles, as BEiT's; aspect ratio in `[0.3, 1/0.3]`).
 //!
 //! Random draws: integers come from [`SplitMix64::below`] / [`SplitMix64::range`],
 //! uniform floats in `[0, 1)` from the top 53 bits of [`SplitMix64::next_u64`].
@@ -410,8 +411,8 @@ impl BlockMask {
         })
     }
 
-    /// BEiT preset: 14x14 patches, 75 masked, blocks of >= 16 patches, aspect ratio in
-    /// `[0.3, 1/0.3]`.
+    /// BEiT preset: 14x14 patches, 75 masked, block target areas of >= 16 patches
+    /// (`min_num_patches`), aspect ratio in `[0.3, 1/0.3]`.
     pub fn beit() -> Self {
         Self::new(MaskGrid { rows: 14, cols: 14 }, 75, 16, None, 0.3, None).expect("valid preset")
     }

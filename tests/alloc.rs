@@ -47,8 +47,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The count is process-wide: the tests of this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn issue_3_view_pairs_and_masks_allocate_nothing_per_sample() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let images: Vec<Vec<u8>> = (0..4)
         .map(|i| testkit::jpeg(&JpegSpec::rgb(500 - i * 40, 375, i as u64)))
         .collect();
@@ -135,3 +139,50 @@ fn issue_3_view_pairs_and_masks_allocate_nothing_per_sample() {
 /// zune-jpeg's header parser (run by `probe` before every decode) allocates its component
 /// list once per image.
 const PROBE_ALLOCS: u64 = 1;
+
+/// RandAugment (the fine-tuning loader's `ClassifyTrain` path): drawing the parameters
+/// and applying every op allocates nothing once the caller's scratch has grown. (Before,
+/// each draw built a `Vec` of ops and each equalize collected a `Vec` per channel.)
+#[test]
+fn randaugment_draws_and_ops_allocate_nothing_per_sample() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use conmim::augment::randaug::{
+        self, AppliedOp, Interp, RAND_INCREASING_OPS, RandAugConfig, RandAugParams,
+    };
+    let (w, h) = (64usize, 48usize);
+    let src: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+    let mut img = src.clone();
+    let mut scratch = Vec::new();
+    let cfg = RandAugConfig::from_policy("rand-m9-mstd0.5-inc1").unwrap();
+    // Every op once, at full magnitude (the scratch grows to what the geometric ops and
+    // sharpness need), through the same fixed-size parameters the loader draws.
+    let every: Vec<RandAugParams> = RAND_INCREASING_OPS
+        .iter()
+        .map(|&op| {
+            let applied = AppliedOp {
+                op,
+                magnitude: 9.0,
+                arg: randaug::level_to_arg(op, 9.0, false, 0.45),
+                interp: Interp::Bilinear,
+            };
+            RandAugParams::with_ops(&[applied], cfg.fill)
+        })
+        .collect();
+    let round = |img: &mut Vec<u8>, scratch: &mut Vec<u8>, s: u64| {
+        img.copy_from_slice(&src);
+        let mut rng = conmim::augment::params::sample_rng(3, 0, s);
+        let p = RandAugParams::sample_from(&mut rng, &cfg);
+        randaug::apply(&p, img, w, h, scratch);
+        randaug::apply(&every[s as usize % every.len()], img, w, h, scratch);
+    };
+    for s in 0..2 * every.len() as u64 {
+        round(&mut img, &mut scratch, s);
+    }
+    COUNT.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    for s in 0..200 {
+        round(&mut img, &mut scratch, s);
+    }
+    ARMED.store(false, Ordering::Relaxed);
+    assert_eq!(COUNT.load(Ordering::Relaxed), 0, "RandAugment");
+}

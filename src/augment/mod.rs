@@ -9,10 +9,13 @@
 //!   (torchvision's `RandomResizedCrop.get_params`) and flip, and the teacher's
 //!   "strong" extras (colour jitter, grayscale, blur, solarisation).
 //! * [`color`] applies the photometric ops in place on interleaved RGB8 buffers with
-//!   torchvision's uint8 tensor semantics (`_functional_tensor`), plus a separable
-//!   Gaussian blur standing in for PIL's `GaussianBlur`.
-//!
-//! Cropping and resizing are not here yet.
+//!   torchvision's uint8 tensor semantics (`_functional_tensor`), plus PIL's
+//!   `GaussianBlur`, bit for bit.
+//! * [`views`] turns encoded bytes into views: decode (only the crop's region,
+//!   DCT-scaled when the crop allows), crop + resize + flip into the caller's buffer,
+//!   the strong view from the weak one, and the evaluation transform (resize + centre
+//!   crop).
+//! * [`randaug`] is the fine-tuning side: timm's RandAugment and RandomErasing.
 
 pub mod color;
 pub mod params;

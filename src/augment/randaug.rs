@@ -219,6 +219,11 @@ impl RandAugConfig {
             };
             match key {
                 "m" => cfg.magnitude = num,
+                "n" if num > MAX_LAYERS as f64 => {
+                    return Err(format!(
+                        "RandAugment policy `{policy}`: n{num} ops per image exceeds {MAX_LAYERS}"
+                    ));
+                }
                 "n" => cfg.num_layers = num as usize,
                 "mstd" => cfg.magnitude_std = if num > 100.0 { f64::INFINITY } else { num },
                 "mmax" => cfg.magnitude_max = num,
@@ -258,11 +263,32 @@ pub struct AppliedOp {
     pub interp: Interp,
 }
 
-/// Per-sample RandAugment parameters: the ops that fire, in order.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// Most ops per image (`n` of the policy): the parameters live in a fixed array, so
+/// drawing them allocates nothing.
+pub const MAX_LAYERS: usize = 8;
+
+/// Per-sample RandAugment parameters: the ops that fire, in order ([`Self::ops`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RandAugParams {
-    pub ops: Vec<AppliedOp>,
+    slots: [AppliedOp; MAX_LAYERS],
+    len: usize,
     pub fill: [u8; 3],
+}
+
+impl Default for RandAugParams {
+    fn default() -> Self {
+        let none = AppliedOp {
+            op: RaOp::AutoContrast,
+            magnitude: 0.0,
+            arg: 0.0,
+            interp: Interp::Bicubic,
+        };
+        RandAugParams {
+            slots: [none; MAX_LAYERS],
+            len: 0,
+            fill: [0; 3],
+        }
+    }
 }
 
 /// Python's `int(x)` (truncation toward zero) as `i64`.
@@ -311,13 +337,24 @@ impl RandAugParams {
     /// clipped to `[0, magnitude_max]`; a sign draw for signed ops (negate iff
     /// `u > 0.5`); an interpolation draw for geometric ops under
     /// [`InterpChoice::Random`].
+    ///
+    /// `cfg.num_layers` must be at most [`MAX_LAYERS`] (`from_policy` and `validate`
+    /// refuse more).
     pub fn sample_from(rng: &mut SplitMix64, cfg: &RandAugConfig) -> RandAugParams {
-        let mut chosen = [RaOp::AutoContrast; 8];
-        let n = cfg.num_layers.min(chosen.len());
+        assert!(
+            cfg.num_layers <= MAX_LAYERS,
+            "RandAugment n = {} exceeds {MAX_LAYERS}",
+            cfg.num_layers
+        );
+        let mut chosen = [RaOp::AutoContrast; MAX_LAYERS];
+        let n = cfg.num_layers;
         for c in chosen.iter_mut().take(n) {
             *c = RAND_INCREASING_OPS[rng.below(RAND_INCREASING_OPS.len() as u64) as usize];
         }
-        let mut ops = Vec::with_capacity(n);
+        let mut out = RandAugParams {
+            fill: cfg.fill,
+            ..RandAugParams::default()
+        };
         for &op in &chosen[..n] {
             if cfg.prob < 1.0 && uniform01(rng) > cfg.prob {
                 continue;
@@ -344,23 +381,38 @@ impl RandAugParams {
                 }
                 InterpChoice::Random => Interp::Bicubic,
             };
-            ops.push(AppliedOp {
+            out.slots[out.len] = AppliedOp {
                 op,
                 magnitude: m,
                 arg,
                 interp,
-            });
+            };
+            out.len += 1;
         }
-        RandAugParams {
-            ops,
-            fill: cfg.fill,
-        }
+        out
+    }
+
+    /// Parameters that apply `ops` in order (at most [`MAX_LAYERS`]).
+    pub fn with_ops(ops: &[AppliedOp], fill: [u8; 3]) -> RandAugParams {
+        assert!(ops.len() <= MAX_LAYERS, "at most {MAX_LAYERS} ops");
+        let mut out = RandAugParams {
+            fill,
+            ..RandAugParams::default()
+        };
+        out.slots[..ops.len()].copy_from_slice(ops);
+        out.len = ops.len();
+        out
+    }
+
+    /// The ops that fire, in order.
+    pub fn ops(&self) -> &[AppliedOp] {
+        &self.slots[..self.len]
     }
 }
 
 /// Applies all ops of `params` in order, in place on `img` (`w * h * 3` bytes).
 pub fn apply(params: &RandAugParams, img: &mut [u8], w: usize, h: usize, scratch: &mut Vec<u8>) {
-    for op in &params.ops {
+    for op in params.ops() {
         apply_op(op, params.fill, img, w, h, scratch);
     }
 }
@@ -488,12 +540,15 @@ pub fn equalize(img: &mut [u8]) {
     let mut lut = [[0u8; 256]; 3];
     for c in 0..3 {
         let h = &hist[c];
-        let nonzero: Vec<u64> = h.iter().filter(|&&v| v != 0).map(|&v| v as u64).collect();
-        let step = if nonzero.len() <= 1 {
-            0
-        } else {
-            (nonzero.iter().sum::<u64>() - nonzero[nonzero.len() - 1]) / 255
-        };
+        // PIL: the non-zero bins' total less the last non-zero bin, over 255 (0 when at
+        // most one bin is used); one pass, nothing allocated.
+        let (mut total, mut last, mut used) = (0u64, 0u64, 0usize);
+        for &v in h.iter().filter(|&&v| v != 0) {
+            total += v as u64;
+            last = v as u64;
+            used += 1;
+        }
+        let step = if used <= 1 { 0 } else { (total - last) / 255 };
         if step == 0 {
             for (i, v) in lut[c].iter_mut().enumerate() {
                 *v = i as u8;
@@ -921,9 +976,14 @@ mod tests {
             "rand-m9-inc0",
             "rand-x3-inc1",
             "rand-m-inc1",
+            // More ops per image than the fixed parameters hold: refused, not capped.
+            "rand-m9-n9-inc1",
         ] {
             assert!(RandAugConfig::from_policy(bad).is_err(), "{bad}");
         }
+        let c = RandAugConfig::from_policy("rand-m9-n8-p1.0-inc1").unwrap();
+        let p = RandAugParams::sample_from(&mut SplitMix64::new(1, 2), &c);
+        assert_eq!(p.ops().len(), 8, "with p = 1 every chosen op fires");
     }
 
     #[test]
@@ -935,9 +995,9 @@ mod tests {
             let mut b = super::super::params::sample_rng(7, 0, s);
             let p = RandAugParams::sample_from(&mut a, &cfg);
             assert_eq!(p, RandAugParams::sample_from(&mut b, &cfg));
-            assert!(p.ops.len() <= 2);
-            fired += p.ops.len();
-            for op in &p.ops {
+            assert!(p.ops().len() <= 2);
+            fired += p.ops().len();
+            for op in p.ops() {
                 assert!((0.0..=10.0).contains(&op.magnitude));
                 assert_eq!(op.interp, Interp::Bicubic);
             }
