@@ -247,7 +247,7 @@ impl ViewMaker {
                     out_h,
                     &opts,
                 );
-                if t.decode(bytes, plan.num, plan.region).is_ok() {
+                if t.decode(&header, plan.num, plan.region).is_ok() {
                     let whole = plan.region.x == 0
                         && plan.region.y == 0
                         && plan.region.w == turbo::scaled(info.width, plan.num)
@@ -458,7 +458,7 @@ impl ViewMaker {
                         w: sw,
                         h: sh,
                     };
-                    if t.decode(bytes, num, whole).is_ok() {
+                    if t.decode(&header, num, whole).is_ok() {
                         scaled = Some((num, sw, sh, region));
                     }
                 }
@@ -1217,7 +1217,7 @@ mod tests {
                             w: turbo::scaled(h.width, num),
                             h: turbo::scaled(h.height, num),
                         };
-                        t.decode(b, num, r).unwrap();
+                        t.decode(&h, num, r).unwrap();
                     }),
                 ));
             }
@@ -1263,7 +1263,7 @@ mod tests {
                         if to_bottom {
                             plan.region.h = turbo::scaled(h.height, plan.num) - plan.region.y;
                         }
-                        t.decode(b, plan.num, plan.region).unwrap();
+                        t.decode(&h, plan.num, plan.region).unwrap();
                     }),
                 ));
             }

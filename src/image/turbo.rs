@@ -30,6 +30,25 @@ use turbojpeg_sys as tj;
 
 use super::resize::CropBox;
 
+/// A header read by [`TurboDecoder::read_header`], borrowing the bytes it was read from
+/// until [`TurboDecoder::decode`] decodes them: the region and the buffer size are
+/// planned from this header, so the bytes must not change in between (a reused buffer
+/// refilled with another image of the same length would otherwise be decoded past the
+/// end of the pixel buffer). Dereferences to the [`TurboHeader`].
+#[derive(Debug, Clone, Copy)]
+pub struct ParsedHeader<'b> {
+    header: TurboHeader,
+    bytes: &'b [u8],
+    seq: u64,
+}
+
+impl std::ops::Deref for ParsedHeader<'_> {
+    type Target = TurboHeader;
+    fn deref(&self) -> &TurboHeader {
+        &self.header
+    }
+}
+
 /// What [`TurboDecoder::read_header`] learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TurboHeader {
@@ -198,9 +217,11 @@ pub struct TurboDecoder {
     len: usize,
     width: u32,
     height: u32,
-    /// `(pointer, length)` of the bytes whose header was read last: cropping needs the
-    /// header of the very image that is decoded next.
-    header_of: Option<(usize, usize)>,
+    /// Number of the last [`TurboDecoder::read_header`] call, while its header is the
+    /// one libjpeg-turbo holds (`None` once a decode used it or a read failed): a
+    /// [`ParsedHeader`] of any other call is refused.
+    header_seq: Option<u64>,
+    reads: u64,
 }
 
 // SAFETY: a TurboJPEG handle may be used from any thread, one thread at a time; the
@@ -239,7 +260,8 @@ impl TurboDecoder {
             len: 0,
             width: 0,
             height: 0,
-            header_of: None,
+            header_seq: None,
+            reads: 0,
         };
         d.set(tj::TJPARAM_TJPARAM_STOPONWARNING, 1)?;
         Ok(d)
@@ -268,9 +290,11 @@ impl TurboDecoder {
         unsafe { tj::tj3Get(self.handle, param as c_int) }
     }
 
-    /// Parses the JPEG header of `bytes` (no pixel data).
-    pub fn read_header(&mut self, bytes: &[u8]) -> Result<TurboHeader, String> {
-        self.header_of = None;
+    /// Parses the JPEG header of `bytes` (no pixel data). The result borrows `bytes`, so
+    /// they cannot change before [`TurboDecoder::decode`] decodes them.
+    pub fn read_header<'b>(&mut self, bytes: &'b [u8]) -> Result<ParsedHeader<'b>, String> {
+        self.header_seq = None;
+        self.reads += 1;
         if bytes.is_empty() {
             return Err("empty JPEG".into());
         }
@@ -294,23 +318,35 @@ impl TurboDecoder {
             lossless: self.get(tj::TJPARAM_TJPARAM_LOSSLESS) != 0,
             progressive: self.get(tj::TJPARAM_TJPARAM_PROGRESSIVE) != 0,
         };
-        self.header_of = Some((bytes.as_ptr() as usize, bytes.len()));
-        Ok(header)
+        self.header_seq = Some(self.reads);
+        Ok(ParsedHeader {
+            header,
+            bytes,
+            seq: self.reads,
+        })
     }
 
-    /// Decodes `region` of the image scaled by `num / 8` to RGB8 in the internal buffer
-    /// (see [`TurboDecoder::rgb`]) and returns the region's `(width, height)`.
+    /// Decodes `region` of the image whose header `parsed` is, scaled by `num / 8`, to
+    /// RGB8 in the internal buffer (see [`TurboDecoder::rgb`]) and returns the region's
+    /// `(width, height)`.
     ///
-    /// [`TurboDecoder::read_header`] must have been called on the same `bytes` just before;
-    /// `region.x` must be a multiple of the scaled iMCU width (as [`plan_crop`] makes it).
-    /// On error (including any libjpeg warning) `rgb()` is empty.
-    pub fn decode(&mut self, bytes: &[u8], num: u32, region: Region) -> Result<(u32, u32), String> {
+    /// `parsed` must come from this decoder's last [`TurboDecoder::read_header`] (libjpeg
+    /// holds that header), and each header decodes once; `region.x` must be a multiple of
+    /// the scaled iMCU width (as [`plan_crop`] makes it). On error (including any libjpeg
+    /// warning) `rgb()` is empty.
+    pub fn decode(
+        &mut self,
+        parsed: &ParsedHeader<'_>,
+        num: u32,
+        region: Region,
+    ) -> Result<(u32, u32), String> {
         self.len = 0;
         self.width = 0;
         self.height = 0;
-        if self.header_of.take() != Some((bytes.as_ptr() as usize, bytes.len())) {
-            return Err("TurboDecoder::decode without read_header on the same bytes".into());
+        if self.header_seq.take() != Some(parsed.seq) {
+            return Err("TurboDecoder::decode: not the header this decoder read last".into());
         }
+        let bytes = parsed.bytes;
         if !(1..=8).contains(&num) {
             return Err(format!("unsupported scale {num}/8"));
         }
@@ -353,7 +389,8 @@ impl TurboDecoder {
                 h: region.h as c_int,
             }
         };
-        // SAFETY: valid handle; the header of `bytes` was read (checked above).
+        // SAFETY: valid handle; the header of `bytes` was read last (checked above), and
+        // `bytes` has been borrowed ever since, so it is the image libjpeg-turbo decodes.
         let rc = unsafe { tj::tj3SetCroppingRegion(self.handle, crop) };
         self.check(rc)?;
         let pitch = region.w as usize * 3;
@@ -416,7 +453,7 @@ mod tests {
             w: 67,
             h: 45,
         };
-        assert_eq!(t.decode(&bytes, 8, full).unwrap(), (67, 45));
+        assert_eq!(t.decode(&h, 8, full).unwrap(), (67, 45));
         let mut z = Decoder::new();
         z.decode_rgb(&bytes, &ImageLimits::default()).unwrap();
         let diff = t
@@ -427,8 +464,16 @@ mod tests {
             .max()
             .unwrap();
         assert!(diff <= 8, "max diff {diff}");
-        // decode without read_header is refused.
-        assert!(t.decode(&bytes, 8, full).is_err());
+        // A header decodes once; one read before the last is refused.
+        assert!(t.decode(&h, 8, full).is_err());
+        let again = t.read_header(&bytes).unwrap();
+        let other = testkit::jpeg(&JpegSpec::rgb(16, 16, 1));
+        let last = t.read_header(&other).unwrap();
+        let err = t.decode(&again, 8, full).unwrap_err();
+        assert!(err.contains("not the header"), "{err}");
+        assert!(t.rgb().is_empty());
+        // Refused without touching the last read either (each read decodes once).
+        assert!(t.decode(&last, 8, full).is_err());
     }
 
     #[test]
@@ -447,7 +492,7 @@ mod tests {
         let h = t.read_header(&gray).unwrap();
         assert!(h.supports_fast_path());
         t.decode(
-            &gray,
+            &h,
             4,
             Region {
                 x: 0,
@@ -471,14 +516,14 @@ mod tests {
         let mut t = TurboDecoder::new().unwrap();
         // Truncated: half the file.
         let cut = &bytes[..bytes.len() / 2];
-        if t.read_header(cut).is_ok() {
+        if let Ok(h) = t.read_header(cut) {
             let r = Region {
                 x: 0,
                 y: 0,
                 w: info.width,
                 h: info.height,
             };
-            assert!(t.decode(cut, 8, r).is_err());
+            assert!(t.decode(&h, 8, r).is_err());
             assert!(t.rgb().is_empty());
         }
         // Garbage in the middle of the entropy-coded data.
@@ -487,14 +532,14 @@ mod tests {
         for b in &mut bad[mid..mid + 64] {
             *b = 0xFF;
         }
-        t.read_header(&bad).unwrap();
+        let h = t.read_header(&bad).unwrap();
         let r = Region {
             x: 0,
             y: 0,
             w: info.width,
             h: info.height,
         };
-        assert!(t.decode(&bad, 8, r).is_err());
+        assert!(t.decode(&h, 8, r).is_err());
     }
 
     #[test]
