@@ -1,6 +1,9 @@
-//! Pixel-side checks used while sharding.
+//! Images: the checks used while sharding here, and the loader's pixel paths in the
+//! submodules: [`pixels`] (the whole-image decoder with reused buffers, zune-jpeg and the
+//! `image` crate), [`turbo`] (libjpeg-turbo region and DCT-scaled decodes) and
+//! [`resize`] (Pillow's resampler, bit for bit).
 //!
-//! Three levels of scrutiny, from cheap to expensive:
+//! The sharding checks, three levels of scrutiny from cheap to expensive:
 //!
 //! * [`probe`] ("copy mode"): format from the magic bytes (never from the file name),
 //!   dimensions from the header, the size limits, and a cheap end-of-file check (the JPEG

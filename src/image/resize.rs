@@ -19,8 +19,9 @@
 //!
 //! This is what torchvision's `RandomResizedCrop(..., interpolation=BICUBIC)` and
 //! `Resize(256, BICUBIC)` call on the PIL images the official ConMIM code loads.
-//! (Torchvision's *tensor* bicubic path uses `a = -0.75`; that path is not the one the
-//! reference pipeline takes.)
+//! (Torchvision's *tensor* bicubic path uses `a = -0.75` with `antialias=False`; with
+//! `antialias=True`, the v2 default for tensors, it uses `a = -0.5` as PIL but its own
+//! rounding. Neither is the path the reference pipeline takes.)
 //!
 //! A horizontal flip of the output can be folded into the horizontal pass (the
 //! coefficient table is built for mirrored output columns): byte-identical to resizing
@@ -338,7 +339,7 @@ impl Resizer {
             )));
         }
         check_box(view, src_w, src_h)?;
-        check_region(region)?;
+        check_region(region, width, height)?;
         let axis = |offset: u32, len: u32, r0: f64, rlen: f64, out: u32| Geometry {
             in_size: len as usize,
             in0: r0 as f32,
@@ -376,7 +377,7 @@ impl Resizer {
                 "empty region {width}x{height} or output {out_w}x{out_h}"
             )));
         }
-        check_region(region)?;
+        check_region(region, src_w, src_h)?;
         let axis = |len: u32, r0: f64, rlen: f64, out: u32| Geometry {
             in_size: len as usize,
             in0: r0 as f32,
@@ -644,9 +645,19 @@ fn check_box(b: CropBox, w: u32, h: u32) -> Result<(), ImageProblem> {
     Ok(())
 }
 
-fn check_region(r: (f64, f64, f64, f64)) -> Result<(), ImageProblem> {
+/// A fractional region `(left, top, width, height)` must be finite and lie inside the
+/// `w` x `h` image (PIL: "box can't exceed original image size"), up to float noise.
+/// Outside, the filter windows would index past the source rows.
+fn check_region(r: (f64, f64, f64, f64), w: u32, h: u32) -> Result<(), ImageProblem> {
     if ![r.0, r.1, r.2, r.3].iter().all(|v| v.is_finite()) {
         return Err(problem(format!("region {r:?} is not finite")));
+    }
+    let eps = 1e-6 * f64::from(w.max(h).max(1));
+    let (w, h) = (f64::from(w), f64::from(h));
+    if r.0 < -eps || r.1 < -eps || r.0 + r.2 > w + eps || r.1 + r.3 > h + eps {
+        return Err(problem(format!(
+            "region {r:?} (left, top, width, height) exceeds the {w}x{h} image"
+        )));
     }
     Ok(())
 }
@@ -1809,5 +1820,20 @@ mod tests {
             r.crop_resize(&src, 10, 10, (0, 0, 2, 2), &mut out, 4, 5)
                 .is_err()
         );
+        // Fractional regions past the image (or the view) are errors, not a panic on
+        // rows past the source (PIL: "box can't exceed original image size").
+        for region in [(0.0, 0.0, 20.0, 30.0), (-0.5, 0.0, 4.0, 4.0), (7.5, 0.0, 3.0, 2.0)] {
+            let err = r.resize_region(&src, 10, 10, region, &mut out, 4, 4);
+            assert!(err.is_err(), "{region:?}");
+        }
+        r.resize_region(&src, 10, 10, (0.5, 0.25, 9.5, 9.75), &mut out, 4, 4)
+            .unwrap();
+        let view = (2, 2, 6, 6);
+        assert!(
+            r.crop_resize_frac(&src, 10, 10, view, (1.0, 0.0, 5.5, 2.0), false, &mut out, 4, 4)
+                .is_err()
+        );
+        r.crop_resize_frac(&src, 10, 10, view, (1.0, 0.0, 5.0, 6.0), false, &mut out, 4, 4)
+            .unwrap();
     }
 }
