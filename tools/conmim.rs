@@ -273,6 +273,16 @@ fn rank_zero() -> bool {
     std::env::var("RANK").map_or(true, |r| r.trim() == "0")
 }
 
+/// `"{cmd}: "` on rank 0 (or without torchrun), `"{cmd} (rank N): "` on the others: each
+/// rank reports the samples its own loader skipped.
+#[cfg(feature = "train")]
+fn rank_prefix(cmd: &str) -> String {
+    match std::env::var("RANK") {
+        Ok(r) if r.trim() != "0" => format!("{cmd} (rank {}): ", r.trim()),
+        _ => format!("{cmd}: "),
+    }
+}
+
 #[cfg(feature = "train")]
 fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
     use conmim::train::finetune::run::{FinetuneOptions, finetune};
@@ -308,7 +318,17 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         .stopped_by
         .as_deref()
         .map(conmim::train::signals::exit_status);
+    // Every rank names what its loader skipped (capped by `--set max_errors=N`).
+    let skipped = || {
+        source_args::print_skipped(
+            &rank_prefix("finetune"),
+            s.skipped_samples,
+            s.shard_errors,
+            &s.errors,
+        )
+    };
     if !rank_zero() {
+        skipped();
         if let Some(code) = status {
             std::process::exit(code);
         }
@@ -333,6 +353,7 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<()> {
         s.best_epoch.map_or("-".into(), |e| e.to_string()),
         s.checkpoint.display()
     );
+    skipped();
     if let Some(code) = status {
         std::process::exit(code);
     }
@@ -683,7 +704,17 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
         .stopped_by
         .as_deref()
         .map(conmim::train::signals::exit_status);
+    // Every rank names what its loader skipped (capped by `--set max_errors=N`).
+    let skipped = || {
+        source_args::print_skipped(
+            &rank_prefix("pretrain"),
+            s.skipped_samples,
+            s.shard_errors,
+            &s.errors,
+        )
+    };
     if !rank_zero() {
+        skipped();
         if let Some(code) = status {
             std::process::exit(code);
         }
@@ -704,8 +735,7 @@ fn pretrain_cmd(a: &PretrainArgs) -> Result<()> {
             .as_ref()
             .map_or("-".into(), |p| p.display().to_string()),
     );
-    // (Capped by `--set max_errors=N`.)
-    source_args::print_skipped("pretrain: ", s.skipped_samples, s.shard_errors, &s.errors);
+    skipped();
     if let Some(code) = status {
         std::process::exit(code);
     }

@@ -116,6 +116,11 @@ pub struct FinetuneConfig {
     /// Sample shuffle buffer of the training stream.
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
+    /// Corrupt training samples (and damaged shards) tolerated per process before the
+    /// run stops with an error naming them; `None`: skip them all. Skipped ones are
+    /// counted and named in the summary either way. (Evaluation skips none.)
+    #[serde(default)]
+    pub max_errors: Option<u64>,
 }
 
 fn default_shuffle_buffer() -> usize {
@@ -178,6 +183,7 @@ impl FinetuneConfig {
             data_threads: 0,
             train_last_blocks: None,
             shuffle_buffer: default_shuffle_buffer(),
+            max_errors: None,
         })
     }
 

@@ -131,6 +131,13 @@ pub struct FinetuneSummary {
     /// The run stopped early on this signal, after a resumable `checkpoints/last` of its
     /// last step: "SIGTERM", "SIGINT", or "SIGTERM (on another rank)".
     pub stopped_by: Option<String>,
+    /// Corrupt training samples this process's loader skipped in this invocation
+    /// (counted; the first ones named in `errors`). The config's `max_errors` bounds it.
+    pub skipped_samples: u64,
+    /// Training shards that failed (unreadable, damaged, unreachable).
+    pub shard_errors: u64,
+    /// The first skipped samples and failed shards (shard, key, message).
+    pub errors: Vec<crate::loader::FailedItem>,
 }
 
 /// The effective config: preset, file, `--set`s, flags.
@@ -223,6 +230,7 @@ pub fn train_loader_config(cfg: &FinetuneConfig) -> LoaderConfig {
         rand_augment: cfg.rand_augment.clone(),
         color_jitter: cfg.color_jitter,
         reprob: cfg.reprob,
+        max_errors: cfg.max_errors,
         ..Default::default()
     }
 }
@@ -453,10 +461,12 @@ fn resume(
 ) -> Result<ResumeState> {
     let state = model::read_state(dir)?;
     // The loader thread count changes no batch (a restart on another machine may pass
-    // another --threads); everything else must be the checkpoint's.
+    // another --threads), nor does the error budget; everything else must be the
+    // checkpoint's.
     let comparable = |c: &FinetuneConfig| {
         let mut v = serde_json::to_value(c)?;
         v["data_threads"] = serde_json::Value::Null;
+        v["max_errors"] = serde_json::Value::Null;
         anyhow::Ok(v)
     };
     let (saved, now) = (comparable(&state.config)?, comparable(cfg)?);
@@ -972,6 +982,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
         pg.check_replicas_agree(&opt.vars(), "fine-tuned weights")?;
     }
     let wall = t0.elapsed().as_secs_f64();
+    let log = loader.errors();
     let summary = FinetuneSummary {
         preset: cfg.preset.clone(),
         device: format!("{device:?}"),
@@ -996,6 +1007,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneSummary> {
             ck.join("last")
         },
         stopped_by,
+        skipped_samples: log.sample_errors,
+        shard_errors: log.shard_errors,
+        errors: log.shards.into_iter().chain(log.samples).collect(),
     };
     crate::format::atomic_write_json(&log_dir.join("summary.json"), &summary)?;
     Ok(summary)
@@ -1440,6 +1454,44 @@ mod tests {
         assert_eq!((s.epochs_done, s.best_epoch), (1, None));
         assert_eq!(s.checkpoint, out.join("checkpoints/last"));
         assert!(s.checkpoint.is_dir());
+    }
+
+    /// A corrupt training sample is skipped, counted and named in the summary (it was
+    /// dropped silently); with `max_errors = 0` the run stops with an error naming it.
+    #[test]
+    fn finetune_reports_and_caps_corrupt_samples() {
+        let _rng = crate::train::testing::seeded(0);
+        let dir = tempfile::tempdir().unwrap();
+        testkit::write_sharded(dir.path(), "train", &[6, 6], |i, j| {
+            let key = format!("train{i}_{j}");
+            let jpg = if key == "train1_4" {
+                b"\xff\xd8\xff\xe0 not a jpeg at all".to_vec()
+            } else {
+                testkit::jpeg(&JpegSpec::rgb(40, 36, (i * 10) as u64 + j))
+            };
+            let label = ((i as u64 + j) % 4).to_string().into_bytes();
+            (
+                key,
+                vec![("jpg".to_owned(), jpg), ("cls".to_owned(), label)],
+            )
+        })
+        .unwrap();
+        labelled(dir.path(), "val", &[4], 4);
+        let out = dir.path().join("ft");
+        let mut o = ft_opts(dir.path(), &out, None);
+        o.epochs = Some(1);
+        let s = finetune(&o).unwrap();
+        assert!(s.skipped_samples >= 1, "{s:?}");
+        assert_eq!(s.shard_errors, 0);
+        assert_eq!(s.errors[0].key, "train1_4", "{s:?}");
+        let json = std::fs::read_to_string(out.join("summary.json")).unwrap();
+        assert!(json.contains("\"skipped_samples\"") && json.contains("train1_4"), "{json}");
+
+        let mut o = ft_opts(dir.path(), &dir.path().join("capped"), None);
+        o.epochs = Some(1);
+        o.sets.push("max_errors=0".into());
+        let err = format!("{:#}", finetune(&o).expect_err("max_errors=0 must stop the run"));
+        assert!(err.contains("train1_4"), "{err}");
     }
 
     fn ft_opts(data: &Path, out: &Path, init: Option<PathBuf>) -> FinetuneOptions {
