@@ -58,6 +58,12 @@ pub enum Error {
         limit: f64,
         list: PathBuf,
     },
+    /// A whole (not `--part`) run found nothing to shard: nothing was written.
+    #[error(
+        "no inputs found for {dataset}: is the root or list right? (nothing written; a \
+         `--part` run may be empty)"
+    )]
+    NoInputs { dataset: String },
     /// The loader skipped more corrupt samples than its error policy allows.
     #[error(
         "{errors} samples failed (more than --max-errors {limit}); the last: shard {shard}: sample {key}: {message}"

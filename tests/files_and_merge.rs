@@ -492,6 +492,38 @@ fn a_panic_reading_one_input_rejects_it_and_the_run_goes_on() {
     );
 }
 
+/// An empty list is an error that writes nothing (it wrote an empty "complete" dataset
+/// that then refused the corrected rerun); a part of a multi-machine run may be empty.
+#[test]
+fn an_empty_input_is_an_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let list = tmp.path().join("empty.tsv");
+    tsv_list(&list, &[]);
+    let out = tmp.path().join("out");
+    let src = Files::new(FilesSpec::new(&list, &root)).unwrap();
+    let err = shard::run(&src, &config(&out, None)).unwrap_err().to_string();
+    assert!(err.contains("no inputs found for files"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
+    // Once the list is right, the same command runs.
+    let imgs = make_images(&root, 3);
+    tsv_list(&list, &imgs);
+    let src = Files::new(FilesSpec::new(&list, &root)).unwrap();
+    assert_eq!(shard::run(&src, &config(&out, None)).unwrap().samples, 3);
+    // An empty part is fine.
+    let part_out = tmp.path().join("part");
+    tsv_list(&list, &[]);
+    let src = Files::new(FilesSpec::new(&list, &root)).unwrap();
+    let part = Some(Part { index: 0, count: 2 });
+    let s = shard::run(&src, &config(&part_out, part)).unwrap();
+    assert_eq!((s.inputs, s.samples), (0, 0));
+}
+
 #[test]
 fn enumerate_streams_a_200k_row_list() {
     const N: u64 = 200_000;

@@ -398,6 +398,15 @@ pub fn run(source: &dyn Source, cfg: &ShardConfig) -> Result<Summary> {
                 }
             })?;
             pb.finish_and_clear();
+            // Nothing at all (an empty list, a wrong root): an error rather than an empty
+            // "complete" dataset, whose manifest would then refuse the corrected rerun.
+            // A part of a multi-machine run may hold nothing, and merges as such.
+            if info.items == 0 && info.enum_rejects == 0 && cfg.part.is_none() {
+                std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+                return Err(Error::NoInputs {
+                    dataset: source.kind().to_owned(),
+                });
+            }
             state.plan = Some(info.clone());
             state.warnings = source.metadata().warnings;
             format::atomic_write_json(&state_path, &state)?;
@@ -891,8 +900,9 @@ fn finish(
     let inputs = samples + rejects.len() as u64;
     let mut warnings = warnings;
     if inputs == 0 {
+        // Only a `--part` gets here empty (a whole run stops after planning).
         warnings.push(format!(
-            "no inputs found for {}: is the root or list right? (the dataset is empty)",
+            "no inputs of {} in this part (the part is empty)",
             source.kind()
         ));
     }
