@@ -113,7 +113,10 @@ fn issue3_loader_errors_name_the_problem() {
             .unwrap();
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
     }
 }
 

@@ -503,7 +503,9 @@ fn an_empty_input_is_an_error_and_writes_nothing() {
     tsv_list(&list, &[]);
     let out = tmp.path().join("out");
     let src = Files::new(FilesSpec::new(&list, &root)).unwrap();
-    let err = shard::run(&src, &config(&out, None)).unwrap_err().to_string();
+    let err = shard::run(&src, &config(&out, None))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no inputs found for files"), "{err}");
     let left: Vec<_> = std::fs::read_dir(&out)
         .unwrap()

@@ -253,9 +253,25 @@ pub fn scan_shard(
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::CorruptShard {
             shard: shard.clone(),
-            message: format!("bad tar structure: {e}"),
+            message: format!("bad tar structure at byte {next_start}: {e}"),
         })?;
         let header_offset = next_start;
+        if entry.header().entry_type().is_gnu_sparse() {
+            // tar reports a sparse member's expanded size, not the bytes it takes in the
+            // archive, so the offsets after it cannot be computed; WebDataset writers
+            // never make one.
+            return Err(Error::CorruptShard {
+                shard: shard.clone(),
+                message: format!(
+                    "member {} at byte {header_offset} is a GNU sparse file, which shards \
+                     cannot hold (rewrite the tar without --sparse)",
+                    entry
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+            });
+        }
         let size = entry.size();
         let name = entry
             .path()
@@ -374,6 +390,51 @@ mod tests {
             .to_string();
         assert!(
             e.contains("t-000000.tar") && e.contains("1099511627776"),
+            "{e}"
+        );
+    }
+
+    /// A GNU sparse member (as `tar --sparse` makes) is a corrupt shard named in the
+    /// error: its expanded size put the following samples' offsets past the file (and
+    /// `length` below zero, a panic in debug builds).
+    #[test]
+    fn a_sparse_member_is_a_corrupt_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s-000000.tar");
+        let mut b = tar::Builder::new(Vec::new());
+        let add =
+            |b: &mut tar::Builder<Vec<u8>>, name: &str, kind, data: &[u8], real: Option<u64>| {
+                let mut h = tar::Header::new_gnu();
+                h.set_path(name).unwrap();
+                h.set_size(data.len() as u64);
+                h.set_entry_type(kind);
+                h.set_mode(0o644);
+                if let Some(real) = real {
+                    // One data chunk at the end of a `real`-byte file: a hole before it.
+                    let g = h.as_gnu_mut().unwrap();
+                    let (off, len) = (real - data.len() as u64, data.len() as u64);
+                    g.sparse[0].offset[..11].copy_from_slice(format!("{off:011o}").as_bytes());
+                    g.sparse[0].numbytes[..11].copy_from_slice(format!("{len:011o}").as_bytes());
+                    g.realsize[..11].copy_from_slice(format!("{real:011o}").as_bytes());
+                }
+                h.set_cksum();
+                b.append(&h, data).unwrap();
+            };
+        add(&mut b, "k0.jpg", tar::EntryType::Regular, &[1; 100], None);
+        add(
+            &mut b,
+            "hole.bin",
+            tar::EntryType::GNUSparse,
+            &[2; 512],
+            Some(1 << 20),
+        );
+        add(&mut b, "k1.jpg", tar::EntryType::Regular, &[3; 100], None);
+        std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+        let e = scan_shard(&path, |_| Ok(()), |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s-000000.tar") && e.contains("hole.bin") && e.contains("sparse"),
             "{e}"
         );
     }

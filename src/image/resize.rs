@@ -1822,7 +1822,11 @@ mod tests {
         );
         // Fractional regions past the image (or the view) are errors, not a panic on
         // rows past the source (PIL: "box can't exceed original image size").
-        for region in [(0.0, 0.0, 20.0, 30.0), (-0.5, 0.0, 4.0, 4.0), (7.5, 0.0, 3.0, 2.0)] {
+        for region in [
+            (0.0, 0.0, 20.0, 30.0),
+            (-0.5, 0.0, 4.0, 4.0),
+            (7.5, 0.0, 3.0, 2.0),
+        ] {
             let err = r.resize_region(&src, 10, 10, region, &mut out, 4, 4);
             assert!(err.is_err(), "{region:?}");
         }
@@ -1830,10 +1834,30 @@ mod tests {
             .unwrap();
         let view = (2, 2, 6, 6);
         assert!(
-            r.crop_resize_frac(&src, 10, 10, view, (1.0, 0.0, 5.5, 2.0), false, &mut out, 4, 4)
-                .is_err()
+            r.crop_resize_frac(
+                &src,
+                10,
+                10,
+                view,
+                (1.0, 0.0, 5.5, 2.0),
+                false,
+                &mut out,
+                4,
+                4
+            )
+            .is_err()
         );
-        r.crop_resize_frac(&src, 10, 10, view, (1.0, 0.0, 5.0, 6.0), false, &mut out, 4, 4)
-            .unwrap();
+        r.crop_resize_frac(
+            &src,
+            10,
+            10,
+            view,
+            (1.0, 0.0, 5.0, 6.0),
+            false,
+            &mut out,
+            4,
+            4,
+        )
+        .unwrap();
     }
 }

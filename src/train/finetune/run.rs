@@ -1485,12 +1485,18 @@ mod tests {
         assert_eq!(s.shard_errors, 0);
         assert_eq!(s.errors[0].key, "train1_4", "{s:?}");
         let json = std::fs::read_to_string(out.join("summary.json")).unwrap();
-        assert!(json.contains("\"skipped_samples\"") && json.contains("train1_4"), "{json}");
+        assert!(
+            json.contains("\"skipped_samples\"") && json.contains("train1_4"),
+            "{json}"
+        );
 
         let mut o = ft_opts(dir.path(), &dir.path().join("capped"), None);
         o.epochs = Some(1);
         o.sets.push("max_errors=0".into());
-        let err = format!("{:#}", finetune(&o).expect_err("max_errors=0 must stop the run"));
+        let err = format!(
+            "{:#}",
+            finetune(&o).expect_err("max_errors=0 must stop the run")
+        );
         assert!(err.contains("train1_4"), "{err}");
     }
 
