@@ -644,19 +644,19 @@ pub fn write_sharded(
     let total = sizes.iter().sum();
     let info = DatasetInfo {
         schema_version: crate::format::SCHEMA_VERSION,
-        tool: "test".into(),
+        tool: crate::format::manifest::tool_name(),
         dataset: "files".into(),
         split: split.into(),
         num_samples: total,
         num_rejected: 0,
         num_inputs: total,
         num_shards: sizes.len() as u64,
-        total_bytes: 0,
+        total_bytes: list.iter().map(|s| s.filesize).sum(),
         rejected_by_reason: Default::default(),
         classes: None,
         wnids: None,
         categories: None,
-        params: serde_json::Value::Null,
+        params: serde_json::json!({}),
     };
     let m = Manifest::new(split, list, info);
     crate::format::atomic_write_json(&dir.join(crate::format::manifest_name(split)), &m)

@@ -230,7 +230,13 @@ impl IndexWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let b = batch(&self.buf)?;
+        let b = batch(&self.buf).map_err(|e| match e {
+            Error::Index { message, .. } => Error::Index {
+                path: self.path.clone(),
+                message,
+            },
+            other => other,
+        })?;
         self.writer.write(&b).map_err(|e| self.err(e))?;
         self.buf.clear();
         Ok(())
@@ -245,7 +251,9 @@ impl IndexWriter {
         })?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        super::sync_parent_dir(&self.path);
+        Ok(())
     }
 }
 

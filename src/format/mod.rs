@@ -76,14 +76,30 @@ pub fn split_member_name(name: &str) -> Option<(&str, String)> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory,
-/// fsync, then rename. A reader sees the old file or the new one, never a torn one.
+/// fsync, rename, then an fsync of the directory. A reader sees the old file or the new
+/// one, never a torn one, and after a power cut the new one is there once this returned.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_parent_dir(path);
+    Ok(())
+}
+
+/// fsyncs the directory holding `path`, which makes a rename into it durable (POSIX).
+/// Best effort: some file systems refuse to sync a directory, and the rename itself
+/// has happened either way.
+pub fn sync_parent_dir(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
 }
 
 /// The temporary name used while `path` is being written.

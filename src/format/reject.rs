@@ -54,12 +54,33 @@ pub fn write_rejects(path: &Path, rejects: &[Reject]) -> Result<()> {
 pub fn read_rejects(path: &Path) -> Result<Vec<Reject>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            // Each line parses alone, so serde's own position always says line 1.
             serde_json::from_str(l).map_err(|e| Error::Json {
                 path: path.to_owned(),
-                source: e,
+                source: serde::de::Error::custom(format!("line {}: {e}", i + 1)),
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broken line of a rejected list is named by its own line number (each line
+    /// parses alone, so serde's position said "line 1" for every one).
+    #[test]
+    fn a_bad_line_is_named_by_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.rejected.jsonl");
+        let good = r#"{"source":"a.jpg","reason":"decode_error","detail":"x"}"#;
+        std::fs::write(&path, format!("{good}\n{good}\n{{\"source\":\n")).unwrap();
+        let err = read_rejects(&path).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        std::fs::write(&path, format!("{good}\n")).unwrap();
+        assert_eq!(read_rejects(&path).unwrap().len(), 1);
+    }
 }

@@ -86,6 +86,8 @@ pub struct ClosedShard {
     nsamples: u64,
     filesize: u64,
     md5sum: String,
+    /// Closed with fsync: the rename is made durable too.
+    synced: bool,
 }
 
 impl ShardWriter {
@@ -157,6 +159,7 @@ impl ShardWriter {
             nsamples: self.nsamples,
             filesize: pos,
             md5sum: hex::encode(md5.finalize()),
+            synced: fsync,
         })
     }
 
@@ -177,9 +180,13 @@ impl ClosedShard {
         &self.md5sum
     }
 
-    /// Renames the closed file into place.
+    /// Renames the closed file into place (and, when it was closed with fsync, syncs
+    /// the directory so that the rename survives power loss too).
     pub fn publish(self) -> Result<ShardFile> {
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        if self.synced {
+            super::sync_parent_dir(&self.path);
+        }
         Ok(ShardFile {
             path: self.path,
             nsamples: self.nsamples,
