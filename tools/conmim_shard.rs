@@ -47,7 +47,9 @@ enum Cmd {
     Imagenet(ImagenetArgs),
     /// A list of images (tsv/csv with a header row, jsonl, parquet) relative to --root.
     Files(FilesArgs),
-    /// Combine the outputs of `--part i/N` runs into one dataset.
+    /// Combine the outputs of `--part i/N` runs into one dataset. The parts' shards are
+    /// moved into --out (copied then deleted across file systems) and their part files
+    /// deleted.
     Merge(MergeArgs),
     /// Index existing WebDataset shards (e.g. img2dataset output) without rewriting them.
     Index(IndexArgs),
@@ -74,7 +76,7 @@ struct Common {
     /// Finish an interrupted run (complete shards are kept, not rewritten).
     #[arg(long)]
     resume: bool,
-    /// Roll shards over before this size (e.g. 1G, 500M, 0 = no limit).
+    /// Roll shards over before this size (e.g. 1G, 500M, 2GiB; 0 = no limit).
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     max_shard_bytes: u64,
     /// Roll shards over at this many samples (0 = no limit).
@@ -113,7 +115,7 @@ struct Checks {
     #[arg(long, default_value_t = DEFAULT_MAX_REJECT_FRAC)]
     max_reject_frac: f64,
     /// Worker threads (0 = all cores); never changes the output.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long, short)]
@@ -299,7 +301,7 @@ struct VerifyArgs {
     #[arg(long)]
     decode: bool,
     /// Worker threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     threads: usize,
     /// No progress bar.
     #[arg(long, short)]
@@ -324,27 +326,37 @@ struct DemoArgs {
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,
     /// Classes in the synthetic ImageNet.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = parse_positive)]
     classes: usize,
     /// Training images per class.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = parse_positive)]
     per_class: usize,
 }
 
+/// A byte size: a number with an optional unit, K/M/G/T (or KB, ...) in powers of
+/// 1000, KiB/MiB/GiB/TiB in powers of 1024.
 fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
             let unit = s[i..].to_ascii_uppercase();
-            let m = match unit.trim_end_matches('B').trim_end_matches('I') {
-                "" => 1u64,
-                "K" => 1_000,
-                "M" => 1_000_000,
-                "G" => 1_000_000_000,
-                "T" => 1_000_000_000_000,
-                _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+            let (prefix, base) = match unit.strip_suffix("IB") {
+                Some(p) => (p, 1024u64),
+                None => (unit.strip_suffix('B').unwrap_or(&unit), 1000u64),
             };
-            (&s[..i], m)
+            let power = match prefix {
+                "" if base == 1000 => 0,
+                "K" => 1,
+                "M" => 2,
+                "G" => 3,
+                "T" => 4,
+                _ => {
+                    return Err(format!(
+                        "`{s}`: unknown unit (use K, M, G, T or KiB, MiB, GiB, TiB)"
+                    ));
+                }
+            };
+            (&s[..i], base.pow(power))
         }
         None => (s, 1),
     };
@@ -352,7 +364,34 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a size"))?;
+    if !(n.is_finite() && n >= 0.0) {
+        return Err(format!("`{s}`: a size must be 0 or positive"));
+    }
     Ok((n * mult as f64) as u64)
+}
+
+fn parse_positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}`: expected a positive whole number")),
+    }
+}
+
+/// Most worker threads accepted: each is a decoding worker plus a shard writer, and far
+/// more than the machine's cores only adds overhead (10^6 made a run crawl for minutes).
+const MAX_THREADS: usize = 1024;
+
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a thread count"))?;
+    if n > MAX_THREADS {
+        return Err(format!(
+            "{n} threads: at most {MAX_THREADS} (0 = all cores, usually best)"
+        ));
+    }
+    Ok(n)
 }
 
 fn report(summary: &Summary, json: bool, limit: f64) -> Result<()> {
@@ -551,7 +590,8 @@ fn demo(a: &DemoArgs) -> Result<()> {
     };
     conmim::testkit::write_imagenet_demo(&images, &spec)
         .with_context(|| format!("writing {}", images.display()))?;
-    let nasty = conmim::testkit::add_nasty_imagenet_files(&images)?;
+    let nasty = conmim::testkit::add_nasty_imagenet_files(&images)
+        .with_context(|| format!("adding awkward files to {}", images.display()))?;
     eprintln!(
         "demo: added {} awkward files (CMYK, progressive, PNG named .JPEG, truncated, empty, ...)",
         nasty.len()
@@ -591,7 +631,24 @@ impl Common {
     }
 }
 
+/// Restores the default SIGPIPE action (Rust ignores it), so that `conmim-shard info
+/// ... | head` ends quietly when `head` closes the pipe, as other Unix tools do, instead
+/// of panicking in `println!`. (This binary writes to no socket.)
+fn default_sigpipe() {
+    #[cfg(unix)]
+    {
+        unsafe extern "C" {
+            fn signal(signum: i32, handler: usize) -> usize;
+        }
+        const SIGPIPE: i32 = 13;
+        const SIG_DFL: usize = 0;
+        // SAFETY: installs the default disposition; no handler code runs in Rust.
+        unsafe { signal(SIGPIPE, SIG_DFL) };
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -626,5 +683,15 @@ mod tests {
         assert_eq!(parse_bytes("500MB").unwrap(), 500_000_000);
         assert_eq!(parse_bytes("123").unwrap(), 123);
         assert!(parse_bytes("1X").is_err());
+        // Binary units are powers of 1024 (`1MiB` was 1,000,000); negative sizes are
+        // refused (`-5M` was 0, i.e. no limit).
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("2gib").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5K").unwrap(), 1500);
+        assert!(parse_bytes("-5M").is_err());
+        assert!(parse_bytes("inf").is_err());
+        assert!(parse_bytes("1iB").is_err());
+        assert_eq!(parse_threads("0").unwrap(), 0);
+        assert!(parse_threads("1000000").is_err());
     }
 }
