@@ -589,7 +589,8 @@ struct PretrainArgs {
     /// Run directory.
     #[arg(long)]
     out: PathBuf,
-    /// Total optimiser steps of the run (the schedules' length).
+    /// Total optimiser steps of the run (the schedules' length; a preset alone runs
+    /// 1000, a config file may set `total_steps` or `epochs`).
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<u64>,
     /// The run's length in epochs of the training data instead of steps: total steps =
@@ -597,7 +598,8 @@ struct PretrainArgs {
     /// --batch keeps the recipe's epochs and warmup epochs).
     #[arg(long)]
     epochs: Option<f64>,
-    /// Batch size.
+    /// Batch size, over all ranks (a preset alone: the paper's 2048, which needs
+    /// several GPUs; lr scales linearly from it).
     #[arg(long)]
     batch: Option<usize>,
     /// View side in pixels.
@@ -807,9 +809,10 @@ struct Shown {
 
 fn preview_cmd(a: &PreviewArgs) -> Result<()> {
     let mask_cfg = MaskConfig::for_kind(a.mask.into());
-    let masker = mask_cfg
-        .build(a.size)
-        .with_context(|| format!("--size {} with --mask {:?}", a.size, a.mask))?;
+    let masker = mask_cfg.build(a.size).with_context(|| {
+        let mask = a.mask.to_possible_value().expect("no skipped values");
+        format!("--size {} with --mask {}", a.size, mask.get_name())
+    })?;
     let grid = masker.grid();
     let patch = mask_cfg.patch_size;
     let opts = a.source.options(&a.split)?;
@@ -973,7 +976,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("conmim: error: {e:#}");
+            eprintln!("conmim: error: {}", source_args::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -334,7 +334,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // The cause chain on one line, as `conmim` prints it (no backtrace for a
             // user's mistake, whatever RUST_BACKTRACE says).
-            eprintln!("conmim-bench: error: {e:#}");
+            eprintln!("conmim-bench: error: {}", source_args::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -37,13 +37,16 @@ pub fn after_help(examples: &str, train_commands: &[&str]) -> String {
     }
 }
 
-/// In `main`, before parsing: exit 2 with the message when the first argument is a
-/// training command this build lacks.
+/// In `main`, before parsing: exit 2 with the message when the first argument (or the
+/// second, after `help`) is a training command this build lacks.
 pub fn exit_if_missing(bin: &str, train_commands: &[&str]) {
-    if let Some(msg) = std::env::args()
-        .nth(1)
-        .and_then(|sub| missing_train_feature(bin, &sub, train_commands))
-    {
+    let args: Vec<String> = std::env::args().skip(1).take(2).collect();
+    let sub = match args.as_slice() {
+        [help, sub] if help == "help" => Some(sub),
+        [sub, ..] => Some(sub),
+        [] => None,
+    };
+    if let Some(msg) = sub.and_then(|sub| missing_train_feature(bin, sub, train_commands)) {
         eprintln!("{msg}");
         std::process::exit(2);
     }

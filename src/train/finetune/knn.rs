@@ -226,6 +226,18 @@ fn votes(
     )
 }
 
+/// k = 0 votes for nothing, and a temperature of 0 or below turns the weights into
+/// inf / NaN: either gave a meaningless accuracy.
+fn check_settings(k: usize, temperature: f64) -> Result<()> {
+    if k == 0 {
+        bail!("k-NN needs k >= 1 neighbours (got 0)");
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("k-NN needs a positive, finite temperature (got {temperature})");
+    }
+    Ok(())
+}
+
 /// DINO's weighted k-NN classifier (see the module docs): top-1 / top-5 (in %) of `val`
 /// against `train`. With `pg`, each rank passes its own part of both sets (any sizes, an
 /// empty part included) and every rank gets the accuracy over all of them. A
@@ -241,6 +253,7 @@ pub fn knn_classify(
     temperature: f64,
     pg: Option<&ProcessGroup>,
 ) -> Result<(f64, f64)> {
+    check_settings(k, temperature)?;
     let Some(pg) = pg else {
         return knn_local(
             train,
@@ -405,6 +418,8 @@ pub fn knn(
     threads: usize,
     device: Option<&str>,
 ) -> Result<KnnResult> {
+    // Before the feature passes, which are the long part.
+    check_settings(k, temperature)?;
     let (pg, device) = group_and_device(device, None)?;
     if let Some(pg) = &pg {
         // Ranks with another k (the merge of their candidates would not match) or
@@ -520,6 +535,16 @@ mod tests {
         let empty = Tensor::zeros([0, DIM as i64], (Kind::Float, Device::Cpu));
         let e = knn_classify(&empty, &train.1, &val.0, &val.1, CLASSES, 20, 0.07, None);
         assert!(format!("{:#}", e.unwrap_err()).contains("needs train and val"));
+        // Settings without a meaning are refused, not turned into an accuracy.
+        for (k, t, what) in [
+            (0, 0.07, "k >= 1"),
+            (20, 0.0, "temperature"),
+            (20, f64::NAN, "temperature"),
+        ] {
+            let e = knn_classify(&train.0, &train.1, &val.0, &val.1, CLASSES, k, t, None);
+            let e = format!("{:#}", e.unwrap_err());
+            assert!(e.contains(what), "{e}");
+        }
     }
 
     /// The body of each rank of `issue6_knn_across_ranks_equals_one_process` (no-op
