@@ -654,6 +654,43 @@ mod tests {
         );
     }
 
+    /// A JPEG whose components are all sampled 2x1 (TurboJPEG calls it 4:4:4, but its
+    /// iMCU is 16 pixels wide; `cjpeg -sample 2x1,2x1,2x1`): every crop decodes as a
+    /// region, as for ordinary files. Before, a crop starting at an odd multiple of 8
+    /// failed in libjpeg-turbo and fell back to a full zune decode (about half of them).
+    #[test]
+    fn jpegs_with_uniformly_scaled_sampling_decode_by_region() {
+        let bytes = include_bytes!("../../tests/fixtures/jpeg/sampling-2x1-all.jpg");
+        let mut t = TurboDecoder::new().unwrap();
+        let h = t.read_header(bytes).unwrap();
+        assert_eq!((h.width, h.height, h.max_h_samp), (160, 120, 2));
+        assert_eq!(h.mcu_width(), Some(16));
+        let size = 32u32;
+        let n = (size * size * 3) as usize;
+        let mut full = ViewMaker::with_strategy(DecodeStrategy::Full);
+        let mut fast = ViewMaker::new();
+        let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+        let mut cropped = 0;
+        for sample in 0..40 {
+            full.train_view(bytes, &limits(), 3, 0, sample, size, &mut a)
+                .unwrap();
+            fast.train_view(bytes, &limits(), 3, 0, sample, size, &mut b)
+                .unwrap();
+            match fast.last_path() {
+                DecodePath::Turbo { cropped: c, .. } => cropped += usize::from(c),
+                other => panic!("sample {sample}: {other:?}"),
+            }
+            let mut stats = DiffStats::default();
+            stats.add(&b, &a);
+            assert!(
+                stats.mean() <= 2.0 * SCALED_TOL.0,
+                "sample {sample}: {}",
+                stats.mean()
+            );
+        }
+        assert!(cropped >= 30, "{cropped} of 40 decoded a region");
+    }
+
     #[test]
     fn identity_strong_params_give_equal_views() {
         let bytes = testkit::jpeg(&JpegSpec::rgb(40, 30, 2));

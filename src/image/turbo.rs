@@ -62,6 +62,44 @@ pub struct TurboHeader {
     pub precision: i32,
     pub lossless: bool,
     pub progressive: bool,
+    /// The largest horizontal sampling factor of the frame's components (from the SOF
+    /// segment; 1 when it cannot be read).
+    pub max_h_samp: u32,
+}
+
+/// The largest horizontal sampling factor in the frame header (SOFn) of `bytes`, found by
+/// walking the marker segments by their lengths; `None` without a readable SOF before the
+/// first scan.
+pub fn sof_max_h_samp(bytes: &[u8]) -> Option<u32> {
+    let mut i = 2; // after SOI
+    while i + 3 < bytes.len() {
+        if bytes[i] != 0xFF {
+            i += 1;
+            continue;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => {
+                i += 1;
+                continue;
+            }
+            0x00 | 0x01 | 0xD0..=0xD8 => {
+                i += 2;
+                continue;
+            }
+            0xD9 | 0xDA => return None,
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        if matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) {
+            let seg = bytes.get(i + 4..i + 2 + len)?;
+            let n = usize::from(*seg.get(5)?);
+            let comps = seg.get(6..6 + 3 * n)?;
+            return comps.chunks_exact(3).map(|c| u32::from(c[1] >> 4)).max();
+        }
+        i += 2 + len;
+    }
+    None
 }
 
 impl TurboHeader {
@@ -76,9 +114,14 @@ impl TurboHeader {
             && (cs == tj::TJCS_TJCS_YCbCr || cs == tj::TJCS_TJCS_RGB || cs == tj::TJCS_TJCS_GRAY)
     }
 
-    /// Width of an iMCU in full-resolution pixels (`tjMCUWidth`), `None` when unknown.
+    /// Width of an iMCU in full-resolution pixels, `None` when unknown: what libjpeg aligns
+    /// a crop's left edge to (`jpeg_crop_scanline`: the DCT size times the largest
+    /// horizontal sampling factor, one DCT block for grayscale). That is `tjMCUWidth` of
+    /// the subsampling, except for frames whose factors are all scaled alike (e.g. every
+    /// component 2x1): TurboJPEG names them by their ratios (4:4:4) while the iMCU is
+    /// wider, and a crop aligned to the ratio's width failed.
     pub fn mcu_width(&self) -> Option<u32> {
-        match self.subsamp {
+        let table = match self.subsamp {
             0 => Some(8),  // 4:4:4
             1 => Some(16), // 4:2:2
             2 => Some(16), // 4:2:0
@@ -87,7 +130,11 @@ impl TurboHeader {
             5 => Some(32), // 4:1:1
             6 => Some(8),  // 4:4:1
             _ => None,
+        };
+        if self.subsamp == 3 {
+            return table;
         }
+        table.map(|w| w.max(8 * self.max_h_samp))
     }
 }
 
@@ -317,6 +364,7 @@ impl TurboDecoder {
             precision: self.get(tj::TJPARAM_TJPARAM_PRECISION),
             lossless: self.get(tj::TJPARAM_TJPARAM_LOSSLESS) != 0,
             progressive: self.get(tj::TJPARAM_TJPARAM_PROGRESSIVE) != 0,
+            max_h_samp: sof_max_h_samp(bytes).unwrap_or(1).max(1),
         };
         self.header_seq = Some(self.reads);
         Ok(ParsedHeader {
@@ -474,6 +522,21 @@ mod tests {
         assert!(t.rgb().is_empty());
         // Refused without touching the last read either (each read decodes once).
         assert!(t.decode(&last, 8, full).is_err());
+    }
+
+    #[test]
+    fn sof_sampling_factors_are_read_from_the_frame_header() {
+        let all21 = include_bytes!("../../tests/fixtures/jpeg/sampling-2x1-all.jpg");
+        assert_eq!(sof_max_h_samp(all21), Some(2));
+        let gray = testkit::jpeg(&JpegSpec {
+            color: JpegColor::Gray,
+            ..JpegSpec::rgb(40, 30, 1)
+        });
+        assert_eq!(sof_max_h_samp(&gray), Some(1));
+        // No frame header before the data ends / a cut segment: unknown.
+        assert_eq!(sof_max_h_samp(&all21[..20]), None);
+        assert_eq!(sof_max_h_samp(b"\xff\xd8\xff\xc0\x00\x11\x08"), None);
+        assert_eq!(sof_max_h_samp(b""), None);
     }
 
     #[test]
