@@ -18,6 +18,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+#[path = "error_line.rs"]
+mod error_line;
 #[path = "source_args.rs"]
 mod source_args;
 #[path = "train_hint.rs"]
@@ -976,7 +978,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("conmim: error: {}", source_args::error_line(&e));
+            eprintln!("conmim: error: {}", error_line::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+#[path = "error_line.rs"]
+mod error_line;
 #[path = "source_args.rs"]
 mod source_args;
 #[path = "train_hint.rs"]
@@ -334,7 +336,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // The cause chain on one line, as `conmim` prints it (no backtrace for a
             // user's mistake, whatever RUST_BACKTRACE says).
-            eprintln!("conmim-bench: error: {}", source_args::error_line(&e));
+            eprintln!("conmim-bench: error: {}", error_line::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+#[path = "error_line.rs"]
+mod error_line;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -652,16 +655,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The chain, without repeating a cause its parent already spelled out.
-            let mut msg = e.to_string();
-            for cause in e.chain().skip(1) {
-                let text = cause.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", error_line::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -73,17 +73,3 @@ pub fn print_skipped(prefix: &str, samples: u64, shards: u64, first: &[FailedIte
         eprintln!("  {} {key}: {}", e.shard, e.message);
     }
 }
-
-/// An error's cause chain on one line, without repeating a cause its parent already
-/// spelled out (`writing X: X.partial: No such file: No such file` was common).
-pub fn error_line(e: &anyhow::Error) -> String {
-    let mut msg = e.to_string();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-    }
-    msg
-}

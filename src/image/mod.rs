@@ -554,6 +554,37 @@ fn jpeg_header(bytes: &[u8]) -> Result<JpegHeader, ImageProblem> {
     })
 }
 
+/// The next marker segment of a JPEG at or after byte `i` (the walk starts after SOI, at
+/// 2): `(marker, length field)`, with `i` left on the segment's `FF`; `None` at EOI or
+/// where the data ends. Garbage between segments, fill bytes and the markers without a
+/// length (TEM, RSTn, SOI) are stepped over, as libjpeg does. The caller moves on by
+/// `2 + length` (and, after an SOS, over the entropy-coded data).
+pub(crate) fn next_segment(bytes: &[u8], i: &mut usize) -> Option<(u8, usize)> {
+    while *i + 1 < bytes.len() {
+        if bytes[*i] != 0xFF {
+            // Garbage between segments (libjpeg skips it with a warning).
+            *i += 1;
+            continue;
+        }
+        let marker = bytes[*i + 1];
+        match marker {
+            0xFF => {
+                *i += 1; // fill byte
+                continue;
+            }
+            0x00 | 0x01 | 0xD0..=0xD8 => {
+                *i += 2; // no length field
+                continue;
+            }
+            0xD9 => return None, // EOI
+            _ => {}
+        }
+        let len = bytes.get(*i + 2..*i + 4)?;
+        return Some((marker, usize::from(u16::from_be_bytes([len[0], len[1]]))));
+    }
+    None
+}
+
 /// What [`jpeg_scans`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JpegScans {
@@ -575,29 +606,7 @@ fn jpeg_scans(bytes: &[u8], most: usize) -> JpegScans {
     let mut i = 2; // after SOI
     let mut scans = 0;
     let mut progressive = false;
-    while i + 1 < bytes.len() {
-        if bytes[i] != 0xFF {
-            // Garbage between segments (libjpeg skips it with a warning).
-            i += 1;
-            continue;
-        }
-        let marker = bytes[i + 1];
-        match marker {
-            0xFF => {
-                i += 1; // fill byte
-                continue;
-            }
-            0x00 | 0x01 | 0xD0..=0xD8 => {
-                i += 2; // no length field
-                continue;
-            }
-            0xD9 => break, // EOI
-            _ => {}
-        }
-        let Some(len) = bytes.get(i + 2..i + 4) else {
-            break;
-        };
-        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    while let Some((marker, len)) = next_segment(bytes, &mut i) {
         match marker {
             0xC2 | 0xC6 | 0xCA | 0xCE => progressive = true,
             0xC0 | 0xC1 | 0xC3 | 0xC5 | 0xC7 | 0xC9 | 0xCB | 0xCD | 0xCF => {

@@ -72,32 +72,17 @@ pub struct TurboHeader {
 /// first scan.
 pub fn sof_max_h_samp(bytes: &[u8]) -> Option<u32> {
     let mut i = 2; // after SOI
-    while i + 3 < bytes.len() {
-        if bytes[i] != 0xFF {
-            i += 1;
-            continue;
-        }
-        let marker = bytes[i + 1];
+    while let Some((marker, len)) = super::next_segment(bytes, &mut i) {
         match marker {
-            0xFF => {
-                i += 1;
-                continue;
+            0xDA => return None, // a scan before any frame header
+            0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
+                let seg = bytes.get(i + 4..i + 2 + len)?;
+                let n = usize::from(*seg.get(5)?);
+                let comps = seg.get(6..6 + 3 * n)?;
+                return comps.chunks_exact(3).map(|c| u32::from(c[1] >> 4)).max();
             }
-            0x00 | 0x01 | 0xD0..=0xD8 => {
-                i += 2;
-                continue;
-            }
-            0xD9 | 0xDA => return None,
-            _ => {}
+            _ => i += 2 + len,
         }
-        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
-        if matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) {
-            let seg = bytes.get(i + 4..i + 2 + len)?;
-            let n = usize::from(*seg.get(5)?);
-            let comps = seg.get(6..6 + 3 * n)?;
-            return comps.chunks_exact(3).map(|c| u32::from(c[1] >> 4)).max();
-        }
-        i += 2 + len;
     }
     None
 }
