@@ -4,8 +4,8 @@
 //! thread while a warmed-up loader runs, and sorts them by size.
 //!
 //! What is left is small and bounded per sample: the tar reader's fresh buffers for
-//! each sample's key and member bytes, the stream's bookkeeping, zune's header probe
-//! (see `tests/alloc.rs`). Large allocations happen per shard (the 1 MiB read buffer of
+//! each sample's key and member bytes, the stream's bookkeeping (the decode path itself
+//! allocates nothing: `tests/alloc.rs`). Large allocations happen per shard (the 1 MiB read buffer of
 //! each opened shard), not per sample. (libjpeg-turbo's working memory is C `malloc`,
 //! outside this count.)
 
@@ -126,7 +126,8 @@ fn issue3_the_loader_allocates_no_output_buffers_in_steady_state() {
     );
 }
 
-/// Measured: 13.1 per sample (the tar reader's key, member names and bytes, the
-/// sample's member list and shard URL, zune's probe, ...), each under 12 KB; the bound
+/// Measured: 12.1 per sample (the tar reader's key, member names and bytes, the
+/// sample's member list and shard URL, ...; 13.1 while zune's header parser was the
+/// probe), each under 12 KB; the bound
 /// leaves room for changes in dependencies, not for a per-sample buffer.
 const MAX_SMALL_PER_SAMPLE: u64 = 20;

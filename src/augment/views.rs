@@ -46,7 +46,7 @@ use crate::augment::params::ConMimParams;
 use crate::image::pixels::Decoder;
 use crate::image::resize::Resizer;
 use crate::image::turbo::{self, CropPlan, PlanOptions, Region, TurboDecoder};
-use crate::image::{ImageFormat, ImageLimits, ImageProblem, probe};
+use crate::image::{ImageFormat, ImageLimits, ImageProblem, probe_fast};
 
 /// Time a [`ViewMaker`] spent per stage, summed over its calls (for the loader's
 /// per-stage breakdown).
@@ -223,7 +223,7 @@ impl ViewMaker {
     ) -> Result<(ConMimParams, Source), ImageProblem> {
         self.last_path = DecodePath::None;
         if let DecodeStrategy::Turbo { scales, crop } = self.strategy {
-            let info = probe(bytes, limits)?;
+            let info = probe_fast(bytes, limits)?;
             if info.format == ImageFormat::Jpeg
                 && let Some(t) = self.turbo()
                 && let Ok(header) = t.read_header(bytes)
@@ -431,7 +431,7 @@ impl ViewMaker {
         if let DecodeStrategy::Turbo { scales, .. } = self.strategy
             && !scales.is_empty()
         {
-            let info = probe(bytes, limits)?;
+            let info = probe_fast(bytes, limits)?;
             if info.format == ImageFormat::Jpeg
                 && let Some(t) = self.turbo()
                 && let Ok(header) = t.read_header(bytes)
@@ -1309,7 +1309,7 @@ mod tests {
             jobs.push((
                 "probe only".into(),
                 Box::new(move |b, _| {
-                    probe(b, &lim).unwrap();
+                    probe_fast(b, &lim).unwrap();
                 }),
             ));
             let decoded: Vec<(Vec<u8>, u32, u32)> = imgs

@@ -320,26 +320,7 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<ImageInfo, ImageProbl
     }
     let format = sniff(bytes).ok_or(ImageProblem::NotAnImage)?;
     let (width, height) = match format {
-        ImageFormat::Jpeg => {
-            let header = jpeg_header(bytes)?;
-            limits.check(header.width, header.height)?;
-            if let JpegScans::Progressive(n) = jpeg_scans(bytes, MAX_JPEG_SCANS + 1)
-                && n > MAX_JPEG_SCANS
-            {
-                return Err(ImageProblem::BadHeader(format!(
-                    "progressive JPEG with more than {MAX_JPEG_SCANS} scans (real encoders \
-                     write about 10; so many would cost minutes of decoding)"
-                )));
-            }
-            if !jpeg_has_eoi(bytes, header.scan_start) {
-                return Err(ImageProblem::Truncated(format!(
-                    "JPEG has no end-of-image marker (FF D9) in its last {TAIL_WINDOW} bytes \
-                     ({} bytes in all)",
-                    bytes.len()
-                )));
-            }
-            (header.width, header.height)
-        }
+        ImageFormat::Jpeg => check_jpeg(bytes, &jpeg_header(bytes)?, limits)?,
         other => {
             let (width, height) = generic_dimensions(bytes, other)?;
             limits.check(width, height)?;
@@ -367,6 +348,52 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<ImageInfo, ImageProbl
         width,
         height,
     })
+}
+
+/// [`probe`] for the loader's libjpeg-turbo path, which parses the header fully right
+/// after: a JPEG's dimensions and first scan come from a walk over its marker segments
+/// (nothing allocated; EXIF / ICC segments are skipped by their lengths) instead of
+/// zune's header parser, which allocates and copies those segments per image. The same
+/// checks follow. What the walk cannot read goes through [`probe`], so a bad file gets
+/// the same verdict.
+pub fn probe_fast(bytes: &[u8], limits: &ImageLimits) -> Result<ImageInfo, ImageProblem> {
+    if sniff(bytes) == Some(ImageFormat::Jpeg)
+        && let Some(header) = jpeg_header_walk(bytes)
+    {
+        let (width, height) = check_jpeg(bytes, &header, limits)?;
+        return Ok(ImageInfo {
+            format: ImageFormat::Jpeg,
+            width,
+            height,
+        });
+    }
+    probe(bytes, limits)
+}
+
+/// [`probe`]'s JPEG checks after the header: the limits, the scan count of a progressive
+/// file and the end-of-image marker. The dimensions.
+fn check_jpeg(
+    bytes: &[u8],
+    header: &JpegHeader,
+    limits: &ImageLimits,
+) -> Result<(u32, u32), ImageProblem> {
+    limits.check(header.width, header.height)?;
+    if let JpegScans::Progressive(n) = jpeg_scans(bytes, MAX_JPEG_SCANS + 1)
+        && n > MAX_JPEG_SCANS
+    {
+        return Err(ImageProblem::BadHeader(format!(
+            "progressive JPEG with more than {MAX_JPEG_SCANS} scans (real encoders \
+             write about 10; so many would cost minutes of decoding)"
+        )));
+    }
+    if !jpeg_has_eoi(bytes, header.scan_start) {
+        return Err(ImageProblem::Truncated(format!(
+            "JPEG has no end-of-image marker (FF D9) in its last {TAIL_WINDOW} bytes \
+             ({} bytes in all)",
+            bytes.len()
+        )));
+    }
+    Ok((header.width, header.height))
 }
 
 /// Full decode ("`--decode`" validation): [`probe`] first (so the limits hold before any
@@ -581,6 +608,41 @@ pub(crate) fn next_segment(bytes: &[u8], i: &mut usize) -> Option<(u8, usize)> {
         }
         let len = bytes.get(*i + 2..*i + 4)?;
         return Some((marker, usize::from(u16::from_be_bytes([len[0], len[1]]))));
+    }
+    None
+}
+
+/// [`jpeg_header`] from the marker segments alone: the dimensions of the first frame
+/// header (SOFn) and the end of the first scan header. `None` where the walk finds no
+/// frame before a scan, a zero dimension (a height defined later by DNL) or a cut
+/// segment: [`jpeg_header`] decides those.
+fn jpeg_header_walk(bytes: &[u8]) -> Option<JpegHeader> {
+    let mut i = 2; // after SOI
+    let mut dims = None;
+    while let Some((marker, len)) = next_segment(bytes, &mut i) {
+        match marker {
+            0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF if dims.is_none() => {
+                // P, Y (height), X (width), ...
+                let seg = bytes.get(i + 4..i + 2 + len)?;
+                let height = u32::from(u16::from_be_bytes([*seg.get(1)?, *seg.get(2)?]));
+                let width = u32::from(u16::from_be_bytes([*seg.get(3)?, *seg.get(4)?]));
+                if width == 0 || height == 0 {
+                    return None;
+                }
+                dims = Some((width, height));
+            }
+            0xDA => {
+                let (width, height) = dims?;
+                let scan_start = i + 2 + len;
+                return (scan_start <= bytes.len()).then_some(JpegHeader {
+                    width,
+                    height,
+                    scan_start,
+                });
+            }
+            _ => {}
+        }
+        i += 2 + len;
     }
     None
 }

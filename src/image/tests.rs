@@ -641,3 +641,64 @@ fn progressive_jpeg_with_too_many_scans_is_refused_before_decoding() {
         assert!(e.to_string().contains("more than 500 scans"), "{e}");
     }
 }
+
+/// The loader's marker walk reads the same header as zune's parser (dimensions and the
+/// first scan's start) for every kind of file, EXIF / ICC segments and fill bytes
+/// included, and `probe_fast` gives the verdicts of `probe`, on good and bad files.
+#[test]
+fn marker_walk_header_equals_zune_and_probe_fast_equals_probe() {
+    let mut files = Vec::new();
+    for color in [JpegColor::Rgb, JpegColor::Gray, JpegColor::Cmyk] {
+        for progressive in [false, true] {
+            files.push(small_jpeg(color, progressive));
+        }
+    }
+    files.push(include_bytes!("../../tests/fixtures/jpeg/sampling-2x1-all.jpg").to_vec());
+    // A 20 KB APP1 (EXIF-like, holding FF D8 / FF C0 / FF D9 bytes) and fill bytes
+    // before the frame header.
+    let base = small_jpeg(JpegColor::Rgb, false);
+    let mut app1 = vec![0xFF, 0xE1];
+    let body: Vec<u8> = (0..20_000u32)
+        .map(|i| [0xFF, 0xD8, 0xC0, 0xD9, b'x'][i as usize % 5])
+        .collect();
+    app1.extend_from_slice(&((body.len() + 2) as u16).to_be_bytes());
+    app1.extend_from_slice(&body);
+    app1.extend_from_slice(&[0xFF, 0xFF]);
+    let mut exif = base[..2].to_vec();
+    exif.extend_from_slice(&app1);
+    exif.extend_from_slice(&base[2..]);
+    files.push(exif);
+    for (n, f) in files.iter().enumerate() {
+        let zune = jpeg_header(f).unwrap();
+        let walk = jpeg_header_walk(f).unwrap_or_else(|| panic!("file {n}: no header"));
+        assert_eq!(
+            (walk.width, walk.height, walk.scan_start),
+            (zune.width, zune.height, zune.scan_start),
+            "file {n}"
+        );
+        assert_eq!(probe_fast(f, &limits()), probe(f, &limits()), "file {n}");
+    }
+    // Bad files: the same verdicts.
+    let good = &files[0];
+    let mut bad: Vec<Vec<u8>> = vec![
+        good[..good.len() - 40].to_vec(), // no EOI
+        good[..300].to_vec(),             // cut in the first scan
+        good[..12].to_vec(),              // cut in the headers
+        vec![0xFF, 0xD8, 0xFF],
+    ];
+    let mut zero = good.clone();
+    let sof = (2..zero.len() - 1)
+        .find(|&i| zero[i] == 0xFF && zero[i + 1] == 0xC0)
+        .unwrap();
+    zero[sof + 5..sof + 7].copy_from_slice(&[0, 0]); // height 0
+    bad.push(zero);
+    for (n, f) in bad.iter().enumerate() {
+        let (fast, slow) = (probe_fast(f, &limits()), probe(f, &limits()));
+        assert!(slow.is_err(), "bad file {n} passes probe");
+        assert_eq!(
+            fast.map_err(|e| e.code()),
+            slow.map_err(|e| e.code()),
+            "bad file {n}"
+        );
+    }
+}
