@@ -251,10 +251,13 @@ pub struct TurboDecoder {
     height: u32,
     /// Number of the last [`TurboDecoder::read_header`] call, while its header is the
     /// one libjpeg-turbo holds (`None` once a decode used it or a read failed): a
-    /// [`ParsedHeader`] of any other call is refused.
+    /// [`ParsedHeader`] of any other call, of this decoder or another, is refused.
     header_seq: Option<u64>,
-    reads: u64,
 }
+
+/// Numbers every [`TurboDecoder::read_header`] call of the process, so that a header read
+/// by one decoder can never pass for the one another decoder holds.
+static HEADER_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 // SAFETY: a TurboJPEG handle may be used from any thread, one thread at a time; the
 // wrapper needs `&mut self` for every call.
@@ -293,7 +296,6 @@ impl TurboDecoder {
             width: 0,
             height: 0,
             header_seq: None,
-            reads: 0,
         };
         d.set(tj::TJPARAM_TJPARAM_STOPONWARNING, 1)?;
         Ok(d)
@@ -326,7 +328,6 @@ impl TurboDecoder {
     /// they cannot change before [`TurboDecoder::decode`] decodes them.
     pub fn read_header<'b>(&mut self, bytes: &'b [u8]) -> Result<ParsedHeader<'b>, String> {
         self.header_seq = None;
-        self.reads += 1;
         if bytes.is_empty() {
             return Err("empty JPEG".into());
         }
@@ -351,12 +352,9 @@ impl TurboDecoder {
             progressive: self.get(tj::TJPARAM_TJPARAM_PROGRESSIVE) != 0,
             max_h_samp: sof_max_h_samp(bytes).unwrap_or(1).max(1),
         };
-        self.header_seq = Some(self.reads);
-        Ok(ParsedHeader {
-            header,
-            bytes,
-            seq: self.reads,
-        })
+        let seq = HEADER_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.header_seq = Some(seq);
+        Ok(ParsedHeader { header, bytes, seq })
     }
 
     /// Decodes `region` of the image whose header `parsed` is, scaled by `num / 8`, to
@@ -507,6 +505,13 @@ mod tests {
         assert!(t.rgb().is_empty());
         // Refused without touching the last read either (each read decodes once).
         assert!(t.decode(&last, 8, full).is_err());
+        // A header read by another decoder (even its first read, as this one's) is
+        // refused: this decoder's handle holds another image.
+        let (mut a, mut b) = (TurboDecoder::new().unwrap(), TurboDecoder::new().unwrap());
+        let _mine = a.read_header(&bytes).unwrap();
+        let theirs = b.read_header(&other).unwrap();
+        let err = a.decode(&theirs, 8, full).unwrap_err();
+        assert!(err.contains("not the header"), "{err}");
     }
 
     #[test]
